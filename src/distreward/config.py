@@ -1,0 +1,56 @@
+"""YAML presets with key=value overrides (OmegaConf), resolved once and saved with the run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def repo_path(*parts: str) -> Path:
+    """A path inside the source checkout (configs/, weights/), where the shipped files live."""
+    return REPO_ROOT.joinpath(*parts)
+
+
+def resolve_preset(name_or_path: str | os.PathLike) -> Path:
+    """A config file path, or a preset name looked up in ./configs and in the checkout's configs/."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    candidates = [Path("configs") / p, repo_path("configs") / p]
+    candidates += [c.with_suffix(".yaml") for c in candidates if c.suffix != ".yaml"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    available = sorted(x.stem for x in repo_path("configs").glob("*.yaml"))
+    raise FileNotFoundError(f"config {str(name_or_path)!r} not found (looked at {p} and in configs/); presets: {', '.join(available) or 'none'}")
+
+
+def load_config(name_or_path: str | os.PathLike | None, overrides: Iterable[str] = (), defaults: dict | None = None) -> DictConfig:
+    """Merge defaults <- preset file <- key=value overrides (dotted keys, YAML values)."""
+    parts = [OmegaConf.create(defaults or {})]
+    if name_or_path is not None:
+        parts.append(OmegaConf.load(resolve_preset(name_or_path)))
+    overrides = list(overrides)
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ValueError(f"overrides must look like key=value (e.g. rl.iterations=10); got {bad}")
+    if overrides:
+        parts.append(OmegaConf.from_dotlist(overrides))
+    cfg = OmegaConf.merge(*parts)
+    OmegaConf.set_struct(cfg, False)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    from .utils.io import atomic_write_bytes
+
+    atomic_write_bytes(path, OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))).encode())

@@ -1,0 +1,6 @@
+"""Features -> numbers: Gaussian statistics, Frechet distance, KID, precision/recall. float64 numpy only."""
+
+from .gaussian import (GaussianStats, frechet_distance, frechet_distance_sqrtm, sqrtm_psd,
+                       trace_sqrt_cholesky, trace_sqrt_product)
+
+__all__ = ["GaussianStats", "frechet_distance", "frechet_distance_sqrtm", "sqrtm_psd", "trace_sqrt_product", "trace_sqrt_cholesky"]

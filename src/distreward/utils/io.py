@@ -1,0 +1,97 @@
+"""Atomic writes (a crash never leaves a half-written file) and the run directory layout."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_save_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
+    return atomic_write_bytes(path, (json.dumps(obj, indent=indent, sort_keys=False, default=_json_default) + "\n").encode())
+
+
+def _json_default(o: Any):
+    import numpy as np
+
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def atomic_save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
+    """torch.save atomically. Load these files with torch.load(weights_only=True)."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+class RunDir:
+    """Everything a run writes lives under one folder: runs/<name>/ by default.
+
+    config.yaml, metrics.jsonl, tb/ (TensorBoard), checkpoints/, samples/, report.md, metrics.json.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def from_name(cls, name: str, base: str | os.PathLike = "runs") -> "RunDir":
+        return cls(Path(base) / name)
+
+    def path(self, *parts: str) -> Path:
+        p = self.root.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    @property
+    def checkpoints(self) -> Path:
+        p = self.root / "checkpoints"
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    @property
+    def samples(self) -> Path:
+        p = self.root / "samples"
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def log_jsonl(self, record: dict, name: str = "metrics.jsonl") -> None:
+        with open(self.path(name), "a") as f:
+            f.write(json.dumps(record, default=_json_default) + "\n")
+            f.flush()
