@@ -1,0 +1,64 @@
+"""Networks only: `unet` (the embedded default), `sit` (SiT), `edm2` (EDM2 Precond + UNet).
+
+Generator files written by this project are .safetensors with metadata {"arch": ..., "kwargs": json}, so any
+command can rebuild the network: `load_generator(path)` / `save_generator(path, net, arch, kwargs)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+# arch -> "module:class"; the class takes **kwargs exactly as saved
+ARCHS = {
+    "unet": "distreward.models.unet:UNet",
+    "sit": "distreward.models.sit:SiT",
+    "edm2": "distreward.models.edm2:Precond",
+}
+
+
+def build_network(arch: str, kwargs: dict) -> torch.nn.Module:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown network architecture {arch!r}; known: {', '.join(sorted(ARCHS))}")
+    mod, cls = ARCHS[arch].split(":")
+    return getattr(importlib.import_module(mod), cls)(**kwargs)
+
+
+def save_generator(path: str | os.PathLike, net: torch.nn.Module, arch: str, kwargs: dict, extra: dict | None = None,
+                   state_dict: dict | None = None) -> Path:
+    """Atomic .safetensors with the metadata needed to rebuild the network (and any extra JSON-able info)."""
+    from ..utils.io import atomic_save_safetensors
+
+    meta = {"arch": arch, "kwargs": json.dumps(kwargs)}
+    if extra:
+        meta["extra"] = json.dumps(extra)
+    sd = state_dict if state_dict is not None else net.state_dict()
+    return atomic_save_safetensors(path, sd, metadata=meta)
+
+
+def read_generator_metadata(path: str | os.PathLike) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "arch" not in meta:
+        raise ValueError(f"{path} has no 'arch' metadata: it was not written by distreward.models.save_generator")
+    return {"arch": meta["arch"], "kwargs": json.loads(meta.get("kwargs", "{}")), "extra": json.loads(meta.get("extra", "{}"))}
+
+
+def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild and load (strictly) a generator saved by `save_generator`; returned in eval mode."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"generator weights {path} not found")
+    meta = read_generator_metadata(path)
+    net = build_network(meta["arch"], meta["kwargs"])
+    net.load_state_dict(load_file(str(path)), strict=True)
+    net.generator_meta = meta
+    return net.eval().to(device)
