@@ -1,0 +1,11 @@
+"""Distribution-wise (subset-replace FD) and sample-wise rewards behind one interface (METHOD.md §3, §6).
+
+`ReferenceSet` holds the generated features and scores candidates ("fast" exact by default, "exact" brute force,
+"linear" first order); `DistributionReward` wraps it with a feature network; `ClassifierLogProbReward` and
+`KNNRealismReward` are the sample-wise baselines; `build_reward(cfg, device=...)` makes any of them from a config.
+"""
+
+from .reference import ReferenceSet
+from .rewards import ClassifierLogProbReward, DistributionReward, KNNRealismReward, Reward, build_reward
+
+__all__ = ["ReferenceSet", "Reward", "DistributionReward", "ClassifierLogProbReward", "KNNRealismReward", "build_reward"]

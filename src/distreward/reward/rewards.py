@@ -1,0 +1,258 @@
+"""Reward objects: images (+ labels, + group ids) -> one float32 reward per image, higher is better.
+
+`DistributionReward` is the method's subset-replace FD reward (METHOD.md §3); `ClassifierLogProbReward` and
+`KNNRealismReward` are the sample-wise baselines of METHOD.md §6, kept simple: they exist to show reward hacking.
+All return CPU float32 tensors (B,).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from .reference import CREDITS, MODES, ReferenceSet
+
+
+class Reward:
+    """The interface: `reward(images, labels, groups=None) -> (B,)` float32 and `after_step(images, labels)`."""
+
+    name = "reward"
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor | None, groups=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_step(self, images: torch.Tensor, labels: torch.Tensor | None) -> None:
+        """Called once per RL step with that step's samples; sample-wise rewards have nothing to update."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, sd: dict) -> None:
+        pass
+
+
+def _net_device(net: torch.nn.Module) -> torch.device:
+    p = next(iter(net.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _check_batch(images: torch.Tensor) -> None:
+    if not torch.is_tensor(images) or images.ndim != 4:
+        raise ValueError(f"images must be a float tensor (B, C, H, W) in [-1, 1], got "
+                         f"{type(images).__name__} {tuple(getattr(images, 'shape', ()))}")
+
+
+@torch.no_grad()
+def _features(net: torch.nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Float32 features (B, d) on the network's device."""
+    device = _net_device(net)
+    out = [net(images[i:i + batch_size].to(device)).float() for i in range(0, images.shape[0], batch_size)]
+    return torch.cat(out)
+
+
+class DistributionReward(Reward):
+    """r(x) = FD(G) - FD(G - {s} + {x}) in the feature space of `feature_net` (METHOD.md §3).
+
+    mode: "fast" (exact, default) | "exact" (brute force) | "linear"; credit: "sample" | "group" (docs/reward.md).
+    `scale` multiplies the rewards (e.g. N, to make them of the order of the FD itself); it does not change ranks.
+    `after_step` pushes the step's features into the reference set (the oldest rows go).
+    """
+
+    name = "distribution"
+
+    def __init__(self, feature_net: torch.nn.Module, reference_set: ReferenceSet, *, mode: str = "fast",
+                 credit: str = "sample", scale: float = 1.0, batch_size: int = 500):
+        ReferenceSet._check_mode(mode, credit)
+        if getattr(feature_net, "dim", reference_set.dim) != reference_set.dim:
+            raise ValueError(f"feature network gives {feature_net.dim}-d features but the reference set is "
+                             f"{reference_set.dim}-d: build both with the same network")
+        self.net, self.ref = feature_net, reference_set
+        self.mode, self.credit, self.scale, self.batch_size = mode, credit, float(scale), int(batch_size)
+        self._last = None  # (images, version, features): after_step reuses the features of the scored batch
+
+    def features(self, images: torch.Tensor) -> np.ndarray:
+        _check_batch(images)
+        last = self._last
+        if last is not None and last[0] is images and last[1] == images._version:
+            return last[2]
+        f = _features(self.net, images, self.batch_size).double().cpu().numpy()
+        self._last = (images, images._version, f)
+        return f
+
+    def __call__(self, images, labels=None, groups=None) -> torch.Tensor:
+        r = self.ref.rewards(self.features(images), groups=groups, mode=self.mode, credit=self.credit)
+        return torch.from_numpy(r * self.scale).float()
+
+    def after_step(self, images, labels=None) -> None:
+        self.ref.push(self.features(images))
+        self._last = None
+
+    def fd(self) -> float:
+        return self.ref.fd()
+
+    def state_dict(self) -> dict:
+        return {"reference_set": self.ref.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.ref.load_state_dict(sd["reference_set"])
+
+
+class ClassifierLogProbReward(Reward):
+    """log p(label | image) under a classifier with `.logits(images) -> (B, classes)` (e.g. fmnist-reward)."""
+
+    name = "classifier"
+
+    def __init__(self, classifier_net: torch.nn.Module, *, batch_size: int = 500):
+        if not callable(getattr(classifier_net, "logits", None)):
+            raise TypeError(f"{type(classifier_net).__name__} has no .logits(images); the classifier reward needs a "
+                            "classifier feature network such as 'fmnist-reward'")
+        self.net, self.batch_size = classifier_net, int(batch_size)
+
+    @torch.no_grad()
+    def __call__(self, images, labels=None, groups=None) -> torch.Tensor:
+        _check_batch(images)
+        if labels is None:
+            raise ValueError("the classifier reward scores log p(label | image) and needs the intended labels")
+        labels = torch.as_tensor(labels).long().reshape(-1).cpu()
+        if labels.shape[0] != images.shape[0]:
+            raise ValueError(f"{labels.shape[0]} labels for {images.shape[0]} images")
+        device = _net_device(self.net)
+        logp = torch.cat([torch.log_softmax(self.net.logits(images[i:i + self.batch_size].to(device)).double(), 1).cpu()
+                          for i in range(0, images.shape[0], self.batch_size)])
+        if labels.min() < 0 or labels.max() >= logp.shape[1]:
+            raise ValueError(f"labels must lie in [0, {logp.shape[1]}), got [{int(labels.min())}, {int(labels.max())}]")
+        return logp.gather(1, labels[:, None])[:, 0].float()
+
+
+def knn_distance(feats: torch.Tensor, real: torch.Tensor, k: int, reduce: str = "kth", chunk: int = 1024) -> torch.Tensor:
+    """Distance of each row of `feats` to its k-th nearest row of `real` (or the mean of the k nearest)."""
+    out = []
+    for i in range(0, feats.shape[0], chunk):
+        d = torch.cdist(feats[i:i + chunk], real)
+        near = d.topk(k, dim=1, largest=False).values
+        out.append(near[:, -1] if reduce == "kth" else near.mean(1))
+    return torch.cat(out)
+
+
+class KNNRealismReward(Reward):
+    """Minus the feature distance to the k-th nearest real feature (reduce="kth") or the mean of the k nearest."""
+
+    name = "knn"
+
+    def __init__(self, feature_net: torch.nn.Module, real_features, *, k: int = 3, reduce: str = "kth",
+                 batch_size: int = 500):
+        if reduce not in ("kth", "mean"):
+            raise ValueError(f"reduce must be 'kth' or 'mean', got {reduce!r}")
+        real = torch.as_tensor(np.asarray(real_features.detach().cpu() if torch.is_tensor(real_features)
+                                          else real_features, dtype=np.float32))
+        if real.ndim != 2 or not torch.isfinite(real).all():
+            raise ValueError(f"real_features must be a finite (M, d) array, got shape {tuple(real.shape)}")
+        if not 1 <= k <= real.shape[0]:
+            raise ValueError(f"k must be in [1, {real.shape[0]}] (the number of real features), got {k}")
+        if getattr(feature_net, "dim", real.shape[1]) != real.shape[1]:
+            raise ValueError(f"real features are {real.shape[1]}-d but the network gives {feature_net.dim}-d")
+        self.net, self.k, self.reduce, self.batch_size = feature_net, int(k), reduce, int(batch_size)
+        self.real = real.to(_net_device(feature_net))
+
+    def __call__(self, images, labels=None, groups=None) -> torch.Tensor:
+        _check_batch(images)
+        f = _features(self.net, images, self.batch_size)
+        return (-knn_distance(f, self.real, self.k, self.reduce)).float().cpu()
+
+
+# ----- construction from a config ------------------------------------------------------------------------------
+
+def _load_array(src, what: str) -> np.ndarray:
+    """An array given directly, or a path to .npy / .npz (first array; pickles refused)."""
+    if isinstance(src, (str, bytes)) or hasattr(src, "__fspath__"):
+        from pathlib import Path
+
+        path = Path(src)
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} file {path} not found")
+        z = np.load(path, allow_pickle=False)
+        if isinstance(z, np.ndarray):
+            return z.astype(np.float64)
+        with z:
+            return np.asarray(z[z.files[0]], dtype=np.float64)
+    if torch.is_tensor(src):
+        return src.detach().cpu().double().numpy()
+    return np.asarray(src, dtype=np.float64)
+
+
+def _real_mu_sigma(real_stats):
+    from ..metrics import GaussianStats
+
+    if isinstance(real_stats, (str, bytes)) or hasattr(real_stats, "__fspath__"):
+        real_stats = GaussianStats.load(real_stats)
+    if isinstance(real_stats, GaussianStats):
+        return real_stats.mu, real_stats.sigma
+    if isinstance(real_stats, Mapping) and "mu" in real_stats and "sigma" in real_stats:
+        return real_stats["mu"], real_stats["sigma"]
+    if isinstance(real_stats, (tuple, list)) and len(real_stats) == 2:
+        return real_stats
+    raise TypeError(f"real statistics must be a GaussianStats, a (mu, sigma) pair, a dict with mu/sigma or a .npz path, "
+                    f"got {type(real_stats).__name__}")
+
+
+_KEYS = {
+    "distribution": {"name", "features", "weights", "mode", "credit", "scale", "eps", "quad_step", "batch_size",
+                     "real_stats", "init_features", "refresh_every"},
+    "classifier": {"name", "features", "weights", "batch_size"},
+    "knn": {"name", "features", "weights", "k", "reduce", "batch_size", "real_features"},
+}
+
+
+def build_reward(cfg, device="cpu", *, feature_net=None, real_stats=None, init_features=None,
+                 real_features=None) -> Reward:
+    """A reward from a config dict (keys in docs/reward.md), e.g. {"name": "distribution", "mode": "fast"}.
+
+    Arrays given as arguments win over the paths in the config: `real_stats` (GaussianStats / (mu, sigma)),
+    `init_features` (N, d) for the initial reference set, `real_features` (M, d) for the k-NN reward.
+    """
+    if hasattr(cfg, "_metadata"):  # an OmegaConf node
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    if not isinstance(cfg, Mapping) or "name" not in cfg:
+        raise ValueError(f"a reward config is a dict with a 'name' ({', '.join(_KEYS)}), got {cfg!r}")
+    name = str(cfg["name"])
+    if name not in _KEYS:
+        raise ValueError(f"unknown reward {name!r}: use one of {', '.join(_KEYS)}")
+    unknown = set(cfg) - _KEYS[name]
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)} for the {name!r} reward; allowed: {sorted(_KEYS[name])}")
+    batch_size = int(cfg.get("batch_size", 500))
+    if feature_net is None:
+        from ..features import get_feature_network
+
+        feature_net = get_feature_network(cfg.get("features", "fmnist-reward"), weights=cfg.get("weights"), device=device)
+
+    if name == "classifier":
+        return ClassifierLogProbReward(feature_net, batch_size=batch_size)
+    if name == "knn":
+        real_features = real_features if real_features is not None else cfg.get("real_features")
+        if real_features is None:
+            raise ValueError("the knn reward needs real features: pass real_features=(M, d) or set 'real_features' to a .npy path")
+        return KNNRealismReward(feature_net, _load_array(real_features, "real features"), k=int(cfg.get("k", 3)),
+                                reduce=str(cfg.get("reduce", "kth")), batch_size=batch_size)
+
+    real_stats = real_stats if real_stats is not None else cfg.get("real_stats")
+    init_features = init_features if init_features is not None else cfg.get("init_features")
+    if real_stats is None:
+        raise ValueError("the distribution reward needs real statistics: pass real_stats= or set 'real_stats' to a .npz "
+                         "made by 'distreward stats'")
+    if init_features is None:
+        raise ValueError("the distribution reward needs an initial reference set: pass init_features=(N, d), the features "
+                         "of N samples of the starting model, or set 'init_features' to a .npy path")
+    mu, sigma = _real_mu_sigma(real_stats)
+    mode, credit = str(cfg.get("mode", "fast")), str(cfg.get("credit", "sample"))
+    if mode not in MODES or credit not in CREDITS:
+        raise ValueError(f"mode must be one of {MODES} and credit one of {CREDITS}, got {mode!r}, {credit!r}")
+    ref = ReferenceSet(_load_array(init_features, "initial reference features"), mu, sigma,
+                       eps=float(cfg.get("eps", 1e-10)), quad_step=float(cfg.get("quad_step", 0.3)),
+                       refresh_every=cfg.get("refresh_every"))
+    return DistributionReward(feature_net, ref, mode=mode, credit=credit, scale=float(cfg.get("scale", 1.0)),
+                              batch_size=batch_size)
