@@ -1,0 +1,100 @@
+"""The demo's report: sample grids (PNG), FD-over-iterations plot (matplotlib, Agg), markdown table."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from pathlib import Path
+
+import torch
+
+# Columns of the report table, in order: (metrics key, header, format)
+TABLE_COLUMNS = [
+    ("fd_reward", "FD (reward features) ↓", "{:.3f}"),
+    ("fd_eval", "FD (held-out features) ↓", "{:.3f}"),
+    ("precision", "precision ↑", "{:.3f}"),
+    ("recall", "recall ↑", "{:.3f}"),
+    ("reward_mean", "reward mean (last iteration)", "{:.4g}"),
+]
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> torch.Tensor:
+    """(B, C, H, W) in [-1, 1] -> one uint8 (H', W', C) grid, `nrow` images per row (default ~sqrt(B))."""
+    from .data import to_uint8_images
+
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"expected a non-empty (B, C, H, W) batch, got shape {tuple(images.shape)}")
+    b, c, h, w = images.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(b)))
+    ncol = math.ceil(b / nrow)
+    u8 = to_uint8_images(images)
+    grid = torch.zeros((c, ncol * (h + pad) + pad, nrow * (w + pad) + pad), dtype=torch.uint8)
+    for i in range(b):
+        r, k = divmod(i, nrow)
+        top, left = pad + r * (h + pad), pad + k * (w + pad)
+        grid[:, top:top + h, left:left + w] = u8[i]
+    return grid.permute(1, 2, 0)
+
+
+def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
+    """Write a sample grid as PNG (atomically)."""
+    from PIL import Image
+
+    from .utils.io import atomic_write_bytes
+
+    g = image_grid(images, nrow).numpy()
+    img = Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_fd_curves(curves: dict[str, list[dict]], path: str | os.PathLike, keys=("fd_reward", "fd_eval"),
+                   base: dict | None = None) -> Path:
+    """FD over iterations, one panel per feature network, one line per run; `curves[run]` is a list of eval
+    records with 'iteration'. The base model's value is drawn as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .utils.io import atomic_write_bytes
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for name, recs in curves.items():
+            pts = [(r["iteration"], r[key]) for r in recs if key in r and r[key] is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        if base is not None and key in base:
+            ax.axhline(base[key], color="gray", linestyle="--", label="base")
+        ax.set_xlabel("GRPO iteration")
+        ax.set_ylabel(key)
+        ax.set_title({"fd_reward": "FD, reward features", "fd_eval": "FD, held-out features"}.get(key, key))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def metrics_table(rows: dict[str, dict]) -> str:
+    """Markdown table: one row per model (base, distribution, sample, ...), the TABLE_COLUMNS as columns."""
+    head = "| model | " + " | ".join(h for _, h, _ in TABLE_COLUMNS) + " |"
+    sep = "|---|" + "---:|" * len(TABLE_COLUMNS)
+    lines = [head, sep]
+    for name, m in rows.items():
+        cells = []
+        for key, _, fmt in TABLE_COLUMNS:
+            v = m.get(key)
+            cells.append(fmt.format(v) if isinstance(v, (int, float)) else "–")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def relative_change(new: float, old: float) -> float:
+    """(new - old) / old, the figure the targets are stated in."""
+    return (new - old) / old if old else float("nan")

@@ -1,0 +1,496 @@
+"""GRPO fine-tuning of a flow generator with a distribution-wise (or sample-wise) reward (METHOD.md §4).
+
+One iteration, top to bottom:
+  1. rollout: P labels x G samples from the old policy with T stochastic steps (x_t, x_next, log p_old);
+  2. reward r (distribution-wise: subset-replace FD improvement per group; or a sample-wise baseline);
+  3. advantages A, group-relative, clipped;
+  4. PPO-clip update on the trained steps + beta * KL to the frozen base policy, AdamW, grad-norm clip, EMA;
+  5. the new samples enter the reward's reference set (`reward.after_step`).
+Logged names follow the method's symbols (r, A, rho, KL, beta); see docs/rl.md for every quantity.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .losses import (approx_kl, clip_fractions, ema_update, gaussian_kl, group_advantages, ppo_clip_loss,
+                     trained_steps)
+from .state import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+# Defaults under every preset (configs/fmnist_grpo*.yaml override them); docs/rl.md explains each key.
+DEFAULTS: dict[str, Any] = {
+    "name": "grpo",
+    "seed": 0,
+    "device": "cpu",
+    "model": {"path": "weights/fmnist-base.safetensors", "num_classes": 10, "image_shape": [1, 32, 32]},
+    "rl": {
+        "iterations": 30,
+        "labels_per_iter": 16,      # P
+        "group_size": 8,            # G
+        "steps": 10,                # T
+        "shift": 1.0,
+        "noise_level": 0.7,         # a
+        "train_steps": {"mode": "window", "window": 6, "fraction": 0.5},
+        "inner_epochs": 1,
+        "minibatches": 2,
+        "clip_eps": 0.2,            # eps
+        "beta": 0.01,               # KL weight
+        "adv_std": "group",         # group | global
+        "adv_clip": 5.0,
+        "lr": 1e-4,
+        "weight_decay": 0.0,
+        "adam_betas": [0.9, 0.999],
+        "grad_clip": 1.0,
+        "ema_decay": 0.9,
+        "batch_size": 256,          # rollout / reference-set generation batch
+    },
+    # passed to distreward.reward.build_reward (its keys: docs/reward.md), except reference_size (N, used here)
+    "reward": {"name": "distribution", "features": "fmnist-reward", "reference_size": 1000},
+    "eval": {"every": 10, "n": 2000, "steps": 20, "method": "euler", "seed": 1234, "grid": 64, "batch_size": 500},
+    "checkpoint": {"every": 5},
+}
+
+
+@dataclass
+class Rollouts:
+    """What one iteration collects: labels, group ids, the trajectory and the rewards/advantages."""
+    labels: torch.Tensor       # (B,)
+    groups: torch.Tensor       # (B,)
+    xs: torch.Tensor           # (T+1, B, C, H, W)
+    log_probs: torch.Tensor    # (T, B)  log p_old per step
+    sigmas: torch.Tensor       # (T+1,)
+    rewards: torch.Tensor | None = None
+    adv: torch.Tensor | None = None
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self.xs[-1].clamp(-1, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pieces of one iteration
+
+def draw_labels(P: int, G: int, num_classes: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """P class labels, each repeated G times; group g holds the G samples of label g."""
+    labels = torch.randint(0, num_classes, (P,), generator=generator)
+    return labels.repeat_interleave(G), torch.arange(P).repeat_interleave(G)
+
+
+@torch.no_grad()
+def collect(model, labels: torch.Tensor, groups: torch.Tensor, sigmas: torch.Tensor, a: float,
+            image_shape, generator: torch.Generator, device="cpu") -> Rollouts:
+    """Step 1: stochastic rollouts of the old policy, keeping every x_t and log p_old."""
+    from ..sampling import rollout
+
+    noise = torch.randn((labels.shape[0], *image_shape), generator=generator).to(device)
+    traj = rollout(model, noise, labels.to(device), sigmas.to(device), a, generator=generator)
+    return Rollouts(labels=labels, groups=groups, xs=traj.xs.detach(), log_probs=traj.log_probs.detach(),
+                    sigmas=traj.sigmas.detach())
+
+
+def step_terms(model, ref_model, ro: Rollouts, j: int, idx: torch.Tensor, a: float, clip_eps: float):
+    """Loss terms of sampler step j on samples idx: per-sample PPO-clip loss, KL to the reference, log rho."""
+    from ..sampling import step_log_prob
+
+    x, x_next, labels = ro.xs[j, idx], ro.xs[j + 1, idx], ro.labels[idx].to(ro.xs.device)
+    sigma, sigma_next = ro.sigmas[j], ro.sigmas[j + 1]
+    log_prob, mean, std = step_log_prob(model, x, x_next, sigma, sigma_next, a, labels)
+    with torch.no_grad():
+        _, mean_ref, _ = step_log_prob(ref_model, x, x_next, sigma, sigma_next, a, labels)
+    loss_pg, rho = ppo_clip_loss(ro.adv[idx].to(log_prob.device), log_prob, ro.log_probs[j, idx], clip_eps)
+    kl = gaussian_kl(mean, mean_ref, std.detach() if torch.is_tensor(std) else std)
+    return loss_pg, kl, rho, log_prob - ro.log_probs[j, idx]
+
+
+def update(net, model, ref_model, ema, optimizer, ro: Rollouts, steps: list[int], rl, generator: torch.Generator,
+           first_rho: list | None = None) -> dict:
+    """Step 4: inner epochs x minibatches of PPO-clip + beta KL, grads accumulated over the trained steps."""
+    B = ro.labels.shape[0]
+    n_mb = max(1, min(int(rl.minibatches), B))
+    sums: dict[str, float] = {"loss_pg": 0.0, "loss_kl": 0.0, "kl_approx": 0.0, "clip_hi": 0.0, "clip_lo": 0.0,
+                              "grad_norm": 0.0}
+    rho_per_step = {j: 0.0 for j in steps}
+    n_updates = 0
+    for _ in range(int(rl.inner_epochs)):
+        perm = torch.randperm(B, generator=generator)
+        for idx in perm.chunk(n_mb):
+            optimizer.zero_grad(set_to_none=True)
+            for j in steps:
+                loss_pg, kl, rho, log_rho = step_terms(model, ref_model, ro, j, idx, rl.noise_level, rl.clip_eps)
+                loss = (loss_pg.mean() + rl.beta * kl.mean()) / len(steps)
+                loss.backward()
+                if first_rho is not None and n_updates == 0:
+                    first_rho.append(rho.detach())
+                hi, lo = clip_fractions(rho.detach(), rl.clip_eps)
+                sums["loss_pg"] += loss_pg.mean().item() / len(steps)
+                sums["loss_kl"] += kl.mean().item() / len(steps)
+                sums["kl_approx"] += approx_kl(log_rho.detach()).item() / len(steps)
+                sums["clip_hi"] += hi / len(steps)
+                sums["clip_lo"] += lo / len(steps)
+                rho_per_step[j] += rho.detach().mean().item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), rl.grad_clip)
+            sums["grad_norm"] += float(grad_norm)
+            optimizer.step()
+            ema_update(ema, net, rl.ema_decay)
+            n_updates += 1
+    out = {k: v / n_updates for k, v in sums.items()}
+    out.update({f"rho_mean/t{j}": v / n_updates for j, v in rho_per_step.items()})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling with the inference ODE sampler, evaluation
+
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    return torch.arange(n) % num_classes
+
+
+@torch.no_grad()
+def ode_images(net, n: int, *, num_classes: int, image_shape, steps: int, method: str = "euler", shift: float = 1.0,
+               seed: int = 0, batch_size: int = 500, device="cpu", progress: bool = False,
+               desc: str = "ODE samples") -> tuple[torch.Tensor, torch.Tensor]:
+    """n class-balanced samples from fixed noise seeds with the deterministic inference sampler."""
+    from tqdm.auto import tqdm
+
+    from ..sampling import FlowVelocity, ode_sample, sigma_schedule
+
+    model = FlowVelocity(net)
+    sigmas = sigma_schedule(steps, shift=shift).to(device)
+    gen = torch.Generator().manual_seed(int(seed))
+    labels = balanced_labels(n, num_classes)
+    noise = torch.randn((n, *image_shape), generator=gen)
+    out = []
+    for i in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, unit="batch", leave=False):
+        out.append(ode_sample(model, noise[i:i + batch_size].to(device), labels[i:i + batch_size].to(device),
+                              sigmas, method=method).clamp(-1, 1).cpu())
+    return torch.cat(out), labels
+
+
+@torch.no_grad()
+def sde_images(net, n: int, *, num_classes: int, image_shape, steps: int, a: float, shift: float = 1.0,
+               seed: int = 0, batch_size: int = 256, device="cpu", progress: bool = False,
+               desc: str = "SDE samples") -> tuple[torch.Tensor, torch.Tensor]:
+    """n class-balanced samples from the RL sampler (the policy's own distribution, as the reference set holds)."""
+    from tqdm.auto import tqdm
+
+    from ..sampling import FlowVelocity, rollout, sigma_schedule
+
+    model = FlowVelocity(net)
+    sigmas = sigma_schedule(steps, shift=shift).to(device)
+    gen = torch.Generator().manual_seed(int(seed))
+    labels = balanced_labels(n, num_classes)
+    out = []
+    for i in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, unit="batch", leave=False):
+        lab = labels[i:i + batch_size]
+        noise = torch.randn((lab.shape[0], *image_shape), generator=gen).to(device)
+        out.append(rollout(model, noise, lab.to(device), sigmas, a, generator=gen).xs[-1].clamp(-1, 1).cpu())
+    return torch.cat(out), labels
+
+
+def evaluate_generator(net, evaluator, cfg, *, progress: bool = False, desc: str = "eval") -> tuple[dict, torch.Tensor]:
+    """FD on both feature networks, precision, recall of cfg.eval.n ODE samples; returns (metrics, images)."""
+    ev = cfg["eval"]
+    images, _ = ode_images(net, int(ev["n"]), num_classes=int(cfg["model"]["num_classes"]),
+                           image_shape=tuple(cfg["model"]["image_shape"]), steps=int(ev["steps"]),
+                           method=ev["method"], shift=float(cfg["rl"]["shift"]), seed=int(ev["seed"]),
+                           batch_size=int(ev["batch_size"]), device=cfg["device"], progress=progress, desc=desc)
+    metrics = {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v)
+               for k, v in evaluator.evaluate(images).items()}
+    return metrics, images
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reward set-up
+
+def reward_state(reward) -> dict | None:
+    """The reward's resumable state (the reference set of a distribution-wise reward; empty for sample-wise)."""
+    return reward.state_dict() if hasattr(reward, "state_dict") else None
+
+
+def load_reward_state(reward, state: dict | None) -> None:
+    if state is not None and hasattr(reward, "load_state_dict"):
+        reward.load_state_dict(state)
+
+
+def _evaluator_net(evaluator, name: str):
+    """The evaluator's feature network of that name and its real data (stats, features), if it has one."""
+    labels = list(getattr(evaluator, "labels", []) or [])
+    if name not in labels:
+        return None, None, None
+    i = labels.index(name)
+    feats = getattr(evaluator, "real_feats", None)
+    return evaluator.nets[i], evaluator.real_stats[i], (feats[i] if feats is not None else None)
+
+
+def build_reward_for_run(cfg, net, run_dir: Path, evaluator=None, *, progress: bool = False):
+    """The reward named by cfg.reward. Real statistics (and features, for k-NN) come from cfg.reward.real_stats
+    or from the evaluator's cache of the same feature network; a distribution-wise reward gets its reference set
+    from N = cfg.reward.reference_size samples of the base policy with the RL sampler (the distribution it will
+    hold), whose features are cached in the run directory."""
+    from ..features import compute_features
+    from ..reward import build_reward
+
+    rcfg = dict(cfg["reward"])
+    n = int(rcfg.pop("reference_size", 1000))
+    name = rcfg.get("name", "distribution")
+    feature_net, real_stats, real_feats = _evaluator_net(evaluator, rcfg.get("features", "fmnist-reward"))
+    if rcfg.get("weights") is not None:
+        feature_net = real_stats = real_feats = None    # another network than the evaluator's
+    if name == "classifier":
+        return build_reward(rcfg, device=cfg["device"], feature_net=feature_net)
+    if name == "knn":
+        return build_reward(rcfg, device=cfg["device"], feature_net=feature_net,
+                            real_features=None if rcfg.get("real_features") else real_feats)
+    if feature_net is None:
+        from ..features import get_feature_network
+
+        feature_net = get_feature_network(rcfg.get("features", "fmnist-reward"), weights=rcfg.get("weights"),
+                                          device=cfg["device"])
+    if rcfg.get("real_stats") is not None:
+        real_stats = None
+    cache = run_dir / "base_reference_features.npy"
+    if cache.is_file():
+        feats = np.load(cache, allow_pickle=False)
+    else:
+        rl = cfg["rl"]
+        images, _ = sde_images(net, n, num_classes=int(cfg["model"]["num_classes"]),
+                               image_shape=tuple(cfg["model"]["image_shape"]), steps=int(rl["steps"]),
+                               a=float(rl["noise_level"]), shift=float(rl["shift"]), seed=int(cfg["seed"]) + 7919,
+                               batch_size=int(rl["batch_size"]), device=cfg["device"], progress=progress,
+                               desc="reference set: base samples")
+        feats = compute_features(feature_net, images)
+        _save_npy(cache, feats)
+    return build_reward(rcfg, device=cfg["device"], feature_net=feature_net, real_stats=real_stats,
+                        init_features=feats)
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    import io
+
+    from ..utils.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(arr, dtype=np.float64))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+
+def _as_cfg(cfg) -> Any:
+    from omegaconf import DictConfig, OmegaConf
+
+    base = OmegaConf.create(DEFAULTS)
+    merged = OmegaConf.merge(base, cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg or {}))
+    OmegaConf.set_struct(merged, False)
+    return merged
+
+
+def _check_config(cfg) -> None:
+    rl = cfg.rl
+    for key in ("iterations", "labels_per_iter", "group_size", "steps", "inner_epochs", "minibatches"):
+        if int(rl[key]) < 1:
+            raise ValueError(f"rl.{key} must be >= 1, got {rl[key]}")
+    if int(rl.group_size) < 2:
+        raise ValueError(f"rl.group_size must be >= 2 (advantages are relative within a group), got {rl.group_size}")
+    if float(rl.noise_level) <= 0:
+        raise ValueError(f"rl.noise_level (a) must be > 0 for GRPO (a = 0 is the deterministic ODE: no log-prob); "
+                         f"got {rl.noise_level}")
+    if not 0 < float(rl.clip_eps) < 1:
+        raise ValueError(f"rl.clip_eps must be in (0, 1), got {rl.clip_eps}")
+    if cfg.reward.get("name") == "distribution" and cfg.reward.get("credit") == "group":
+        raise ValueError("reward.credit=group gives every member of a group the group's reward, so the group-relative "
+                         "advantages are all zero; use reward.credit=sample (each sample replaces the same row)")
+    if not 0 <= float(rl.ema_decay) < 1:
+        raise ValueError(f"rl.ema_decay must be in [0, 1), got {rl.ema_decay}")
+
+
+def load_base(cfg) -> torch.nn.Module:
+    from ..config import repo_path
+    from ..models import load_generator
+
+    path = Path(str(cfg.model.path))
+    if not path.is_file() and not path.is_absolute() and repo_path(str(path)).is_file():
+        path = repo_path(str(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"base generator {cfg.model.path} not found; train one with 'distreward train-base' "
+                                f"and pass model.path=PATH")
+    return load_generator(path, device=cfg.device)
+
+
+def finetune(cfg, run_dir, *, resume: bool = False, net: torch.nn.Module | None = None, reward=None, evaluator=None,
+             progress: bool = True, on_iteration: Callable[[int, dict], None] | None = None,
+             initial_eval: dict | None = None) -> dict:
+    """Run GRPO for cfg.rl.iterations; returns {"final": eval metrics of the EMA model, "history": [...], ...}.
+
+    `net`, `reward` and `evaluator` may be given directly (tests, the demo); otherwise they are built from cfg
+    (cfg.model.path, cfg.reward, the Fashion-MNIST evaluator). With resume=True the run continues from
+    run_dir/checkpoints/last.pt and ends where an uninterrupted run would. `initial_eval`: the base model's
+    evaluation when the caller already has it (it is the EMA model's at iteration 0).
+    """
+    from tqdm.auto import tqdm
+
+    from ..config import save_config, to_dict
+    from ..sampling import FlowVelocity, sigma_schedule
+    from ..utils.io import RunDir, atomic_save_json
+
+    cfg = _as_cfg(cfg)
+    _check_config(cfg)
+    rl, device = cfg.rl, cfg.device
+    net = load_base(cfg) if net is None else net
+    run = RunDir(run_dir)
+    save_config(cfg, run.path("config.yaml"))
+    torch.manual_seed(int(cfg.seed))
+    np.random.seed(int(cfg.seed))
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+
+    # Policy (trained), frozen reference (the base policy of the KL term) and EMA weights (evaluated, saved).
+    net = net.to(device).eval()                 # eval mode: no dropout, so log p_old and log p_theta agree
+    ref_net = copy.deepcopy(net).requires_grad_(False)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    model, ref_model = FlowVelocity(net), FlowVelocity(ref_net)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=float(rl.lr), betas=tuple(rl.adam_betas),
+                                  weight_decay=float(rl.weight_decay))
+    if evaluator is None and (int(cfg.eval.every) > 0 or reward is None):
+        from ..evaluation import Evaluator
+
+        evaluator = Evaluator.for_fmnist(device=device)
+    if reward is None:
+        reward = build_reward_for_run(to_dict(cfg), net, run.root, evaluator, progress=progress)
+    sigmas = sigma_schedule(int(rl.steps), shift=float(rl.shift))
+    P, G, T, a = int(rl.labels_per_iter), int(rl.group_size), int(rl.steps), float(rl.noise_level)
+
+    ckpt_path = run.checkpoints / "last.pt"
+    start, history, evals = 0, [], []
+    if resume and ckpt_path.is_file():
+        st = load_checkpoint(ckpt_path)
+        net.load_state_dict(st["net"])
+        ema.load_state_dict(st["ema"])
+        optimizer.load_state_dict(st["optimizer"])
+        load_reward_state(reward, st["reward"])
+        set_rng_state(gen, st["rng"])
+        start, history, evals = int(st["iteration"]), list(st["history"]), list(st["evals"])
+    _truncate_jsonl(run.path("metrics.jsonl"), start if start else -1)
+    writer = _tensorboard(run.root / "tb", start)
+
+    def checkpoint(it: int) -> None:
+        save_checkpoint(ckpt_path, {"net": net.state_dict(), "ema": ema.state_dict(),
+                                    "optimizer": optimizer.state_dict(), "reward": reward_state(reward),
+                                    "rng": rng_state(gen), "iteration": it, "history": history, "evals": evals})
+
+    def evaluate(it: int) -> None:
+        metrics, images = evaluate_generator(ema, evaluator, cfg, progress=progress, desc=f"eval @ {it}")
+        metrics["iteration"] = it
+        evals.append(metrics)
+        from ..report import save_image_grid
+
+        save_image_grid(images[: int(cfg.eval.grid)], run.samples / f"ema_{it:04d}.png")
+        for k, v in metrics.items():
+            if isinstance(v, float):
+                writer.add_scalar(f"eval/{k}", v, it)
+        run.log_jsonl({"iteration": it, **{f"eval/{k}": v for k, v in metrics.items() if k != "iteration"}})
+
+    if start == 0 and initial_eval is not None:
+        evals.append({**initial_eval, "iteration": 0})
+    elif start == 0 and evaluator is not None and int(cfg.eval.every) > 0:
+        evaluate(0)
+
+    bar = tqdm(range(start, int(rl.iterations)), desc=f"GRPO {cfg.reward.name}", unit="it", disable=not progress,
+               initial=start, total=int(rl.iterations))
+    for it in bar:
+        # 1. rollouts of the old policy
+        t0 = time.perf_counter()
+        labels, groups = draw_labels(P, G, int(cfg.model.num_classes), gen)
+        ro = collect(model, labels, groups, sigmas, a, tuple(cfg.model.image_shape), gen, device)
+        t1 = time.perf_counter()
+        # 2. rewards r and 3. advantages A
+        ro.rewards = reward(ro.images, ro.labels.to(device), ro.groups.to(device)).detach().float().cpu()
+        ro.adv, zero_std = group_advantages(ro.rewards, ro.groups, std=rl.adv_std, clip=float(rl.adv_clip))
+        t2 = time.perf_counter()
+        # 4. clipped policy update on the trained steps, KL to the base, EMA
+        steps = trained_steps(T, rl.train_steps.mode, fraction=float(rl.train_steps.fraction),
+                              window=_window(rl.train_steps.window), generator=gen)
+        stats = update(net, model, ref_model, ema, optimizer, ro, steps, rl, gen)
+        t3 = time.perf_counter()
+        # 5. the new samples enter the reference set
+        reward.after_step(ro.images, ro.labels.to(device))
+        fd_ref = _reference_fd(reward)
+        record = {"iteration": it + 1, "r_mean": float(ro.rewards.mean()), "r_std": float(ro.rewards.std()),
+                  "fd_ref": fd_ref, "zero_std_frac": float(zero_std.float().mean()), **stats,
+                  "time_rollout": t1 - t0, "time_reward": t2 - t1, "time_update": t3 - t2}
+        history.append({k: v for k, v in record.items() if not k.startswith("rho_mean/")})
+        run.log_jsonl(record)
+        for k, v in record.items():
+            if k != "iteration" and v is not None:
+                writer.add_scalar(k, v, it + 1)
+        bar.set_postfix(r=f"{record['r_mean']:.3g}", fd_ref=f"{fd_ref:.3g}" if fd_ref is not None else "-")
+        if evaluator is not None and int(cfg.eval.every) > 0 and ((it + 1) % int(cfg.eval.every) == 0
+                                                                   or it + 1 == int(rl.iterations)):
+            evaluate(it + 1)
+        if (it + 1) % int(cfg.checkpoint.every) == 0 or it + 1 == int(rl.iterations):
+            checkpoint(it + 1)
+        if on_iteration is not None:
+            on_iteration(it + 1, record)
+    bar.close()
+    writer.close()
+
+    meta = getattr(net, "generator_meta", None)
+    if meta is not None:
+        from ..models import save_generator
+
+        save_generator(run.path("model_ema.safetensors"), ema, meta["arch"], meta["kwargs"],
+                       extra={"rl": "grpo", "reward": cfg.reward.name, "iterations": int(rl.iterations)})
+        save_generator(run.path("model.safetensors"), net, meta["arch"], meta["kwargs"],
+                       extra={"rl": "grpo", "reward": cfg.reward.name, "iterations": int(rl.iterations)})
+    result = {"final": evals[-1] if evals else None, "evals": evals, "history": history,
+              "reward_mean_first": history[0]["r_mean"] if history else None,
+              "reward_mean": history[-1]["r_mean"] if history else None}
+    atomic_save_json(run.path("result.json"), result)
+    result.update({"net": net, "ema": ema})
+    return result
+
+
+def _window(w):
+    from omegaconf import ListConfig
+
+    return list(w) if isinstance(w, (list, tuple, ListConfig)) else int(w)
+
+
+def _reference_fd(reward) -> float | None:
+    """FD of the reward's reference set to the real statistics (distribution-wise rewards only)."""
+    return float(reward.fd()) if hasattr(reward, "fd") else None
+
+
+def _truncate_jsonl(path: Path, last_iteration: int) -> None:
+    """Drop records past the checkpoint a resumed run restarts from, so the log has no duplicates."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("iteration", 0) <= last_iteration]
+    from ..utils.io import atomic_write_bytes
+
+    atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
+
+
+class _NullWriter:
+    def add_scalar(self, *a, **k):
+        pass
+
+    def close(self):
+        pass
+
+
+def _tensorboard(logdir: Path, start: int):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency; keep training if a user environment lacks it
+        return _NullWriter()
+    return SummaryWriter(str(logdir), purge_step=start + 1 if start else None)

@@ -1,0 +1,90 @@
+"""The equations of GRPO on a stochastic flow sampler (METHOD.md §4), one small pure function each.
+
+Symbols follow the method: r (rewards), A (advantages), rho (ratio p_theta / p_old), eps (clip range),
+beta (KL weight), mu_theta / mu_ref (means of one Gaussian sampler step), std (its standard deviation).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def group_advantages(r: torch.Tensor, groups: torch.Tensor, *, std: str = "group", eps: float = 1e-4,
+                     clip: float = 5.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = (r - mean_group(r)) / (std + eps), clipped to +-clip (METHOD.md §4 step 3).
+
+    `std="group"` divides by each group's own std (GRPO), `"global"` by the std of the whole batch (less noisy
+    when groups are small). Also returns, per sample, whether its group had zero reward spread.
+    """
+    if std not in ("group", "global"):
+        raise ValueError(f"advantage std must be 'group' or 'global', got {std!r}")
+    r = r.double()
+    _, inverse = torch.unique(groups, return_inverse=True)
+    n_groups = int(inverse.max()) + 1
+    count = torch.zeros(n_groups, dtype=r.dtype).index_add_(0, inverse, torch.ones_like(r))
+    mean = torch.zeros(n_groups, dtype=r.dtype).index_add_(0, inverse, r) / count
+    centred = r - mean[inverse]
+    var = torch.zeros(n_groups, dtype=r.dtype).index_add_(0, inverse, centred ** 2) / (count - 1).clamp(min=1)
+    group_std = var.sqrt()[inverse]
+    scale = group_std if std == "group" else r.std() if r.numel() > 1 else torch.zeros((), dtype=r.dtype)
+    adv = (centred / (scale + eps)).clamp(-clip, clip)
+    return adv.float(), group_std <= 1e-12
+
+
+def ppo_clip_loss(adv: torch.Tensor, log_prob: torch.Tensor, log_prob_old: torch.Tensor,
+                  clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample max(-A rho, -A clip(rho, 1-eps, 1+eps)) with rho = exp(log p_theta - log p_old); returns (loss, rho)."""
+    rho = torch.exp(log_prob - log_prob_old)
+    loss = torch.maximum(-adv * rho, -adv * rho.clamp(1.0 - clip_eps, 1.0 + clip_eps))
+    return loss, rho
+
+
+def gaussian_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
+    """KL(p_theta || p_ref) of two Gaussians of equal std, |mu_theta - mu_ref|^2 / (2 std^2), averaged over
+    dimensions per sample like the step log-prob. Returns (B,)."""
+    std = torch.as_tensor(std, dtype=mean.dtype, device=mean.device)
+    if std.ndim == 1:
+        std = std.view(-1, *([1] * (mean.ndim - 1)))
+    kl = (mean - mean_ref) ** 2 / (2 * std ** 2)
+    return kl.flatten(1).mean(1)
+
+
+def approx_kl(log_rho: torch.Tensor) -> torch.Tensor:
+    """Estimate of KL(p_old || p_theta) from samples of p_old: E[(rho - 1) - log rho] (non-negative, unbiased)."""
+    return (torch.expm1(log_rho) - log_rho).mean()
+
+
+def clip_fractions(rho: torch.Tensor, clip_eps: float) -> tuple[float, float]:
+    """Share of ratios above 1+eps and below 1-eps (where the clipped objective is flat on that side)."""
+    return float((rho > 1 + clip_eps).float().mean()), float((rho < 1 - clip_eps).float().mean())
+
+
+def trained_steps(T: int, mode: str, *, fraction: float = 0.5, window: int | list | tuple = 5,
+                  generator: torch.Generator | None = None) -> list[int]:
+    """Which of the T sampler steps get a gradient: a random `fraction` of them, or a `window` at high noise
+    (step indices [start, end) or its length from step 0). The last step (to sigma = 0) is never trained."""
+    if T < 2:
+        raise ValueError(f"GRPO needs at least 2 sampler steps (the last one is never trained), got T={T}")
+    last = T - 1
+    if mode == "fraction":
+        if not 0 < fraction <= 1:
+            raise ValueError(f"rl.train_steps.fraction must be in (0, 1], got {fraction}")
+        k = max(1, min(last, round(fraction * last)))
+        return sorted(torch.randperm(last, generator=generator)[:k].tolist())
+    if mode == "window":
+        start, end = (0, int(window)) if isinstance(window, int) else (int(window[0]), int(window[1]))
+        end = min(end, last)
+        if not 0 <= start < end:
+            raise ValueError(f"rl.train_steps.window {window} selects no step among 0..{last - 1} "
+                             f"(T={T}, the last step is never trained); use e.g. window={min(5, last)}")
+        return list(range(start, end))
+    raise ValueError(f"rl.train_steps.mode must be 'fraction' or 'window', got {mode!r}")
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
+    """theta_ema <- decay theta_ema + (1 - decay) theta (buffers copied)."""
+    for pe, p in zip(ema.parameters(), net.parameters()):
+        pe.lerp_(p.detach(), 1.0 - decay)
+    for be, b in zip(ema.buffers(), net.buffers()):
+        be.copy_(b)

@@ -1,0 +1,91 @@
+"""The main job's pipeline at tiny size: stages, report, metrics.json, skipping finished stages, the stage hook."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from distreward.utils.threads import set_threads
+
+set_threads()   # $DISTREWARD_THREADS (1 in the project's test runs)
+
+pytestmark = pytest.mark.slow
+
+
+class TinyFeatures(nn.Module):
+    def __init__(self, seed: int, dim: int = 6):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.dim = dim
+        self.conv = nn.Conv2d(1, dim, 5, stride=4, padding=2)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        return torch.tanh(self.conv(x)).mean((2, 3)) + 0.1 * x.flatten(1)[:, 200:200 + self.dim]
+
+    def logits(self, x):
+        return self.head(self(x))
+
+
+@pytest.fixture()
+def tiny_setup(tmp_path):
+    from distreward.evaluation import Evaluator
+    from distreward.models import build_network, save_generator
+
+    kwargs = {"img_resolution": 32, "img_channels": 1, "num_classes": 10, "model_channels": 4, "channel_mult": [1, 2],
+              "num_blocks": 1, "attn_resolutions": []}
+    torch.manual_seed(0)
+    net = build_network("unet", kwargs)
+    with torch.no_grad():   # the UNet's output layer starts at zero: give the stand-in base a non-trivial velocity
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_generator(tmp_path / "base.safetensors", net, "unet", kwargs)
+    g = torch.Generator().manual_seed(3)
+    ref = (0.5 * torch.randn((200, 1, 32, 32), generator=g)).clamp(-1, 1)
+    ev = Evaluator(ref, feature_nets=(TinyFeatures(1), TinyFeatures(2)), labels=["fmnist-reward", "fmnist-eval"],
+                   cache_dir=None, max_real=200, kid_subsets=5, kid_subset_size=20)
+    overrides = [f"model.path={tmp_path / 'base.safetensors'}", "rl.iterations=2", "rl.labels_per_iter=2",
+                 "rl.group_size=3", "rl.steps=3", "rl.train_steps.window=1", "reward.reference_size=24",
+                 "eval.n=20", "eval.steps=3", "eval.every=1", "eval.grid=10", "eval.batch_size=20",
+                 "checkpoint.every=1"]
+    return tmp_path, ev, overrides
+
+
+def test_demo_writes_report_and_metrics_and_reuses_stages(tiny_setup, monkeypatch):
+    from distreward import demo
+
+    import distreward.merge.demo
+
+    monkeypatch.setattr(distreward.merge.demo, "register", lambda *a, **k: None)   # merging is tested by its owner
+    monkeypatch.setattr(demo, "EXTRA_STAGES", [])
+    tmp_path, ev, overrides = tiny_setup
+    run_dir = tmp_path / "demo"
+    m = demo.run_demo(run_dir, compare=True, overrides=overrides, progress=False, evaluator=ev)
+    assert set(m) == {"base", "distribution", "sample"}
+    for name in ("distribution", "sample"):
+        assert {"fd_reward", "fd_eval", "precision", "recall", "reward_mean"} <= set(m[name])
+    assert m["sample"]["reward"] == "classifier" and m["distribution"]["reward"] == "distribution"
+    report = (run_dir / "report.md").read_text()
+    for s in ("| base |", "| distribution |", "| sample |", "fd_curve.png", "samples_base.png", "samples_distribution.png"):
+        assert s in report, s
+    for png in ("fd_curve.png", "samples_base.png", "samples_distribution.png", "samples_sample.png"):
+        assert (run_dir / png).stat().st_size > 100
+    # the fine-tuning really ran: 2 iterations logged
+    recs = [json.loads(l) for l in (run_dir / "distribution" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in recs if "r_mean" in r] == [1, 2]
+
+    # a re-run reuses every finished stage; a registered extra stage (the merge hook) adds a row and a section
+    def boom(ctx):
+        raise AssertionError("finished stages must not run again")
+
+    monkeypatch.setattr(demo, "BUILTIN_STAGES", [demo.Stage(s.name, boom, s.enabled) for s in demo.BUILTIN_STAGES])
+    demo.register_stage(demo.Stage("merge_ema", lambda ctx: {"fd_reward": 1.0, "fd_eval": 2.0, "precision": 0.5,
+                                                             "recall": 0.5},
+                                   section=lambda r, ctx: "## Merging\n\nmerge section text"))
+    m2 = demo.run_demo(run_dir, compare=True, overrides=overrides, progress=False, evaluator=ev)
+    assert m2["merge_ema"]["fd_eval"] == 2.0 and m2["distribution"] == m["distribution"]
+    report = (run_dir / "report.md").read_text()
+    assert "| merge_ema |" in report and "merge section text" in report

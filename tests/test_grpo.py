@@ -1,0 +1,381 @@
+"""GRPO trainer: the equations, the sanity facts of METHOD.md §4, checkpoints and resume, with a tiny stand-in
+velocity network and a stand-in reward (defined here) so that the tests run in seconds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from distreward.utils.threads import set_threads
+
+set_threads()   # $DISTREWARD_THREADS (1 in the project's test runs)
+
+from distreward.rl.losses import (approx_kl, clip_fractions, ema_update, gaussian_kl, group_advantages,
+                                  ppo_clip_loss, trained_steps)
+from distreward.rl.state import from_storable, load_checkpoint, rng_state, save_checkpoint, set_rng_state, to_storable
+
+SHAPE = (1, 8, 8)
+
+
+# --------------------------------------------------------------------------------------------- stand-ins
+
+class TinyVelocityNet(nn.Module):
+    """net(x, sigma, labels) -> v: two convs conditioned on sigma and the label (a few hundred parameters)."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.num_classes = num_classes
+        self.conv0 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 1, 3, padding=1)
+        self.label = nn.Embedding(num_classes + 1, 8)
+        self.sigma = nn.Linear(1, 8)
+
+    def forward(self, x, sigma, labels=None):
+        sigma = torch.as_tensor(sigma, dtype=x.dtype).expand(x.shape[0]) if torch.as_tensor(sigma).ndim == 0 else sigma
+        h = self.conv0(x) + self.sigma(sigma.view(-1, 1).to(x.dtype))[:, :, None, None]
+        if labels is not None:
+            h = h + self.label(labels)[:, :, None, None]
+        return self.conv1(torch.tanh(h)) - x
+
+
+class BrightnessReward:
+    """Stand-in reward with state: r = -(mean pixel - target[label])^2 + a small bonus that depends on a running
+    mean of the pushed samples (so resuming must restore the state to give the same rewards)."""
+
+    name = "brightness"
+
+    def __init__(self, num_classes: int = 3, fail_at_call: int | None = None):
+        self.target = np.linspace(-0.5, 0.5, num_classes)
+        self.running = np.zeros(1, dtype=np.float64)
+        self.calls, self.fail_at_call = 0, fail_at_call
+
+    def __call__(self, images, labels, groups=None):
+        self.calls += 1
+        if self.fail_at_call is not None and self.calls == self.fail_at_call:
+            raise KeyboardInterrupt("simulated kill")
+        m = images.flatten(1).mean(1).double().numpy()
+        r = -(m - self.target[labels.numpy()]) ** 2 - 0.1 * np.abs(m - self.running[0])
+        return torch.from_numpy(r).float()
+
+    def after_step(self, images, labels):
+        self.running = 0.5 * self.running + 0.5 * images.mean().double().numpy().reshape(1)
+
+    def state_dict(self):
+        return {"running": self.running.copy()}
+
+    def load_state_dict(self, sd):
+        self.running = np.asarray(sd["running"], dtype=np.float64).copy()
+
+
+class StandInEvaluator:
+    def evaluate(self, images):
+        return {"fd_reward": float(images.mean() ** 2), "fd_eval": float(images.std()), "precision": 0.5,
+                "recall": 0.5, "n": images.shape[0]}
+
+
+def tiny_cfg(**rl):
+    return {"name": "test", "seed": 0, "model": {"num_classes": 3, "image_shape": list(SHAPE)},
+            "rl": {"iterations": 4, "labels_per_iter": 2, "group_size": 4, "steps": 4, "noise_level": 0.8,
+                   "train_steps": {"mode": "window", "window": 2}, "minibatches": 2, "lr": 3e-3, "beta": 0.05,
+                   "ema_decay": 0.5, **rl},
+            "reward": {"name": "brightness"},
+            "eval": {"every": 2, "n": 12, "steps": 4, "method": "euler", "seed": 5, "grid": 6, "batch_size": 12},
+            "checkpoint": {"every": 1}}
+
+
+def make_net(seed: int = 0) -> TinyVelocityNet:
+    torch.manual_seed(seed)
+    return TinyVelocityNet()
+
+
+# --------------------------------------------------------------------------------------------- equations
+
+def test_group_advantages_are_normalised_within_groups_and_clipped():
+    r = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0, 10.0, 10.0, 10.0, 0.0, 0.0, 0.0, 100.0])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+    adv, zero = group_advantages(r, groups, std="group", clip=5.0)
+    g0 = adv[:4]
+    assert abs(float(g0.mean())) < 1e-6 and abs(float(g0.std()) - 1.0) < 1e-3
+    assert torch.all(adv[4:8] == 0) and zero[4:8].all() and not zero[:4].any()
+    # a single outlier in a group of 4 sits at 1.5 std; clipping at 1 bounds it
+    adv_c, _ = group_advantages(r, groups, std="group", clip=1.0)
+    assert float(adv_c.abs().max()) == pytest.approx(1.0)
+    # global std: one scale for the batch, so group 0's spread becomes small next to group 2's
+    adv_g, _ = group_advantages(r, groups, std="global")
+    assert float(adv_g[:4].abs().max()) < float(g0.abs().max())
+    with pytest.raises(ValueError, match="group.*global"):
+        group_advantages(r, groups, std="batch")
+
+
+def test_ppo_clip_loss_flat_outside_the_trust_region():
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    old = torch.zeros(4)
+    logp = torch.log(torch.tensor([1.1, 1.5, 0.95, 0.5])).requires_grad_(True)
+    loss, rho = ppo_clip_loss(adv, logp, old, clip_eps=0.2)
+    assert torch.allclose(rho, torch.tensor([1.1, 1.5, 0.95, 0.5]))
+    assert torch.allclose(loss, torch.tensor([-1.1, -1.2, 0.95, 0.8]))
+    loss.sum().backward()
+    # inside the region the gradient is -A rho; clipped samples (A>0, rho>1.2; A<0, rho<0.8) get none
+    assert torch.allclose(logp.grad, torch.tensor([-1.1, 0.0, 0.95, 0.0]))
+    assert clip_fractions(rho, 0.2) == (0.25, 0.25)
+
+
+def test_gaussian_kl_matches_torch_distributions():
+    torch.manual_seed(0)
+    m, mr = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    std = torch.tensor([0.3, 0.5, 1.0])
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(m, std.view(-1, 1, 1, 1)),
+                                            torch.distributions.Normal(mr, std.view(-1, 1, 1, 1)))
+    assert torch.allclose(gaussian_kl(m, mr, std), ref.flatten(1).mean(1), atol=1e-5)
+    assert torch.all(gaussian_kl(m, m, 0.2) == 0)
+
+
+def test_approx_kl_zero_on_policy_positive_off():
+    assert float(approx_kl(torch.zeros(5))) == 0.0
+    assert float(approx_kl(torch.tensor([0.1, -0.2, 0.3]))) > 0
+
+
+def test_trained_steps_never_include_the_last_step():
+    g = torch.Generator().manual_seed(0)
+    assert trained_steps(10, "window", window=4) == [0, 1, 2, 3]
+    assert trained_steps(10, "window", window=[2, 5]) == [2, 3, 4]
+    assert trained_steps(10, "window", window=50) == list(range(9))
+    for _ in range(20):
+        s = trained_steps(10, "fraction", fraction=0.5, generator=g)
+        assert len(s) == 4 or len(s) == 5
+        assert 9 not in s and s == sorted(set(s))
+    assert trained_steps(10, "fraction", fraction=1.0, generator=g) == list(range(9))
+    with pytest.raises(ValueError, match="at least 2"):
+        trained_steps(1, "window", window=1)
+    with pytest.raises(ValueError, match="window"):
+        trained_steps(5, "window", window=[4, 6])
+    with pytest.raises(ValueError, match="mode"):
+        trained_steps(5, "random")
+
+
+def test_ema_update_moves_towards_the_weights():
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    before = a.weight.detach().clone()
+    ema_update(a, b, 0.75)
+    assert torch.allclose(a.weight, 0.75 * before + 0.25 * b.weight)
+
+
+def test_checkpoint_state_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    np.random.seed(1)
+    state = {"reward": {"rows": np.arange(6.0).reshape(2, 3), "n": np.int64(4)}, "rng": rng_state(g), "it": 7}
+    save_checkpoint(tmp_path / "c.pt", state)
+    expected = (torch.randn(3, generator=g), np.random.rand(2))
+    back = load_checkpoint(tmp_path / "c.pt")      # weights_only loading
+    assert isinstance(back["reward"]["rows"], np.ndarray) and back["reward"]["rows"].dtype == np.float64
+    assert np.array_equal(back["reward"]["rows"], state["reward"]["rows"]) and back["it"] == 7
+    set_rng_state(g, back["rng"])
+    assert torch.equal(torch.randn(3, generator=g), expected[0]) and np.array_equal(np.random.rand(2), expected[1])
+    assert from_storable(to_storable([np.ones(2)]))[0].tolist() == [1.0, 1.0]
+    with pytest.raises(FileNotFoundError, match="without --resume"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+# --------------------------------------------------------------------------------------------- sanity facts (§4)
+
+def _rollouts(net, a=0.8, seed=0, T=4):
+    from distreward.rl.grpo import collect, draw_labels
+    from distreward.sampling import FlowVelocity, sigma_schedule
+
+    g = torch.Generator().manual_seed(seed)
+    labels, groups = draw_labels(2, 4, 3, g)
+    ro = collect(FlowVelocity(net), labels, groups, sigma_schedule(T), a, SHAPE, g)
+    return ro, g
+
+
+def test_a_zero_rollout_reproduces_the_ode_sampler():
+    from distreward.rl.grpo import draw_labels
+    from distreward.sampling import FlowVelocity, ode_sample, rollout, sigma_schedule
+
+    net = make_net()
+    g = torch.Generator().manual_seed(0)
+    labels, _ = draw_labels(2, 3, 3, g)
+    noise = torch.randn(6, *SHAPE, generator=g)
+    sig = sigma_schedule(5)
+    with torch.no_grad():
+        traj = rollout(FlowVelocity(net), noise, labels, sig, 0.0, generator=g)
+        x0 = ode_sample(FlowVelocity(net), noise, labels, sig, method="euler")
+    assert torch.allclose(traj.xs[-1], x0, atol=1e-6)
+    assert not torch.allclose(x0, noise)
+
+
+def test_first_update_is_on_policy_and_kl_starts_at_zero_with_gradient_after():
+    from omegaconf import OmegaConf
+
+    from distreward.rl.grpo import DEFAULTS, step_terms, update
+    from distreward.sampling import FlowVelocity
+
+    net = make_net()
+    ro, g = _rollouts(net)
+    ro.adv, _ = group_advantages(torch.randn(8, generator=g), ro.groups)
+    ref = make_net()
+    model, ref_model = FlowVelocity(net), FlowVelocity(ref)
+    idx = torch.arange(8)
+    # on-policy: the policy's log-prob of its own rollouts equals log p_old (ratio exactly 1) at every step
+    for j in range(3):
+        _, kl, rho, _ = step_terms(model, ref_model, ro, j, idx, 0.8, 0.2)
+        assert torch.allclose(rho, torch.ones_like(rho), atol=1e-5)
+        assert torch.all(kl.abs() < 1e-10)
+    # KL at the start: zero, and so is its gradient (a minimum)
+    net.zero_grad()
+    _, kl, _, _ = step_terms(model, ref_model, ro, 0, idx, 0.8, 0.2)
+    kl.mean().backward()
+    assert all(p.grad is None or float(p.grad.abs().max()) == 0.0 for p in net.parameters())
+    # one update (2 minibatches), then KL > 0 with a non-zero gradient
+    rl = OmegaConf.merge(OmegaConf.create(DEFAULTS["rl"]), {"noise_level": 0.8, "lr": 1e-2, "minibatches": 2})
+    ema = make_net()
+    opt = torch.optim.AdamW(net.parameters(), lr=rl.lr)
+    first = []
+    stats = update(net, model, ref_model, ema, opt, ro, [0, 1], rl, g, first_rho=first)
+    assert first and all(torch.allclose(r, torch.ones_like(r), atol=1e-5) for r in first)
+    assert stats["rho_mean/t0"] != 1.0          # the second minibatch saw a moved policy
+    net.zero_grad()
+    _, kl, _, _ = step_terms(model, ref_model, ro, 0, idx, 0.8, 0.2)
+    assert float(kl.mean().detach()) > 0
+    kl.mean().backward()
+    assert sum(float(p.grad.abs().sum()) for p in net.parameters() if p.grad is not None) > 0
+
+
+def test_update_raises_the_log_prob_of_positive_advantage_samples():
+    from omegaconf import OmegaConf
+
+    from distreward.rl.grpo import DEFAULTS, step_terms, update
+    from distreward.sampling import FlowVelocity
+
+    net = make_net()
+    ro, g = _rollouts(net)
+    ro.adv = torch.tensor([1.0, -1.0] * 4)
+    model = FlowVelocity(net)
+    ref_model = FlowVelocity(make_net())
+    rl = OmegaConf.merge(OmegaConf.create(DEFAULTS["rl"]),
+                         {"noise_level": 0.8, "lr": 3e-3, "minibatches": 1, "beta": 0.0, "clip_eps": 0.5})
+    opt = torch.optim.AdamW(net.parameters(), lr=rl.lr)
+    for _ in range(3):
+        update(net, model, ref_model, make_net(), opt, ro, [0, 1, 2], rl, g)
+    with torch.no_grad():
+        log_rho = sum(step_terms(model, ref_model, ro, j, torch.arange(8), 0.8, 0.5)[3] for j in range(3))
+    assert float(log_rho[ro.adv > 0].mean()) > float(log_rho[ro.adv < 0].mean())
+
+
+# --------------------------------------------------------------------------------------------- the loop
+
+def test_finetune_logs_checkpoints_and_evaluates(tmp_path):
+    from distreward.rl.grpo import finetune
+
+    res = finetune(tiny_cfg(), tmp_path, net=make_net(), reward=BrightnessReward(), evaluator=StandInEvaluator(),
+                   progress=False)
+    recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    its = [r for r in recs if "r_mean" in r]
+    assert [r["iteration"] for r in its] == [1, 2, 3, 4]
+    for key in ("r_mean", "r_std", "zero_std_frac", "kl_approx", "clip_hi", "clip_lo", "loss_pg", "loss_kl",
+                "rho_mean/t0", "rho_mean/t1", "time_rollout", "time_reward", "time_update", "grad_norm"):
+        assert key in its[0] and np.isfinite(its[0][key]), key
+    assert "rho_mean/t2" not in its[0]                      # window of 2 steps
+    assert [e["iteration"] for e in res["evals"]] == [0, 2, 4]
+    assert (tmp_path / "samples" / "ema_0004.png").is_file() and (tmp_path / "checkpoints" / "last.pt").is_file()
+    assert any(p.name.startswith("events") for p in (tmp_path / "tb").iterdir())
+    ck = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ck["iteration"] == 4 and set(ck) >= {"net", "ema", "optimizer", "reward", "rng"}
+    # the policy moved, the EMA lies between base and policy
+    base = make_net()
+    d_net = sum(float((a - b).detach().abs().sum()) for a, b in zip(res["net"].parameters(), base.parameters()))
+    d_ema = sum(float((a - b).detach().abs().sum()) for a, b in zip(res["ema"].parameters(), base.parameters()))
+    assert 0 < d_ema < d_net
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
+    from distreward.rl.grpo import finetune
+
+    cfg = tiny_cfg(iterations=4)
+    cfg["checkpoint"]["every"] = 2
+    full = finetune(cfg, tmp_path / "full", net=make_net(), reward=BrightnessReward(), evaluator=StandInEvaluator(),
+                    progress=False)
+    # killed inside iteration 4 (its reward call), after the checkpoint at iteration 2 and work on iteration 3
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cfg, tmp_path / "cut", net=make_net(), reward=BrightnessReward(fail_at_call=4),
+                 evaluator=StandInEvaluator(), progress=False)
+    assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["iteration"] == 2
+    resumed = finetune(cfg, tmp_path / "cut", resume=True, net=make_net(), reward=BrightnessReward(),
+                       evaluator=StandInEvaluator(), progress=False)
+    for a, b in zip(full["net"].state_dict().values(), resumed["net"].state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(full["ema"].state_dict().values(), resumed["ema"].state_dict().values()):
+        assert torch.equal(a, b)
+    assert [h["r_mean"] for h in full["history"]] == [h["r_mean"] for h in resumed["history"]]
+    lines = [json.loads(l) for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in lines if "r_mean" in r] == [1, 2, 3, 4]     # no duplicated iteration 3
+
+
+def test_bad_config_is_named(tmp_path):
+    from distreward.rl.grpo import finetune
+
+    with pytest.raises(ValueError, match="group_size"):
+        finetune(tiny_cfg(group_size=1), tmp_path, net=make_net(), reward=BrightnessReward(), progress=False)
+    with pytest.raises(ValueError, match="noise_level"):
+        finetune(tiny_cfg(noise_level=0.0), tmp_path, net=make_net(), reward=BrightnessReward(), progress=False)
+
+
+# --------------------------------------------------------------------------------------------- end to end (slow)
+
+class TinyFeatures(nn.Module):
+    """A random conv feature network (dim 6) with classifier logits, standing in for fmnist-reward/eval."""
+
+    def __init__(self, seed: int, dim: int = 6, num_classes: int = 3):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.dim = dim
+        self.conv = nn.Conv2d(1, dim, 3, stride=2, padding=1)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        return torch.tanh(self.conv(x)).mean((2, 3)) + 0.1 * x.flatten(1)[:, : self.dim]
+
+    def logits(self, x):
+        return self.head(self(x))
+
+
+def tiny_evaluator(shape=SHAPE, n: int = 300):
+    from distreward.evaluation import Evaluator
+
+    g = torch.Generator().manual_seed(11)
+    ref = (0.6 * torch.randn((n, *shape), generator=g)).clamp(-1, 1)
+    return Evaluator(ref, feature_nets=(TinyFeatures(1), TinyFeatures(2)), labels=["fmnist-reward", "fmnist-eval"],
+                     cache_dir=None, max_real=n, kid_subsets=5, kid_subset_size=20)
+
+
+@pytest.mark.slow
+def test_finetune_end_to_end_with_the_distribution_reward(tmp_path):
+    from distreward.rl.grpo import finetune
+
+    cfg = tiny_cfg(iterations=3)
+    cfg["reward"] = {"name": "distribution", "mode": "fast", "credit": "sample", "features": "fmnist-reward",
+                     "reference_size": 48}
+    cfg["eval"]["every"] = 3
+    res = finetune(cfg, tmp_path, net=make_net(), evaluator=tiny_evaluator(), progress=False)
+    feats = np.load(tmp_path / "base_reference_features.npy")
+    assert feats.shape == (48, 6)
+    recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    fd = [r["fd_ref"] for r in recs if "fd_ref" in r]
+    assert len(fd) == 3 and all(np.isfinite(fd)) and len(set(fd)) == 3      # the reference set follows the policy
+    assert {"fd_reward", "fd_eval", "precision", "recall"} <= set(res["final"])
+    # the reward's reference set is in the checkpoint and resumes
+    ck = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert "reference_set" in ck["reward"]
+
+
+def test_group_credit_with_group_advantages_is_refused(tmp_path):
+    from distreward.rl.grpo import finetune
+
+    cfg = tiny_cfg()
+    cfg["reward"] = {"name": "distribution", "credit": "group"}
+    with pytest.raises(ValueError, match="credit=sample"):
+        finetune(cfg, tmp_path, net=make_net(), reward=BrightnessReward(), progress=False)

@@ -1,0 +1,284 @@
+"""RL over merging coefficients: streaming merge, policy, set-replace reward, the loop and its resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from distreward.merge import (CheckpointSet, GaussianPolicy, MergeRL, SetReplaceReward, normalise_rewards,
+                              policy_update, ppo_clip_loss, project_sum_one, reinforce_loss, run_merge, shared_noise)
+from distreward.metrics import GaussianStats, frechet_distance
+from distreward.models import build_network, load_generator, save_generator
+
+TINY = {"img_resolution": 8, "img_channels": 1, "num_classes": 2, "model_channels": 4, "channel_mult": [1, 2],
+        "num_blocks": 1, "attn_resolutions": [], "num_heads": 1}
+
+
+def tiny_checkpoints(tmp_path, k=3, seed=0, const=None):
+    paths = []
+    for i in range(k):
+        torch.manual_seed(seed + i)
+        net = build_network("unet", TINY)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.normal_(0, 0.1)
+            if const is not None:
+                net.conv_in.bias.fill_(const)
+        paths.append(save_generator(tmp_path / f"ckpt{i}.safetensors", net, "unet", TINY, extra={"step": i}))
+    return paths
+
+
+def state(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Streaming merge
+
+def test_one_hot_reproduces_checkpoint_exactly(tmp_path):
+    paths = tiny_checkpoints(tmp_path)
+    cs = CheckpointSet.open(paths)
+    for k in range(3):
+        merged = cs.merge(np.eye(3)[k])
+        ref = state(paths[k])
+        assert set(merged) == set(ref)
+        for name in ref:
+            assert torch.equal(merged[name], ref[name]), name
+
+
+def test_sum_one_keeps_constant_parameter(tmp_path):
+    cs = CheckpointSet.open(tiny_checkpoints(tmp_path, const=0.37))
+    w = project_sum_one(torch.tensor([[0.9, -0.6, 0.4]], dtype=torch.float64))[0]
+    assert float(w.sum()) == pytest.approx(1.0, abs=1e-12)
+    merged = cs.merge(w)
+    assert torch.allclose(merged["conv_in.bias"], torch.full_like(merged["conv_in.bias"], 0.37), rtol=0, atol=1e-7)
+    # and a coefficient vector that does not sum to one scales it
+    assert torch.allclose(cs.merge([0.5, 0.5, 0.5])["conv_in.bias"], torch.full((4,), 0.555), atol=1e-6)
+
+
+def test_streaming_equals_in_memory_weighted_sum(tmp_path):
+    paths = tiny_checkpoints(tmp_path, k=4)
+    w = np.array([0.3, -0.2, 0.6, 0.3])
+    sds = [state(p) for p in paths]
+    merged = CheckpointSet.open(paths).merge(w)
+    for name in sds[0]:
+        expect = sum(wk * sd[name].double() for wk, sd in zip(w, sds)).float()
+        torch.testing.assert_close(merged[name], expect, rtol=0, atol=1e-7)
+
+
+def test_merge_into_network_and_save_load_roundtrip(tmp_path):
+    paths = tiny_checkpoints(tmp_path)
+    cs = CheckpointSet.open(paths)
+    w = [0.2, 0.5, 0.3]
+    net = cs.merge_into(cs.build_network(), w)
+    out = cs.save(tmp_path / "merged.safetensors", w)
+    loaded = load_generator(out)
+    for name, t in net.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t)
+    assert loaded.generator_meta["extra"]["merge_weights"] == w
+
+
+def test_non_float_buffers_must_agree(tmp_path):
+    from safetensors.torch import save_file
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file({"w": torch.ones(3), "count": torch.tensor([5])}, str(a))
+    save_file({"w": torch.zeros(3), "count": torch.tensor([5])}, str(b))
+    merged = CheckpointSet.open([a, b]).merge([0.25, 0.75])
+    assert torch.equal(merged["count"], torch.tensor([5]))
+    assert torch.allclose(merged["w"], torch.full((3,), 0.25))
+    save_file({"w": torch.zeros(3), "count": torch.tensor([6])}, str(b))
+    with pytest.raises(ValueError, match="non-float tensor 'count'"):
+        CheckpointSet.open([a, b])
+
+
+def test_mismatched_checkpoints_and_bad_weights_are_rejected(tmp_path):
+    from safetensors.torch import save_file
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file({"w": torch.ones(3)}, str(a))
+    save_file({"w": torch.ones(4)}, str(b))
+    with pytest.raises(ValueError, match="same network"):
+        CheckpointSet.open([a, b])
+    cs = CheckpointSet.open([a, a])
+    with pytest.raises(ValueError, match="one coefficient per checkpoint"):
+        cs.merge([1.0])
+    with pytest.raises(FileNotFoundError):
+        CheckpointSet.open([tmp_path / "missing.safetensors"])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reward
+
+def test_set_replace_reward_matches_brute_force():
+    rng = np.random.default_rng(0)
+    d, N, n = 5, 60, 6
+    real = rng.normal(size=(500, d))
+    st = GaussianStats.from_features(real)
+    G = rng.normal(0.3, 1.2, size=(N, d))
+    cands = [rng.normal(size=(n, d)) * s for s in (0.5, 1.0, 1.5)]
+    rew = SetReplaceReward(st.mu, st.sigma, G.copy())
+    rew.ptr = N - 2  # the replaced rows wrap around the ring buffer
+    got = rew.rewards(cands)
+    idx = (N - 2 + np.arange(n)) % N
+    fd0 = frechet_distance(G.mean(0), np.cov(G, rowvar=False), st.mu, st.sigma)
+    for c, r in zip(cands, got):
+        G2 = G.copy()
+        G2[idx] = c
+        fd1 = frechet_distance(G2.mean(0), np.cov(G2, rowvar=False), st.mu, st.sigma)
+        assert r == pytest.approx(fd0 - fd1, rel=1e-9, abs=1e-10)
+    rew.push(np.concatenate(cands))
+    assert rew.ptr == (N - 2 + 3 * n) % N
+    assert np.array_equal(rew.rows[idx], cands[0])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Policy
+
+def test_policy_gradient_moves_mean_toward_better_candidates():
+    target = torch.tensor([0.6, 0.1, 0.3], dtype=torch.float64)
+    for algorithm in ("reinforce", "ppo"):
+        policy = GaussianPolicy([1 / 3] * 3, init_std=0.1)
+        opt = torch.optim.Adam(policy.parameters(), lr=0.02)
+        gen = torch.Generator().manual_seed(0)
+        d0 = float((policy.mean.detach() - target).norm())
+        for _ in range(10):
+            w = policy.sample(32, gen)
+            r = -((w - target) ** 2).sum(1)
+            policy_update(policy, opt, w, normalise_rewards(r), algorithm=algorithm, epochs=3)
+        assert float((policy.mean.detach() - target).norm()) < 0.5 * d0, algorithm
+
+
+def test_ppo_equals_reinforce_on_policy():
+    policy = GaussianPolicy([0.2, 0.8], init_std=0.3)
+    w = policy.sample(16, torch.Generator().manual_seed(1))
+    adv = normalise_rewards(torch.randn(16, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+    assert float(adv.mean()) == pytest.approx(0, abs=1e-12) and float(adv.std()) == pytest.approx(1, abs=1e-6)
+    lp = policy.log_prob(w)
+    g_ppo = torch.autograd.grad(ppo_clip_loss(lp, lp.detach(), adv, 0.2), policy.mean, retain_graph=True)[0]
+    g_rf = torch.autograd.grad(reinforce_loss(lp, adv), policy.mean)[0]
+    torch.testing.assert_close(g_ppo, g_rf)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The loop (a stand-in deterministic sampler and feature map keep it tiny)
+
+def euler_sampler(steps=2):
+    try:
+        from distreward.merge.trainer import make_ode_sampler
+
+        return make_ode_sampler("unet", steps, "euler", 1.0, 64)
+    except ImportError:  # sampling package not there yet: the same Euler ODE written inline
+        @torch.no_grad()
+        def sample(net, noise, labels):
+            x, s = noise.clone(), torch.linspace(1, 0, steps + 1)
+            for i in range(steps):
+                x = x + (s[i + 1] - s[i]) * net(x, s[i].expand(x.shape[0]), labels)
+            return x.clamp(-1, 1)
+        return sample
+
+
+_PROJ = torch.randn(64, 6, generator=torch.Generator().manual_seed(3))
+
+
+def feature_fn(images):
+    return (images.reshape(images.shape[0], -1) @ _PROJ).double().numpy()
+
+
+class StubEvaluator:
+    def evaluate(self, images):
+        f = feature_fn(images)
+        return {"fd_eval": float(np.abs(f.mean(0)).sum()), "fd_reward": float(f.std()), "n": len(images)}
+
+
+def tiny_cfg(**rl):
+    from omegaconf import OmegaConf
+
+    from distreward.merge.trainer import _with_defaults
+
+    cfg = _with_defaults(OmegaConf.create({
+        "merge": {"init": "uniform"}, "policy": {"init_std": 0.2},
+        "rl": {"iterations": 4, "candidates": 3, "samples": 8, "epochs": 2, "lr": 0.05, **rl},
+        "reward": {"reference_size": 24}, "model": {"num_classes": 2, "image_shape": [1, 8, 8]},
+        "eval": {"n": 8, "seed": 5}, "checkpoint": {"every": 2}}))
+    return cfg
+
+
+def real_stats():
+    f = np.random.default_rng(0).normal(size=(200, 6))
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def test_identical_candidates_get_identical_rewards(tmp_path):
+    cs = CheckpointSet.open(tiny_checkpoints(tmp_path))
+    mu, sigma = real_stats()
+    rl = MergeRL(tiny_cfg(), cs, [1 / 3] * 3, sample_fn=euler_sampler(), feature_fn=feature_fn,
+                 real_mu=mu, real_sigma=sigma)
+    rl.init_reference()
+    noise, labels = shared_noise(8, (1, 8, 8), 2, seed=11)
+    w_same, w_other = np.array([0.5, 0.3, 0.2]), np.array([0.1, 0.1, 0.8])
+    feats = [feature_fn(rl.images(w, noise, labels)) for w in (w_same, w_other, w_same)]
+    r = rl.reward.rewards(feats)
+    assert r[0] == r[2]
+    assert r[0] != r[1]
+
+
+def test_run_merge_outputs_and_resume(tmp_path):
+    paths = tiny_checkpoints(tmp_path)
+    kw = dict(ckpts=CheckpointSet.open(paths), sample_fn=euler_sampler(), feature_fn=feature_fn,
+              evaluator=StubEvaluator(), real_stats=real_stats(), progress=False)
+    full = run_merge(tiny_cfg(), tmp_path / "full", **kw)
+    run_merge(tiny_cfg(iterations=2), tmp_path / "split", **kw)
+    resumed = run_merge(tiny_cfg(), tmp_path / "split", resume=True, **kw)
+    assert resumed["merged"]["w"] == full["merged"]["w"]
+    assert full["merged"]["w"] != full["init"]["w"]  # the policy moved
+    assert sum(full["merged"]["w"]) == pytest.approx(1.0)
+    assert set(full["baselines"]) == {"last", "uniform"}
+    assert full["baselines"]["last"]["w"] == [0.0, 0.0, 1.0]
+    lines = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in lines] == [1, 2, 3, 4]
+    coef = json.loads((tmp_path / "full" / "coefficients.json").read_text())
+    net = load_generator(tmp_path / "full" / "merged.safetensors")
+    ref = CheckpointSet.open(paths).merge(coef["weights"])
+    for name, t in net.state_dict().items():
+        assert torch.equal(t, ref[name])
+
+
+
+def test_phema_baselines_use_the_train_solve(tmp_path):
+    from distreward.merge.trainer import baseline_weights, initial_mean, open_checkpoints
+    from distreward.train.phema import list_snapshots as list_phema, phema_coefficients, snapshot_extra, snapshot_filename
+
+    folder = tmp_path / "snaps"
+    for step in (10, 20, 30):
+        for std in (0.05, 0.10):
+            torch.manual_seed(step + int(std * 100))
+            net = build_network("unet", TINY)
+            save_generator(folder / snapshot_filename(std, step), net, "unet", TINY, extra=snapshot_extra(std, step, 4))
+    cs = open_checkpoints({"snapshots": str(folder), "checkpoints": []})
+    assert cs.k == 6 and [p.name for p in cs.paths] == [s.path.name for s in list_phema(folder)]
+    cfg = tiny_cfg()
+    cfg.baselines.ema_grid = [0.07, 0.12]
+    base = baseline_weights(cs, cfg)
+    assert set(base) == {"last", "uniform", "phema@0.07", "phema@0.12"}
+    used, x = phema_coefficients(list_phema(folder), 0.07)
+    coef = dict(zip([u.path.name for u in used], x))
+    np.testing.assert_allclose(base["phema@0.07"], [coef[p.name] for p in cs.paths])
+    results = {"phema@0.07": {"fd_eval": 2.0}, "phema@0.12": {"fd_eval": 1.0}}
+    np.testing.assert_array_equal(initial_mean("phema", cs, base, results), base["phema@0.12"])
+
+
+def test_demo_stages_are_registered_on_the_hook():
+    from distreward import demo
+    from distreward.merge import demo_stages
+    from distreward.merge.demo import register
+
+    names = [s.name for s in demo_stages()]
+    assert names == ["merge_ema", "merge_rl"]
+    register()
+    assert [s.name for s in demo.EXTRA_STAGES if s.name.startswith("merge")] == names
