@@ -17,6 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", default=None, help="output folder (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from <run-dir>/checkpoints/last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build everything from the preset's dry_run block (random checkpoints, tiny networks) and run one iteration")
 
 
 def run(args) -> int:
@@ -25,7 +27,12 @@ def run(args) -> int:
     from ..config import load_config
     from ..merge import run_merge
 
-    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from ..rl.scale import load_dry_run_config
+
+        cfg = load_dry_run_config(args.config, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
     if args.checkpoints is not None:
         cfg.merge.checkpoints, cfg.merge.snapshots = list(args.checkpoints), None
     if args.snapshots is not None:
@@ -33,10 +40,23 @@ def run(args) -> int:
     if args.include is not None:
         cfg.merge.include = list(args.include)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / str(cfg.get("name", Path(args.config).stem))
-    res = run_merge(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+    parts = {}
+    if args.dry_run or _is_preset(cfg):
+        from ..rl.scale import merge_parts
+
+        parts = merge_parts(cfg, run_dir, cfg.get("device", "cpu"))
+    res = run_merge(cfg, run_dir, resume=args.resume, progress=not args.no_progress, **parts)
     rows = [(k, v) for k, v in res["baselines"].items()] + [("init", res["init"]), ("merged", res["merged"])]
     for name, m in rows:
-        figures = ", ".join(f"{k} {m[k]:.4g}" for k in ("fd_reward", "fd_eval", "precision", "recall") if k in m)
+        figures = ", ".join(f"{k} {m[k]:.4g}" for k in ("fd_reward", "fd_eval", "precision", "recall")
+                            if m.get(k) is not None)
         print(f"  {name:>14}: {figures}")
     print(f"merge: coefficients {run_dir / 'coefficients.json'}, model {res['model']}")
     return 0
+
+
+def _is_preset(cfg) -> bool:
+    """A paper preset (latent model, EDM2 pickles or EDM's schedule): its parts come from distreward.rl.scale."""
+    merge, model, sampler = cfg.get("merge") or {}, cfg.get("model") or {}, cfg.get("sampler") or {}
+    return (merge.get("format") == "edm2-pkl" or model.get("vae") is not None or sampler.get("schedule") == "edm"
+            or bool(merge.get("random_checkpoints")))

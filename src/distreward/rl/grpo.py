@@ -22,6 +22,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..utils import dist as D
+from . import parallel
 from .losses import (approx_kl, clip_fractions, ema_update, gaussian_kl, group_advantages, ppo_clip_loss,
                      trained_steps)
 from .state import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -147,6 +149,64 @@ def update(net, model, ref_model, ema, optimizer, ro: Rollouts, steps: list[int]
     return out
 
 
+@torch.no_grad()
+def collect_rows(model, labels: torch.Tensor, groups: torch.Tensor, sigmas: torch.Tensor, a: float, image_shape,
+                 generator: torch.Generator, device, rows: range) -> Rollouts:
+    """Step 1 on one rank: the global batch's noise is drawn as `collect` draws it, this rank's rows are rolled out
+    (parallel.rollout_rows), so the ranks' rollouts together are the single-process batch."""
+    noise = torch.randn((labels.shape[0], *image_shape), generator=generator)
+    traj = parallel.rollout_rows(model, noise, labels, sigmas, a, generator, rows, device)
+    sl = slice(rows.start, rows.stop)
+    return Rollouts(labels=labels[sl], groups=groups[sl], xs=traj.xs, log_probs=traj.log_probs, sigmas=traj.sigmas)
+
+
+def update_sharded(net, model, ref_model, ema, optimizer, ro: Rollouts, steps: list[int], rl,
+                   generator: torch.Generator, rows: range, batch: int) -> dict:
+    """`update` across ranks: the same global minibatches (one permutation of the whole batch, drawn on every rank);
+    each rank back-propagates its members' share of the minibatch mean, the gradients are summed over ranks, and
+    every rank takes the same clipped AdamW step (the weights stay identical, as in one process)."""
+    n_mb = max(1, min(int(rl.minibatches), batch))
+    eps, n_steps = float(rl.clip_eps), len(steps)
+    keys = ("loss_pg", "loss_kl", "kl_approx", "clip_hi", "clip_lo")
+    sums = {k: 0.0 for k in (*keys, "grad_norm")}
+    rho_per_step = {j: 0.0 for j in steps}
+    params = [p for p in net.parameters() if p.requires_grad]
+    n_updates = 0
+    for _ in range(int(rl.inner_epochs)):
+        perm = torch.randperm(batch, generator=generator)
+        for idx in perm.chunk(n_mb):
+            n_tot = idx.numel()
+            mine = idx[(idx >= rows.start) & (idx < rows.stop)] - rows.start
+            optimizer.zero_grad(set_to_none=True)
+            local = [0.0] * (len(keys) + n_steps)
+            for k, j in enumerate(steps):
+                if mine.numel() == 0:
+                    continue
+                loss_pg, kl, rho, log_rho = step_terms(model, ref_model, ro, j, mine, rl.noise_level, eps)
+                ((loss_pg.sum() + rl.beta * kl.sum()) / (n_tot * n_steps)).backward()
+                r, lr_ = rho.detach(), log_rho.detach()
+                local[0] += float(loss_pg.detach().sum())
+                local[1] += float(kl.detach().sum())
+                local[2] += float((torch.expm1(lr_) - lr_).sum())
+                local[3] += float((r > 1 + eps).sum())
+                local[4] += float((r < 1 - eps).sum())
+                local[len(keys) + k] += float(r.sum())
+            parallel.all_reduce_grads_(params)
+            total = parallel.all_reduce_floats(local)
+            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), rl.grad_clip)
+            sums["grad_norm"] += float(grad_norm)
+            optimizer.step()
+            ema_update(ema, net, rl.ema_decay)
+            for i, key in enumerate(keys):
+                sums[key] += total[i] / n_tot / n_steps
+            for k, j in enumerate(steps):
+                rho_per_step[j] += total[len(keys) + k] / n_tot
+            n_updates += 1
+    out = {k: v / n_updates for k, v in sums.items()}
+    out.update({f"rho_mean/t{j}": v / n_updates for j, v in rho_per_step.items()})
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Sampling with the inference ODE sampler, evaluation
 
@@ -208,6 +268,129 @@ def evaluate_generator(net, evaluator, cfg, *, progress: bool = False, desc: str
     return metrics, images
 
 
+def _eval_batch_generator(seed: int, b: int) -> torch.Generator:
+    """Evaluation batch b's own noise stream: samples do not depend on how batches are spread over ranks."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(b))
+
+
+@torch.no_grad()
+def eval_samples(net, labels: torch.Tensor, noise: torch.Tensor, cfg, *, arch: str, generator: torch.Generator,
+                 decode) -> torch.Tensor:
+    """One batch of evaluation images: eval.sampler `ode` (eval.method euler/heun on the flow schedule) or `sit-sde`
+    (SiT's SDE sampler, the SiT-XL/2 baseline protocol), then decoded and clamped."""
+    from ..sampling import ode_sample, sigma_schedule, sit_sde_sample
+    from .scale import velocity_model
+
+    ev, device = cfg["eval"], cfg["device"]
+    sampler = str(ev.get("sampler") or "ode")
+    noise, labels = noise.to(device), labels.to(device)
+    if sampler == "sit-sde":
+        if arch != "sit":
+            raise ValueError(f"eval.sampler sit-sde needs a SiT generator (model.arch sit), got {arch!r}")
+        sde = dict(ev.get("sde") or {})
+        x = sit_sde_sample(net, noise, labels, steps=int(ev["steps"]), diffusion_norm=float(sde.get("diffusion_norm", 1.0)),
+                           last_step=sde.get("last_step", "mean"), last_step_size=float(sde.get("last_step_size", 0.04)),
+                           generator=generator)
+    elif sampler == "ode":
+        model = velocity_model(net, arch, float(cfg["model"].get("cfg_scale") or 1.0), cfg["model"].get("num_classes"))
+        x = ode_sample(model, noise, labels, sigma_schedule(int(ev["steps"]), shift=float(cfg["rl"]["shift"])).to(device),
+                       method=ev["method"])
+    else:
+        raise ValueError(f"eval.sampler must be 'ode' or 'sit-sde', got {sampler!r}")
+    return decode(x)
+
+
+def fd_from_stats(evaluator, stats: list) -> dict:
+    """The evaluator's FD metrics from generated-side statistics (one GaussianStats per feature network)."""
+    from ..metrics import frechet_distance
+
+    fds = {}
+    for label, g, st, half in zip(evaluator.labels, stats, evaluator.real_stats, evaluator._sigma_half):
+        fds[label] = None if st is None or g.n < 2 else frechet_distance(g.mu, g.sigma, st.mu, st.sigma, sigma2_half=half)
+    values = list(fds.values())
+    return {"fd_reward": values[0], "fd_eval": values[1] if len(values) > 1 else None, "fd": fds, "kid": None,
+            "kid_std": None, "precision": None, "recall": None, "n": int(stats[0].n)}
+
+
+def evaluate_sharded(net, evaluator, cfg, *, arch: str, decode, progress: bool = False,
+                     desc: str = "eval") -> tuple[dict, torch.Tensor]:
+    """Evaluation for latent models and for several processes: cfg.eval.n class-balanced samples in batches of
+    eval.batch_size, batch b from its own seed; each rank samples a contiguous block of batches and keeps only
+    features (never all images). FD comes from the merged float64 sums (utils.dist.merge_gaussian_stats); KID and
+    precision/recall, where the evaluator has real features, from the gathered features. Returns (metrics, the
+    first eval.grid images of rank 0)."""
+    from tqdm.auto import tqdm
+
+    from ..features import compute_features
+    from ..metrics import GaussianStats
+
+    ev = cfg["eval"]
+    n, bs, grid = int(ev["n"]), int(ev["batch_size"]), int(ev.get("grid", 0))
+    shape, num_classes = tuple(cfg["model"]["image_shape"]), int(cfg["model"]["num_classes"])
+    labels_all = balanced_labels(n, num_classes)
+    nets = getattr(evaluator, "nets", None)
+    stats = [GaussianStats(int(f.dim)) for f in nets] if nets is not None else None
+    keep = nets is None or evaluator.has_real_features
+    feats: list[list] = [[] for _ in (nets or [None])]
+    shown = []
+    n_batches = (n + bs - 1) // bs
+    for b in tqdm(D.shard_indices(n_batches), desc=desc, disable=not progress, unit="batch", leave=False):
+        lo, hi = b * bs, min(n, (b + 1) * bs)
+        g = _eval_batch_generator(int(ev["seed"]), b)
+        noise = torch.randn((hi - lo, *shape), generator=g)
+        images = eval_samples(net, labels_all[lo:hi], noise, cfg, arch=arch, generator=g, decode=decode).cpu()
+        if sum(x.shape[0] for x in shown) < grid:
+            shown.append(images[:grid])
+        if nets is None:
+            feats[0].append(images)
+            continue
+        for i, fnet in enumerate(nets):
+            f = compute_features(fnet, images, batch_size=getattr(evaluator, "batch_size", 500))
+            stats[i].update(f)
+            if keep:
+                feats[i].append(f)
+    grid_images = torch.cat(shown)[:grid] if shown else torch.zeros((0, *shape))
+    if nets is None:        # a stand-in evaluator without networks: it scores the gathered images
+        local = torch.cat(feats[0]) if feats[0] else torch.zeros((0, 3, 1, 1))
+        return dict(evaluator.evaluate(D.all_gather_rows(local))), grid_images
+    merged = [D.merge_gaussian_stats(st) for st in stats]
+    if keep:
+        gathered = [D.all_gather_rows(np.concatenate(f) if f else np.zeros((0, st.dim))) for f, st in zip(feats, stats)]
+        metrics = evaluator.evaluate_features(gathered)
+    else:
+        metrics = fd_from_stats(evaluator, merged)
+    return metrics, grid_images
+
+
+@torch.no_grad()
+def reference_features(model, decode, feature_net, n: int, cfg, *, progress: bool = False) -> np.ndarray:
+    """Features of n samples of the base policy with the RL sampler (the reference set's initial rows), batch by
+    batch (images are never all held); the batches' rows are spread over the ranks and gathered back in order."""
+    from tqdm.auto import tqdm
+
+    from ..features import compute_features
+    from ..sampling import sigma_schedule
+
+    rl, device = cfg["rl"], cfg["device"]
+    shape, bs = tuple(cfg["model"]["image_shape"]), int(rl["batch_size"])
+    sigmas = sigma_schedule(int(rl["steps"]), shift=float(rl["shift"]))
+    gen = torch.Generator().manual_seed(int(cfg["seed"]) + 7919)
+    labels = balanced_labels(n, int(cfg["model"]["num_classes"]))
+    out, index = [], []
+    for i in tqdm(range(0, n, bs), desc="reference set: base samples", disable=not progress, unit="batch", leave=False):
+        lab = labels[i:i + bs]
+        noise = torch.randn((lab.shape[0], *shape), generator=gen)
+        rows = D.shard_indices(lab.shape[0])
+        traj = parallel.rollout_rows(model, noise, lab, sigmas, float(rl["noise_level"]), gen, rows, device)
+        if len(rows):
+            out.append(compute_features(feature_net, decode(traj.xs[-1]).cpu(), batch_size=bs))
+            index.append(np.arange(i + rows.start, i + rows.stop))
+    dim = int(feature_net.dim)
+    feats = D.all_gather_rows(np.concatenate(out) if out else np.zeros((0, dim)))
+    order = np.argsort(D.all_gather_rows(np.concatenate(index) if index else np.zeros(0, np.int64)), kind="stable")
+    return feats[order]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Reward set-up
 
@@ -231,13 +414,16 @@ def _evaluator_net(evaluator, name: str):
     return evaluator.nets[i], evaluator.real_stats[i], (feats[i] if feats is not None else None)
 
 
-def build_reward_for_run(cfg, net, run_dir: Path, evaluator=None, *, progress: bool = False):
+def build_reward_for_run(cfg, net, run_dir: Path, evaluator=None, *, progress: bool = False, model=None, decode=None):
     """The reward named by cfg.reward. Real statistics (and features, for k-NN) come from cfg.reward.real_stats
-    or from the evaluator's cache of the same feature network; a distribution-wise reward gets its reference set
-    from N = cfg.reward.reference_size samples of the base policy with the RL sampler (the distribution it will
-    hold), whose features are cached in the run directory."""
+    (.npz, or an EDM2 .pkl) or from the evaluator's cache of the same feature network; a distribution-wise reward
+    gets its reference set from N = cfg.reward.reference_size samples of the base policy with the RL sampler (the
+    distribution it will hold), whose features are cached in the run directory. `model` (the velocity adapter) and
+    `decode` (latents -> images) are given for the presets and for several processes; then the samples are drawn
+    batch by batch, spread over the ranks (`reference_features`)."""
     from ..features import compute_features
     from ..reward import build_reward
+    from .scale import feature_network, real_stats_for
 
     rcfg = dict(cfg["reward"])
     n = int(rcfg.pop("reference_size", 1000))
@@ -251,16 +437,17 @@ def build_reward_for_run(cfg, net, run_dir: Path, evaluator=None, *, progress: b
         return build_reward(rcfg, device=cfg["device"], feature_net=feature_net,
                             real_features=None if rcfg.get("real_features") else real_feats)
     if feature_net is None:
-        from ..features import get_feature_network
-
-        feature_net = get_feature_network(rcfg.get("features", "fmnist-reward"), weights=rcfg.get("weights"),
-                                          device=cfg["device"])
+        feature_net = feature_network(rcfg.get("features", "fmnist-reward"), weights=rcfg.get("weights"),
+                                      device=cfg["device"])
+    features_name = str(rcfg.get("features", "fmnist-reward"))
     if rcfg.get("real_stats") is not None:
-        real_stats = None
+        real_stats = None if model is None else real_stats_for(features_name, rcfg["real_stats"], int(feature_net.dim))
+    elif real_stats is None and features_name == "random":
+        real_stats = real_stats_for("random", None, int(feature_net.dim))
     cache = run_dir / "base_reference_features.npy"
-    if cache.is_file():
+    if D.broadcast_object(cache.is_file()):
         feats = np.load(cache, allow_pickle=False)
-    else:
+    elif model is None:
         rl = cfg["rl"]
         images, _ = sde_images(net, n, num_classes=int(cfg["model"]["num_classes"]),
                                image_shape=tuple(cfg["model"]["image_shape"]), steps=int(rl["steps"]),
@@ -269,6 +456,10 @@ def build_reward_for_run(cfg, net, run_dir: Path, evaluator=None, *, progress: b
                                desc="reference set: base samples")
         feats = compute_features(feature_net, images)
         _save_npy(cache, feats)
+    else:
+        feats = reference_features(model, decode, feature_net, n, cfg, progress=progress and D.is_main())
+        if D.is_main():
+            _save_npy(cache, feats)
     return build_reward(rcfg, device=cfg["device"], feature_net=feature_net, real_stats=real_stats,
                         init_features=feats)
 
@@ -295,7 +486,7 @@ def _as_cfg(cfg) -> Any:
     return merged
 
 
-def _check_config(cfg) -> None:
+def _check_config(cfg, world: int = 1) -> None:
     rl = cfg.rl
     for key in ("iterations", "labels_per_iter", "group_size", "steps", "inner_epochs", "minibatches"):
         if int(rl[key]) < 1:
@@ -312,6 +503,9 @@ def _check_config(cfg) -> None:
                          "advantages are all zero; use reward.credit=sample (each sample replaces the same row)")
     if not 0 <= float(rl.ema_decay) < 1:
         raise ValueError(f"rl.ema_decay must be in [0, 1), got {rl.ema_decay}")
+    if int(rl.labels_per_iter) < world:
+        raise ValueError(f"rl.labels_per_iter (P = {rl.labels_per_iter} groups) is split over the {world} processes: "
+                         f"use P >= {world} or fewer processes")
 
 
 def load_base(cfg) -> torch.nn.Module:
@@ -333,22 +527,37 @@ def finetune(cfg, run_dir, *, resume: bool = False, net: torch.nn.Module | None 
     """Run GRPO for cfg.rl.iterations; returns {"final": eval metrics of the EMA model, "history": [...], ...}.
 
     `net`, `reward` and `evaluator` may be given directly (tests, the demo); otherwise they are built from cfg
-    (cfg.model.path, cfg.reward, the Fashion-MNIST evaluator). With resume=True the run continues from
-    run_dir/checkpoints/last.pt and ends where an uninterrupted run would. `initial_eval`: the base model's
-    evaluation when the caller already has it (it is the EMA model's at iteration 0).
+    (cfg.model: model.path, or the preset keys arch/checkpoint/kwargs/vae; cfg.reward; cfg.eval.features, else the
+    Fashion-MNIST evaluator). With resume=True the run continues from run_dir/checkpoints/last.pt and ends where
+    an uninterrupted run would. `initial_eval`: the base model's evaluation when the caller already has it (it is
+    the EMA model's at iteration 0).
+
+    Under torchrun (WORLD_SIZE > 1) every rank runs this with the same cfg: the P groups are split over the ranks,
+    the reference set is replicated, gradients are summed, evaluation is sharded, and only rank 0 writes files
+    (rl/parallel.py, docs/scale.md). One process behaves exactly as before.
     """
     from tqdm.auto import tqdm
 
     from ..config import save_config, to_dict
-    from ..sampling import FlowVelocity, sigma_schedule
+    from ..sampling import sigma_schedule
     from ..utils.io import RunDir, atomic_save_json
+    from .scale import build_codec, build_evaluator, build_generator, is_preset_model, make_decoder, net_arch, velocity_model
 
     cfg = _as_cfg(cfg)
-    _check_config(cfg)
-    rl, device = cfg.rl, cfg.device
-    net = load_base(cfg) if net is None else net
+    device = D.init_distributed(cfg.device)
+    cfg.device = str(device)
+    world, main = D.world_size(), D.is_main()
+    _check_config(cfg, world)
+    rl = cfg.rl
+    preset = is_preset_model(cfg.model)
+    if net is None:
+        net = build_generator(cfg.model, device, seed=int(cfg.seed)) if preset else load_base(cfg)
+    arch = net_arch(net, cfg.model)
+    codec = build_codec(cfg.model, device, seed=int(cfg.seed))
+    decode = make_decoder(codec)
     run = RunDir(run_dir)
-    save_config(cfg, run.path("config.yaml"))
+    if main:
+        save_config(cfg, run.path("config.yaml"))
     torch.manual_seed(int(cfg.seed))
     np.random.seed(int(cfg.seed))
     gen = torch.Generator().manual_seed(int(cfg.seed))
@@ -357,17 +566,23 @@ def finetune(cfg, run_dir, *, resume: bool = False, net: torch.nn.Module | None 
     net = net.to(device).eval()                 # eval mode: no dropout, so log p_old and log p_theta agree
     ref_net = copy.deepcopy(net).requires_grad_(False)
     ema = copy.deepcopy(net).requires_grad_(False)
-    model, ref_model = FlowVelocity(net), FlowVelocity(ref_net)
+    cfg_scale, null_label = float(cfg.model.get("cfg_scale") or 1.0), cfg.model.get("num_classes")
+    model, ref_model = velocity_model(net, arch, cfg_scale, null_label), velocity_model(ref_net, arch, cfg_scale, null_label)
     optimizer = torch.optim.AdamW(net.parameters(), lr=float(rl.lr), betas=tuple(rl.adam_betas),
                                   weight_decay=float(rl.weight_decay))
-    if evaluator is None and (int(cfg.eval.every) > 0 or reward is None):
+    if evaluator is None and cfg.eval.get("features") is not None:
+        evaluator = build_evaluator(cfg, device)
+    elif evaluator is None and (int(cfg.eval.every) > 0 or reward is None):
         from ..evaluation import Evaluator
 
         evaluator = Evaluator.for_fmnist(device=device)
+    plain = world == 1 and codec is None and arch == "unet" and not cfg.eval.get("sampler")
     if reward is None:
-        reward = build_reward_for_run(to_dict(cfg), net, run.root, evaluator, progress=progress)
+        reward = build_reward_for_run(to_dict(cfg), net, run.root, evaluator, progress=progress,
+                                      model=None if plain else model, decode=decode)
     sigmas = sigma_schedule(int(rl.steps), shift=float(rl.shift))
     P, G, T, a = int(rl.labels_per_iter), int(rl.group_size), int(rl.steps), float(rl.noise_level)
+    rows = parallel.group_rows(P, G)
 
     ckpt_path = run.checkpoints / "last.pt"
     start, history, evals = 0, [], []
@@ -379,56 +594,83 @@ def finetune(cfg, run_dir, *, resume: bool = False, net: torch.nn.Module | None 
         load_reward_state(reward, st["reward"])
         set_rng_state(gen, st["rng"])
         start, history, evals = int(st["iteration"]), list(st["history"]), list(st["evals"])
-    _truncate_jsonl(run.path("metrics.jsonl"), start if start else -1)
-    writer = _tensorboard(run.root / "tb", start)
+    if main:
+        _truncate_jsonl(run.path("metrics.jsonl"), start if start else -1)
+    writer = _tensorboard(run.root / "tb", start) if main else _NullWriter()
+    log = run.log_jsonl if main else (lambda record: None)
 
     def checkpoint(it: int) -> None:
-        save_checkpoint(ckpt_path, {"net": net.state_dict(), "ema": ema.state_dict(),
-                                    "optimizer": optimizer.state_dict(), "reward": reward_state(reward),
-                                    "rng": rng_state(gen), "iteration": it, "history": history, "evals": evals})
+        if main:
+            save_checkpoint(ckpt_path, {"net": net.state_dict(), "ema": ema.state_dict(),
+                                        "optimizer": optimizer.state_dict(), "reward": reward_state(reward),
+                                        "rng": rng_state(gen), "iteration": it, "history": history, "evals": evals})
+        D.barrier()
 
     def evaluate(it: int) -> None:
-        metrics, images = evaluate_generator(ema, evaluator, cfg, progress=progress, desc=f"eval @ {it}")
+        if plain:
+            metrics, images = evaluate_generator(ema, evaluator, cfg, progress=progress, desc=f"eval @ {it}")
+        else:
+            metrics, images = evaluate_sharded(ema, evaluator, to_dict(cfg), arch=arch, decode=decode,
+                                               progress=progress and main, desc=f"eval @ {it}")
+        metrics = {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v) for k, v in metrics.items()}
         metrics["iteration"] = it
         evals.append(metrics)
+        if not main:
+            return
         from ..report import save_image_grid
 
         save_image_grid(images[: int(cfg.eval.grid)], run.samples / f"ema_{it:04d}.png")
         for k, v in metrics.items():
             if isinstance(v, float):
                 writer.add_scalar(f"eval/{k}", v, it)
-        run.log_jsonl({"iteration": it, **{f"eval/{k}": v for k, v in metrics.items() if k != "iteration"}})
+        log({"iteration": it, **{f"eval/{k}": v for k, v in metrics.items() if k != "iteration"}})
 
     if start == 0 and initial_eval is not None:
         evals.append({**initial_eval, "iteration": 0})
     elif start == 0 and evaluator is not None and int(cfg.eval.every) > 0:
         evaluate(0)
 
-    bar = tqdm(range(start, int(rl.iterations)), desc=f"GRPO {cfg.reward.name}", unit="it", disable=not progress,
+    bar = tqdm(range(start, int(rl.iterations)), desc=f"GRPO {cfg.reward.name}", unit="it", disable=not (progress and main),
                initial=start, total=int(rl.iterations))
     for it in bar:
-        # 1. rollouts of the old policy
+        # 1. rollouts of the old policy (each rank: its groups)
         t0 = time.perf_counter()
         labels, groups = draw_labels(P, G, int(cfg.model.num_classes), gen)
-        ro = collect(model, labels, groups, sigmas, a, tuple(cfg.model.image_shape), gen, device)
+        if world == 1:
+            ro = collect(model, labels, groups, sigmas, a, tuple(cfg.model.image_shape), gen, device)
+        else:
+            ro = collect_rows(model, labels, groups, sigmas, a, tuple(cfg.model.image_shape), gen, device, rows)
+        images = ro.images if codec is None else decode(ro.xs[-1])      # clamped after decoding, never the latents
         t1 = time.perf_counter()
-        # 2. rewards r and 3. advantages A
-        ro.rewards = reward(ro.images, ro.labels.to(device), ro.groups.to(device)).detach().float().cpu()
-        ro.adv, zero_std = group_advantages(ro.rewards, ro.groups, std=rl.adv_std, clip=float(rl.adv_clip))
+        # 2. rewards r and 3. advantages A (of the whole batch, on every rank)
+        if world == 1:
+            ro.rewards = reward(images, ro.labels.to(device), ro.groups.to(device)).detach().float().cpu()
+            ro.adv, zero_std = group_advantages(ro.rewards, ro.groups, std=rl.adv_std, clip=float(rl.adv_clip))
+            r_all, gathered = ro.rewards, None
+        else:
+            r_all, gathered = parallel.score(reward, images, ro.labels.to(device), ro.groups.to(device))
+            adv, zero_std = group_advantages(r_all, groups, std=rl.adv_std, clip=float(rl.adv_clip))
+            ro.rewards, ro.adv = r_all[rows.start:rows.stop], adv[rows.start:rows.stop]
         t2 = time.perf_counter()
         # 4. clipped policy update on the trained steps, KL to the base, EMA
         steps = trained_steps(T, rl.train_steps.mode, fraction=float(rl.train_steps.fraction),
                               window=_window(rl.train_steps.window), generator=gen)
-        stats = update(net, model, ref_model, ema, optimizer, ro, steps, rl, gen)
+        if world == 1:
+            stats = update(net, model, ref_model, ema, optimizer, ro, steps, rl, gen)
+        else:
+            stats = update_sharded(net, model, ref_model, ema, optimizer, ro, steps, rl, gen, rows, P * G)
         t3 = time.perf_counter()
-        # 5. the new samples enter the reference set
-        reward.after_step(ro.images, ro.labels.to(device))
+        # 5. the new samples enter the reference set (the same rows on every rank)
+        if world == 1:
+            reward.after_step(images, ro.labels.to(device))
+        else:
+            parallel.push(reward, images, ro.labels.to(device), gathered)
         fd_ref = _reference_fd(reward)
-        record = {"iteration": it + 1, "r_mean": float(ro.rewards.mean()), "r_std": float(ro.rewards.std()),
+        record = {"iteration": it + 1, "r_mean": float(r_all.mean()), "r_std": float(r_all.std()),
                   "fd_ref": fd_ref, "zero_std_frac": float(zero_std.float().mean()), **stats,
                   "time_rollout": t1 - t0, "time_reward": t2 - t1, "time_update": t3 - t2}
         history.append({k: v for k, v in record.items() if not k.startswith("rho_mean/")})
-        run.log_jsonl(record)
+        log(record)
         for k, v in record.items():
             if k != "iteration" and v is not None:
                 writer.add_scalar(k, v, it + 1)
@@ -444,7 +686,7 @@ def finetune(cfg, run_dir, *, resume: bool = False, net: torch.nn.Module | None 
     writer.close()
 
     meta = getattr(net, "generator_meta", None)
-    if meta is not None:
+    if meta is not None and main:
         from ..models import save_generator
 
         save_generator(run.path("model_ema.safetensors"), ema, meta["arch"], meta["kwargs"],
@@ -454,8 +696,10 @@ def finetune(cfg, run_dir, *, resume: bool = False, net: torch.nn.Module | None 
     result = {"final": evals[-1] if evals else None, "evals": evals, "history": history,
               "reward_mean_first": history[0]["r_mean"] if history else None,
               "reward_mean": history[-1]["r_mean"] if history else None}
-    atomic_save_json(run.path("result.json"), result)
-    result.update({"net": net, "ema": ema})
+    if main:
+        atomic_save_json(run.path("result.json"), result)
+    D.barrier()
+    result.update({"net": net, "ema": ema, "reward": reward})
     return result
 
 

@@ -1,0 +1,133 @@
+"""GRPO across processes (torchrun; NCCL on GPUs, gloo on CPU): what each rank does with its share of a batch.
+
+The rules (docs/scale.md):
+- every rank draws the *global* labels, noise and SDE step noise from the same generator and keeps its own rows,
+  so the union of the ranks' samples is the single-process batch of the same size and seed, and the generators
+  of all ranks stay in step;
+- the groups are sharded whole (rank r holds groups [r P / W, (r+1) P / W)), so group statistics are local;
+- features of the new samples are gathered in rank order and every rank pushes the same rows, so the reference
+  set (and its sums) is a replica on every rank; each rank scores only its own candidates against it;
+- gradients of a minibatch are summed over ranks (the loss of each rank is its share of the global minibatch
+  mean), so the update equals the single-process one; only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..utils import dist as D
+
+
+def group_rows(P: int, G: int) -> range:
+    """This rank's rows of a batch of P groups of G samples: whole groups, contiguous, in rank order."""
+    g = D.shard_indices(P)
+    return range(g.start * G, g.stop * G)
+
+
+def draw_step_noise(shape, generator: torch.Generator, rows: range, device) -> torch.Tensor:
+    """The global batch's noise for one SDE step (drawn exactly as `sampling.randn_like` does), this rank's rows."""
+    noise = torch.randn(tuple(shape), dtype=torch.float32, device=generator.device, generator=generator)
+    return noise[rows.start:rows.stop].to(device)
+
+
+@torch.no_grad()
+def rollout_rows(model, noise: torch.Tensor, labels: torch.Tensor | None, sigmas: torch.Tensor, a: float,
+                 generator: torch.Generator, rows: range, device=None):
+    """`sampling.rollout` of the global batch `noise` restricted to `rows`: the same draws, only these samples.
+
+    Every rank consumes the generator as the single-process rollout does (the start noise is given; one
+    global-shape draw per step), so all ranks' generators stay identical. Returns a `Trajectory`.
+    """
+    from ..sampling import Trajectory, check_sigmas, sde_step, sigma_vector
+
+    sig_t = check_sigmas(sigmas.cpu())
+    sig = sig_t.tolist()
+    device = noise.device if device is None else torch.device(device)
+    x = noise[rows.start:rows.stop].to(device).float()
+    x = x if sig[0] == 1.0 else x * sig[0]
+    lab = None if labels is None else labels[rows.start:rows.stop].to(device)
+    xs, log_probs = [x], []
+    for s, s_next in zip(sig[:-1], sig[1:]):
+        eps = draw_step_noise(noise.shape, generator, rows, device)
+        if x.shape[0] == 0:
+            out_x, out_lp = x, torch.zeros(0, device=device)
+        else:
+            v = model(x, sigma_vector(s, x), lab)
+            out = sde_step(x, v, s, s_next, a, noise=eps)
+            out_x, out_lp = out.x_next, out.log_prob
+        x = out_x
+        xs.append(x)
+        log_probs.append(out_lp)
+    return Trajectory(torch.stack(xs), torch.stack(log_probs), sig_t)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rewards: local candidates scored against the replicated reference set
+
+def is_set_reward(reward) -> bool:
+    """A distribution-wise reward with a reference set (DistributionReward): scored from gathered features."""
+    return hasattr(reward, "ref") and callable(getattr(reward, "features", None)) and hasattr(reward.ref, "push")
+
+
+def score(reward, images: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor):
+    """Rewards of the whole batch (every rank gets all of them, in row order) and, for a set reward, the gathered
+    features of the new samples (the rows every rank will push). `images`, `labels`, `groups` are this rank's."""
+    if is_set_reward(reward):
+        f_local = reward.features(images)
+        r_local = reward.ref.rewards(f_local, groups=groups.cpu().numpy(), mode=reward.mode, credit=reward.credit)
+        r_local = torch.from_numpy(np.asarray(r_local) * reward.scale).float()
+        return D.all_gather_rows(r_local), D.all_gather_rows(f_local)
+    r_local = reward(images, labels, groups).detach().float().cpu()
+    return D.all_gather_rows(r_local), None
+
+
+def _has_own_after_step(reward) -> bool:
+    from ..reward.rewards import Reward
+
+    fn = getattr(type(reward), "after_step", None)
+    return fn is not None and fn is not getattr(Reward, "after_step")
+
+
+def push(reward, images: torch.Tensor, labels: torch.Tensor, gathered_features) -> None:
+    """Step 5 on every rank with the same rows: a set reward takes the gathered features; any other reward that
+    keeps state gets the gathered images (sample-wise rewards keep none, and nothing is gathered)."""
+    if gathered_features is not None:
+        reward.ref.push(gathered_features)
+        reward._last = None
+    elif _has_own_after_step(reward):
+        reward.after_step(D.all_gather_rows(images.detach().cpu()), D.all_gather_rows(labels.cpu()))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Gradients
+
+def all_reduce_grads_(params, bucket_elems: int = 1 << 24) -> None:
+    """Sum the gradients of `params` over ranks, in place, in flat buckets (missing gradients count as zeros)."""
+    if not D.is_distributed():
+        return
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for p in params + [None]:
+        if p is not None:
+            bucket.append(p.grad)
+            size += p.grad.numel()
+        if bucket and (p is None or size >= bucket_elems):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            D.all_reduce_sum_(flat)
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+            bucket, size = [], 0
+
+
+def all_reduce_floats(values: list[float]) -> list[float]:
+    """Sum a list of floats over ranks (float64)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    D.all_reduce_sum_(t)
+    return t.tolist()
