@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -16,6 +15,8 @@ import torch.nn.functional as F
 from distreward.features import get_feature_network
 from distreward.features.dinov2 import DinoV2, DinoV2Features, load_dinov2
 from distreward.utils.threads import default_threads
+
+import _fixtures  # noqa: E402
 
 ATOL = RTOL = 1e-4
 SLOW_PARAMS = 100_000_000  # ViT-L (304M) fills ~1.2 GB and takes ~12 s on one core: slow
@@ -31,8 +32,7 @@ def _torch_threads():
 
 
 def fixtures_dir() -> Path | None:
-    env = os.environ.get("DISTREWARD_FIXTURES")
-    p = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+    p = _fixtures.fixtures_dir()
     return p if p.is_dir() else None
 
 

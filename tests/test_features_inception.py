@@ -21,6 +21,8 @@ from distreward.features.inception import (FIDInceptionV3, InceptionFeatures, _t
 from distreward.utils.safe_pickle import UnsafePickleError
 from distreward.utils.threads import default_threads
 
+import _fixtures  # noqa: E402
+
 ATOL = RTOL = 1e-4
 
 
@@ -34,8 +36,7 @@ def _torch_threads():
 
 
 def fixtures_dir() -> Path | None:
-    env = os.environ.get("DISTREWARD_FIXTURES")
-    p = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+    p = _fixtures.fixtures_dir()
     return p if p.is_dir() else None
 
 

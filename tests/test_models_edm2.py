@@ -22,9 +22,7 @@ from distreward.utils.safe_pickle import EasyDict, PersistentObject, UnsafePickl
 ATOL = RTOL = 1e-4
 
 
-def fixtures_dir() -> Path:
-    env = os.environ.get("DISTREWARD_FIXTURES")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+from _fixtures import fixtures_dir  # noqa: E402
 
 
 def fixture_configs(prefix: str) -> list:

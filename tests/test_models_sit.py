@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +14,7 @@ from distreward.models.sit import SIT_CONFIGS, SiT, get_2d_sincos_pos_embed, loa
 ATOL = RTOL = 1e-4
 
 
-def fixtures_dir() -> Path:
-    env = os.environ.get("DISTREWARD_FIXTURES")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+from _fixtures import fixtures_dir  # noqa: E402
 
 
 def fixture_configs(prefix: str) -> list:
