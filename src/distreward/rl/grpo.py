@@ -40,6 +40,7 @@ DEFAULTS: dict[str, Any] = {
         "steps": 10,                # T
         "shift": 1.0,
         "noise_level": 0.7,         # a
+        "clean_last_step": True,    # a = 0 on the last (never trained) step: rewards score noise-free samples
         "train_steps": {"mode": "window", "window": 6, "fraction": 0.5},
         "inner_epochs": 1,
         "minibatches": 2,
@@ -87,7 +88,14 @@ def draw_labels(P: int, G: int, num_classes: int, generator: torch.Generator) ->
 
 
 @torch.no_grad()
-def collect(model, labels: torch.Tensor, groups: torch.Tensor, sigmas: torch.Tensor, a: float,
+def rollout_noise_levels(rl) -> list[float]:
+    """The noise level a of each of the T rollout steps. The last step is never trained, so with
+    clean_last_step it is the plain Euler step (a = 0): the sample the reward scores carries no leftover noise."""
+    T, a = int(rl["steps"]), float(rl["noise_level"])
+    return [a] * (T - 1) + [0.0 if rl.get("clean_last_step", True) else a]
+
+
+def collect(model, labels: torch.Tensor, groups: torch.Tensor, sigmas: torch.Tensor, a,
             image_shape, generator: torch.Generator, device="cpu") -> Rollouts:
     """Step 1: stochastic rollouts of the old policy, keeping every x_t and log p_old."""
     from ..sampling import rollout
@@ -149,7 +157,7 @@ def update(net, model, ref_model, ema, optimizer, ro: Rollouts, steps: list[int]
 
 
 @torch.no_grad()
-def collect_rows(model, labels: torch.Tensor, groups: torch.Tensor, sigmas: torch.Tensor, a: float, image_shape,
+def collect_rows(model, labels: torch.Tensor, groups: torch.Tensor, sigmas: torch.Tensor, a, image_shape,
                  generator: torch.Generator, device, rows: range) -> Rollouts:
     """Step 1 on one rank: the global batch's noise is drawn as `collect` draws it, this rank's rows are rolled out
     (parallel.rollout_rows), so the ranks' rollouts together are the single-process batch."""
@@ -235,7 +243,7 @@ def ode_images(net, n: int, *, num_classes: int, image_shape, steps: int, method
 
 
 @torch.no_grad()
-def sde_images(net, n: int, *, num_classes: int, image_shape, steps: int, a: float, shift: float = 1.0,
+def sde_images(net, n: int, *, num_classes: int, image_shape, steps: int, a, shift: float = 1.0,
                seed: int = 0, batch_size: int = 256, device="cpu", progress: bool = False,
                desc: str = "SDE samples") -> tuple[torch.Tensor, torch.Tensor]:
     """n class-balanced samples from the RL sampler (the policy's own distribution, as the reference set holds)."""
@@ -380,7 +388,7 @@ def reference_features(model, decode, feature_net, n: int, cfg, *, progress: boo
         lab = labels[i:i + bs]
         noise = torch.randn((lab.shape[0], *shape), generator=gen)
         rows = D.shard_indices(lab.shape[0])
-        traj = parallel.rollout_rows(model, noise, lab, sigmas, float(rl["noise_level"]), gen, rows, device)
+        traj = parallel.rollout_rows(model, noise, lab, sigmas, rollout_noise_levels(rl), gen, rows, device)
         if len(rows):
             out.append(compute_features(feature_net, decode(traj.xs[-1]).cpu(), batch_size=bs))
             index.append(np.arange(i + rows.start, i + rows.stop))
@@ -450,7 +458,7 @@ def build_reward_for_run(cfg, net, run_dir: Path, evaluator=None, *, progress: b
         rl = cfg["rl"]
         images, _ = sde_images(net, n, num_classes=int(cfg["model"]["num_classes"]),
                                image_shape=tuple(cfg["model"]["image_shape"]), steps=int(rl["steps"]),
-                               a=float(rl["noise_level"]), shift=float(rl["shift"]), seed=int(cfg["seed"]) + 7919,
+                               a=rollout_noise_levels(rl), shift=float(rl["shift"]), seed=int(cfg["seed"]) + 7919,
                                batch_size=int(rl["batch_size"]), device=cfg["device"], progress=progress,
                                desc="reference set: base samples")
         feats = compute_features(feature_net, images)
@@ -580,7 +588,7 @@ def finetune(cfg, run_dir, *, resume: bool = False, net: torch.nn.Module | None 
         reward = build_reward_for_run(to_dict(cfg), net, run.root, evaluator, progress=progress,
                                       model=None if plain else model, decode=decode)
     sigmas = sigma_schedule(int(rl.steps), shift=float(rl.shift))
-    P, G, T, a = int(rl.labels_per_iter), int(rl.group_size), int(rl.steps), float(rl.noise_level)
+    P, G, T, a = int(rl.labels_per_iter), int(rl.group_size), int(rl.steps), rollout_noise_levels(rl)
     rows = parallel.group_rows(P, G)
 
     ckpt_path = run.checkpoints / "last.pt"

@@ -32,7 +32,7 @@ def draw_step_noise(shape, generator: torch.Generator, rows: range, device) -> t
 
 
 @torch.no_grad()
-def rollout_rows(model, noise: torch.Tensor, labels: torch.Tensor | None, sigmas: torch.Tensor, a: float,
+def rollout_rows(model, noise: torch.Tensor, labels: torch.Tensor | None, sigmas: torch.Tensor, a,
                  generator: torch.Generator, rows: range, device=None):
     """`sampling.rollout` of the global batch `noise` restricted to `rows`: the same draws, only these samples.
 
@@ -40,21 +40,23 @@ def rollout_rows(model, noise: torch.Tensor, labels: torch.Tensor | None, sigmas
     global-shape draw per step), so all ranks' generators stay identical. Returns a `Trajectory`.
     """
     from ..sampling import Trajectory, check_sigmas, sde_step, sigma_vector
+    from ..sampling.samplers import noise_levels
 
     sig_t = check_sigmas(sigmas.cpu())
     sig = sig_t.tolist()
+    levels = noise_levels(a, len(sig) - 1)
     device = noise.device if device is None else torch.device(device)
     x = noise[rows.start:rows.stop].to(device).float()
     x = x if sig[0] == 1.0 else x * sig[0]
     lab = None if labels is None else labels[rows.start:rows.stop].to(device)
     xs, log_probs = [x], []
-    for s, s_next in zip(sig[:-1], sig[1:]):
+    for s, s_next, a_i in zip(sig[:-1], sig[1:], levels):
         eps = draw_step_noise(noise.shape, generator, rows, device)
         if x.shape[0] == 0:
             out_x, out_lp = x, torch.zeros(0, device=device)
         else:
             v = model(x, sigma_vector(s, x), lab)
-            out = sde_step(x, v, s, s_next, a, noise=eps)
+            out = sde_step(x, v, s, s_next, a_i, noise=eps)
             out_x, out_lp = out.x_next, out.log_prob
         x = out_x
         xs.append(x)
