@@ -23,8 +23,11 @@ def _cfg(preset: str, ctx, overrides=()):
     cfg.eval.n, cfg.eval.seed = int(ctx.cfg.eval.n), int(ctx.cfg.eval.seed)
     ev = ctx.cfg.eval     # the demo's evaluation sampler, so the merge rows compare with the table's other rows
     cfg.sampler.steps, cfg.sampler.method, cfg.sampler.shift = int(ev.steps), str(ev.method), float(ctx.cfg.rl.shift)
-    for k, v in (cfg.get("demo") or {}).items():   # demo-size settings of the preset (rl.* keys)
-        cfg.rl[k] = v
+    demo = cfg.get("demo")
+    if demo:   # the preset's demo-size settings (any section: rl, eval, baselines) win over the above
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.merge(cfg, demo)
     return cfg
 
 

@@ -611,6 +611,12 @@ def finetune(cfg, run_dir, *, resume: bool = False, net: torch.nn.Module | None 
             save_checkpoint(ckpt_path, {"net": net.state_dict(), "ema": ema.state_dict(),
                                         "optimizer": optimizer.state_dict(), "reward": reward_state(reward),
                                         "rng": rng_state(gen), "iteration": it, "history": history, "evals": evals})
+            meta = getattr(net, "generator_meta", None)
+            if meta is not None:   # the EMA weights of every checkpoint: inputs for RL merging (METHOD.md §5)
+                from ..models import save_generator
+
+                save_generator(run.checkpoints / f"ema_{it:05d}.safetensors", ema, meta["arch"], meta["kwargs"],
+                               extra={"rl": "grpo", "reward": cfg.reward.name, "iteration": it})
         D.barrier()
 
     def evaluate(it: int) -> None:
