@@ -12,7 +12,6 @@ reward and evaluator use it). Prints the median time of each, the speed-ups and 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time

@@ -5,12 +5,12 @@ Fashion-MNIST (28x28) is zero-padded by 2 pixels of background (-1) to 32x32, th
 UNet and feature networks use (`FMNIST_PAD`).
 """
 
-from .common import IMAGE_RANGE, to_float_images, to_uint8_images, pad_to, check_images
+from .common import IMAGE_RANGE, as_rgb, to_float_images, to_uint8_images, pad_to, check_images
 from .fmnist import FMNIST_CLASSES, FMNIST_PAD, find_fmnist_dir, load_fmnist
 from .folder import load_image_folder, load_npz_images, load_images
 
 __all__ = [
-    "IMAGE_RANGE", "to_float_images", "to_uint8_images", "pad_to", "check_images",
+    "IMAGE_RANGE", "as_rgb", "to_float_images", "to_uint8_images", "pad_to", "check_images",
     "FMNIST_CLASSES", "FMNIST_PAD", "find_fmnist_dir", "load_fmnist",
     "load_image_folder", "load_npz_images", "load_images",
 ]

@@ -56,3 +56,13 @@ def check_images(x, *, channels: int | None = None, size: int | None = None, nam
         raise ValueError(f"{name}: values span [{x.min().item():.3g}, {x.max().item():.3g}], expected [-1, 1]; "
                          "uint8 pixels map by x/127.5-1, [0,1] floats by 2x-1")
     return x
+
+
+def as_rgb(x: torch.Tensor, name: str = "images") -> torch.Tensor:
+    """Checked images with 3 channels: grayscale is repeated (ImageNet feature networks take RGB)."""
+    x = check_images(x, name=name)
+    if x.shape[1] == 1:
+        return x.expand(-1, 3, -1, -1)
+    if x.shape[1] != 3:
+        raise ValueError(f"{name}: need 1- or 3-channel images, got {x.shape[1]} channels")
+    return x

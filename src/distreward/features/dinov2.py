@@ -205,13 +205,9 @@ class DinoV2Features(nn.Module):
         self.dim = net.dim
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        from ..data import check_images
+        from ..data import as_rgb
 
-        x = check_images(images)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        elif x.shape[1] != 3:
-            raise ValueError(f"dinov2 features need 1- or 3-channel images, got {x.shape[1]} channels")
+        x = as_rgb(images, name="dinov2 features")
         return self.net(dinov2_preprocess((x + 1) * 127.5).to(self.net.norm.weight.dtype))
 
 

@@ -258,13 +258,9 @@ class InceptionFeatures(nn.Module):
         self.net = net
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        from ..data import check_images
+        from ..data import as_rgb
 
-        x = check_images(images)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        elif x.shape[1] != 3:
-            raise ValueError(f"inception features need 1- or 3-channel images, got {x.shape[1]} channels")
+        x = as_rgb(images, name="inception features")
         return self.net((x + 1) / 2)
 
 

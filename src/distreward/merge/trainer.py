@@ -255,7 +255,7 @@ class MergeRL:
         mean = self.mean_weights()
         record = {"iteration": self.iteration, "r_mean": float(r.mean()), "r_std": float(r.std()),
                   "r_max": float(r.max()), "fd_ref": fd_before, **stats,
-                  "std_mean": float(self.policy.std().mean()), "time_sample": t1 - t0,
+                  "std_mean": float(self.policy.std().detach().mean()), "time_sample": t1 - t0,
                   "time_total": time.perf_counter() - t0, "w": mean.tolist()}
         self.history.append(record)
         return record
