@@ -16,6 +16,7 @@ TABLE_COLUMNS = [
     ("precision", "precision ↑", "{:.3f}"),
     ("recall", "recall ↑", "{:.3f}"),
     ("reward_mean", "reward mean (last iteration)", "{:.4g}"),
+    ("n", "samples (FD is biased by n: compare rows of equal n)", "{:.0f}"),
 ]
 
 
