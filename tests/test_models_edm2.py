@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import json
 import os
 import pickle
 import sys
@@ -14,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from distreward.models.edm2 import EDM2_CONFIGS, Precond, edm2_config, load_pkl
 from distreward.utils.safe_pickle import EasyDict, PersistentObject, UnsafePickleError
@@ -22,25 +20,10 @@ from distreward.utils.safe_pickle import EasyDict, PersistentObject, UnsafePickl
 ATOL = RTOL = 1e-4
 
 
-from _fixtures import fixtures_dir  # noqa: E402
-
-
-def fixture_configs(prefix: str) -> list:
-    names = sorted(p.name[: -len(".kwargs.json")] for p in fixtures_dir().glob(f"{prefix}_*.kwargs.json"))
-    if names:
-        return names
-    reason = f"no {prefix}_*.kwargs.json fixtures in {fixtures_dir()} (set $DISTREWARD_FIXTURES)"
-    return [pytest.param(None, marks=pytest.mark.skip(reason=reason))]
+from _fixtures import fixture_configs, load_fixture  # noqa: E402
 
 
 CONFIGS = fixture_configs("edm2")
-
-
-def load_fixture(cfg: str):
-    d = fixtures_dir()
-    kwargs = json.loads((d / f"{cfg}.kwargs.json").read_text())
-    keys = json.loads((d / f"{cfg}.keys.json").read_text())["keys"]
-    return kwargs, keys, load_file(str(d / f"{cfg}.state_dict.safetensors")), load_file(str(d / f"{cfg}.io.safetensors"))
 
 
 @pytest.fixture(autouse=True)

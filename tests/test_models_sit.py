@@ -3,36 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from distreward.models.sit import SIT_CONFIGS, SiT, get_2d_sincos_pos_embed, load_sit, sit_config
 
 ATOL = RTOL = 1e-4
 
 
-from _fixtures import fixtures_dir  # noqa: E402
-
-
-def fixture_configs(prefix: str) -> list:
-    names = sorted(p.name[: -len(".kwargs.json")] for p in fixtures_dir().glob(f"{prefix}_*.kwargs.json"))
-    if names:
-        return names
-    reason = f"no {prefix}_*.kwargs.json fixtures in {fixtures_dir()} (set $DISTREWARD_FIXTURES)"
-    return [pytest.param(None, marks=pytest.mark.skip(reason=reason))]
+from _fixtures import fixture_configs, fixtures_dir, load_fixture  # noqa: E402
 
 
 CONFIGS = fixture_configs("sit")
-
-
-def load_fixture(cfg: str):
-    d = fixtures_dir()
-    kwargs = json.loads((d / f"{cfg}.kwargs.json").read_text())
-    keys = json.loads((d / f"{cfg}.keys.json").read_text())["keys"]
-    return kwargs, keys, load_file(str(d / f"{cfg}.state_dict.safetensors")), load_file(str(d / f"{cfg}.io.safetensors"))
 
 
 @pytest.fixture(autouse=True)
