@@ -1,16 +1,15 @@
 """distreward.utils.dist: two gloo processes on CPU (spawned, with a deadline), and the single-process fallbacks."""
 
 import os
-import socket
 import time
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from distreward.metrics import GaussianStats
 from distreward.utils import dist as D
+from _spawn import run_ranks  # noqa: E402
 
 WORLD = 2
 DEADLINE_S = 60          # the whole 2-process run; a hang fails the test instead of blocking the suite
@@ -24,12 +23,6 @@ def features():
 
 
 SPLIT = 15               # rank 0 holds rows [0, 15), rank 1 rows [15, 37): unequal parts
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(r: int, port: int, outdir: str) -> None:
@@ -93,15 +86,7 @@ def _worker(r: int, port: int, outdir: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     outdir = tmp_path_factory.mktemp("dist")
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(outdir)), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail(f"the 2-process gloo run did not finish within {DEADLINE_S} s")
-    return outdir, [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return outdir, run_ranks(_worker, outdir, WORLD, DEADLINE_S, "gloo run")
 
 
 def test_ranks_and_backend(two_ranks):

@@ -14,21 +14,11 @@ import torch.nn.functional as F
 
 from distreward.features import get_feature_network
 from distreward.features.dinov2 import DinoV2, DinoV2Features, load_dinov2
-from distreward.utils.threads import default_threads
 
 import _fixtures  # noqa: E402
 
 ATOL = RTOL = 1e-4
 SLOW_PARAMS = 100_000_000  # ViT-L (304M) fills ~1.2 GB and takes ~12 s on one core: slow
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _torch_threads():
-    """Honour $DISTREWARD_THREADS: on a shared 2-core machine, 2 torch threads can be 10x slower than 1."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(default_threads())
-    yield
-    torch.set_num_threads(old)
 
 
 def fixtures_dir() -> Path | None:

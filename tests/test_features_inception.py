@@ -19,20 +19,10 @@ from distreward.features import get_feature_network
 from distreward.features.inception import (FIDInceptionV3, InceptionFeatures, _tf_layout_names, build_fid_inception,
                                            load_inception)
 from distreward.utils.safe_pickle import UnsafePickleError
-from distreward.utils.threads import default_threads
 
 import _fixtures  # noqa: E402
 
 ATOL = RTOL = 1e-4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _torch_threads():
-    """Honour $DISTREWARD_THREADS: on a shared 2-core machine, 2 torch threads can be 10x slower than 1."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(default_threads())
-    yield
-    torch.set_num_threads(old)
 
 
 def fixtures_dir() -> Path | None:

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import time
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from distreward.utils.threads import set_threads
+from _spawn import run_ranks  # noqa: E402
 
 set_threads()
 
@@ -118,12 +116,6 @@ def snapshot(res) -> dict:
 
 # --------------------------------------------------------------------------------------------- two processes
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(r: int, port: int, outdir: str) -> None:
     os.environ.update(RANK=str(r), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -155,15 +147,7 @@ def _worker(r: int, port: int, outdir: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     outdir = tmp_path_factory.mktemp("grpo_dist")
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(outdir)), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail(f"the 2-process GRPO run did not finish within {DEADLINE_S} s")
-    return outdir, [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return outdir, run_ranks(_worker, outdir, WORLD, DEADLINE_S, "GRPO run")
 
 
 @pytest.fixture(scope="module")
