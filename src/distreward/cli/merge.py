@@ -1,4 +1,8 @@
-"""`distreward merge --config PRESET (--checkpoints A B ... | --snapshots DIR)`: RL over merging coefficients."""
+"""`distreward merge --config PRESET (--checkpoints A B ... | --snapshots DIR)`: RL over merging coefficients.
+
+Under torchrun (`torchrun --nproc_per_node=W --no-python distreward merge ...`) every rank runs the same command;
+sampling is split over the ranks and only rank 0 writes and prints (docs/scale.md, "Merging under torchrun").
+"""
 
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ def run(args) -> int:
 
     from ..config import load_config
     from ..merge import run_merge
+    from ..utils import dist as D
 
     if args.dry_run:
         from ..rl.scale import load_dry_run_config
@@ -40,12 +45,15 @@ def run(args) -> int:
     if args.include is not None:
         cfg.merge.include = list(args.include)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / str(cfg.get("name", Path(args.config).stem))
+    device = D.init_distributed(cfg.get("device", "cpu"))   # joins torchrun's group; one process: the device as given
     parts = {}
     if args.dry_run or _is_preset(cfg):
         from ..rl.scale import merge_parts
 
-        parts = merge_parts(cfg, run_dir, cfg.get("device", "cpu"))
+        parts = merge_parts(cfg, run_dir, str(device))
     res = run_merge(cfg, run_dir, resume=args.resume, progress=not args.no_progress, **parts)
+    if not D.is_main():
+        return 0
     rows = [(k, v) for k, v in res["baselines"].items()] + [("init", res["init"]), ("merged", res["merged"])]
     for name, m in rows:
         figures = ", ".join(f"{k} {m[k]:.4g}" for k in ("fd_reward", "fd_eval", "precision", "recall")

@@ -5,6 +5,13 @@ samples with the deterministic inference ODE sampler from the iteration's shared
 every candidate), score the candidate by the set-replace FD reward of its n samples; normalise the P rewards;
 update (m, log s) by PPO-clip (or REINFORCE) with Adam; the best candidate's samples then enter the reference set.
 What is optimised is exactly what is served: the ODE samples of the merged model.
+
+Under torchrun (WORLD_SIZE > 1) every rank runs the same loop with the same seed, so every rank holds the same
+policy, generator and reference set. The P x n samples of an iteration (and the reference and evaluation samples)
+are split over the ranks in whole sampler batches (`utils.dist.shard_blocks`); the features are gathered in
+single-process order, so every rank scores the same candidates against the same reference set; rank 0's rewards
+are broadcast, so every rank takes the same policy step and pushes the same rows. Only rank 0 writes files.
+One process runs the single-process code unchanged (docs/scale.md, "Merging under torchrun").
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..utils import dist as D
 from .policy import GaussianPolicy, normalise_rewards, policy_update, project_sum_one
 from .reward import SetReplaceReward
 from .streaming import CheckpointSet, list_snapshots
@@ -225,6 +233,28 @@ class MergeRL:
         self.ckpts.merge_into(self.net, w)
         return self.sample_fn(self.net, noise, labels)
 
+    @property
+    def block(self) -> int:
+        """Rows per work unit across ranks: the sampler's batch size, so every batch is the one-process batch."""
+        return int((self.cfg.get("sampler") or {}).get("batch_size", DEFAULTS["sampler"]["batch_size"]))
+
+    def local_images(self, weights: list, noise, labels):
+        """(model index, images) of this rank's pieces of len(weights) models x noise.shape[0] samples, one
+        sampler batch at a time; each model is merged once."""
+        for c, rows in D.shard_blocks(len(weights), noise.shape[0], self.block):
+            self.ckpts.merge_into(self.net, weights[c])
+            for lo in range(rows.start, rows.stop, self.block):
+                hi = min(rows.stop, lo + self.block)
+                yield c, self.sample_fn(self.net, noise[lo:hi], None if labels is None else labels[lo:hi])
+
+    def sharded_features(self, weights: list, noise, labels) -> list[np.ndarray]:
+        """The reward features of the samples of each model in `weights` (all from the same noise and labels),
+        computed over the ranks and gathered: every rank gets all of them, in single-process order."""
+        local = [np.asarray(self.feature_fn(im), np.float64) for _, im in self.local_images(weights, noise, labels)]
+        d, n = self.reward.real_mu.size, noise.shape[0]
+        f = D.all_gather_rows(np.concatenate(local) if local else np.zeros((0, d)))
+        return [f[i * n:(i + 1) * n] for i in range(len(weights))]
+
     def noise(self, n: int, seed: int):
         m = self.cfg.model
         return shared_noise(n, tuple(m.image_shape), int(m.num_classes), seed)
@@ -235,7 +265,10 @@ class MergeRL:
         if n <= 0:
             return
         noise, labels = self.noise(n, int(self.cfg.seed) + 7_000_000)
-        self.reward.rows = self.feature_fn(self.images(self.mean_weights(), noise, labels))
+        if D.world_size() == 1:
+            self.reward.rows = self.feature_fn(self.images(self.mean_weights(), noise, labels))
+        else:
+            self.reward.rows = self.sharded_features([self.mean_weights()], noise, labels)[0].copy()
         self.reward.ptr = 0
 
     def step(self) -> dict:
@@ -243,10 +276,15 @@ class MergeRL:
         t0 = time.perf_counter()
         noise, labels = self.noise(int(rl.samples), int(self.cfg.seed) * 100_003 + self.iteration)
         w = self.policy.sample(int(rl.candidates), self.generator)
-        feats = [self.feature_fn(self.images(self.coefficients(wi), noise, labels)) for wi in w]
+        if D.world_size() == 1:
+            feats = [self.feature_fn(self.images(self.coefficients(wi), noise, labels)) for wi in w]
+        else:
+            feats = self.sharded_features([self.coefficients(wi) for wi in w], noise, labels)
         t1 = time.perf_counter()
         fd_before = self.reward.fd() if self.reward.n else None
         r = self.reward.rewards(feats)
+        if D.world_size() > 1:
+            r = D.broadcast_object(r)   # rank 0's rewards: the same step on every replica, by construction
         adv = normalise_rewards(torch.from_numpy(r))
         stats = policy_update(self.policy, self.optimizer, w, adv, algorithm=rl.algorithm, epochs=int(rl.epochs),
                               clip=float(rl.clip), entropy=float(rl.entropy))
@@ -282,11 +320,41 @@ class MergeRL:
 # Evaluation and the baselines
 
 def evaluate_weights(rl: MergeRL, w, evaluator, cfg) -> dict:
-    """Held-out metrics of theta(w): cfg.eval.n ODE samples from the fixed evaluation seed."""
+    """Held-out metrics of theta(w): cfg.eval.n ODE samples from the fixed evaluation seed (split over the ranks
+    under torchrun: `evaluate_sharded`)."""
     noise, labels = rl.noise(int(cfg.eval.n), int(cfg.eval.seed))
-    images = rl.images(np.asarray(w, np.float64), noise, labels)
-    out = {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v) for k, v in evaluator.evaluate(images).items()}
+    if D.world_size() == 1:
+        metrics = evaluator.evaluate(rl.images(np.asarray(w, np.float64), noise, labels))
+    else:
+        metrics = evaluate_sharded(rl, np.asarray(w, np.float64), noise, labels, evaluator, cfg)
+    out = {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v) for k, v in metrics.items()}
     return out
+
+
+def evaluate_sharded(rl: MergeRL, w, noise, labels, evaluator, cfg) -> dict:
+    """The evaluation samples split over the ranks in sampler batches. An Evaluator's features are gathered when it
+    has real features (KID, precision/recall need them), else their float64 sums are merged (FD); an evaluator
+    without feature networks gets the gathered images."""
+    from ..metrics import GaussianStats
+    from ..rl.grpo import fd_from_stats
+
+    nets = getattr(evaluator, "nets", None)
+    if nets is None:
+        shape = tuple(cfg.model.get("pixel_shape") or cfg.model.image_shape)
+        local = [im for _, im in rl.local_images([w], noise, labels)]
+        return evaluator.evaluate(D.all_gather_rows(torch.cat(local) if local else torch.zeros((0, *shape))))
+    keep = evaluator.has_real_features
+    stats = [GaussianStats(int(net.dim)) for net in nets]
+    feats: list[list[np.ndarray]] = [[] for _ in nets]
+    for _, images in rl.local_images([w], noise, labels):
+        for i, f in enumerate(evaluator.features(images)):
+            stats[i].update(f)
+            if keep:
+                feats[i].append(f)
+    if keep:
+        return evaluator.evaluate_features([D.all_gather_rows(np.concatenate(f) if f else np.zeros((0, st.dim)))
+                                            for f, st in zip(feats, stats)])
+    return fd_from_stats(evaluator, [D.merge_gaussian_stats(st) for st in stats])
 
 
 def baseline_weights(ckpts: CheckpointSet, cfg) -> dict[str, np.ndarray]:
@@ -325,18 +393,24 @@ def run_merge(cfg, run_dir, *, resume: bool = False, ckpts: CheckpointSet | None
 
     config.yaml, metrics.jsonl, tb/, checkpoints/last.pt (resumable), baselines.json, coefficients.json,
     merged.safetensors (a generator file for every command), result.json. Returns the result dict.
+
+    Under torchrun every rank calls this with the same cfg: sampling is split over the ranks, the policy and the
+    reference set are replicas, and only rank 0 writes (the run directory must be shared for --resume).
     """
     from tqdm.auto import tqdm
 
     from ..config import save_config
-    from ..rl.grpo import _tensorboard, _truncate_jsonl
+    from ..rl.grpo import _NullWriter, _tensorboard, _truncate_jsonl
     from ..rl.state import load_checkpoint, save_checkpoint
     from ..utils.io import RunDir, atomic_save_json
 
     cfg = _with_defaults(cfg)
+    device = str(D.init_distributed(cfg.device))      # cuda:LOCAL_RANK under torchrun; as given in one process
+    main = D.is_main()
+    progress = progress and main
     run = RunDir(run_dir)
-    save_config(cfg, run.path("config.yaml"))
-    device = cfg.device
+    if main:
+        save_config(cfg, run.path("config.yaml"))
     torch.manual_seed(int(cfg.seed))
     ckpts = open_checkpoints(cfg.merge) if ckpts is None else ckpts
     if sample_fn is None:
@@ -344,50 +418,57 @@ def run_merge(cfg, run_dir, *, resume: bool = False, ckpts: CheckpointSet | None
         sample_fn = make_ode_sampler(ckpts.arch, int(s.steps), s.method, float(s.shift), int(s.batch_size), device)
     if feature_fn is None:
         feature_fn = make_feature_fn(cfg.reward.features, device)
-    if real_stats is None:
-        real_stats = real_statistics(cfg, feature_fn, cache=run.path("real_stats_reward.npz"))
+    if real_stats is None:      # rank 0's statistics on every rank (the others wait for them)
+        real_stats = D.broadcast_object(real_statistics(cfg, feature_fn, cache=run.path("real_stats_reward.npz"))
+                                        if main else None)
     if evaluator is None:
         from ..evaluation import Evaluator
 
-        evaluator = Evaluator.for_fmnist(device=device)
+        with D.main_first():    # rank 0 fills the real-feature cache, the others read it
+            evaluator = Evaluator.for_fmnist(device=device)
 
     # Baselines (cached in baselines.json so that --resume does not redo them)
     base_w = baseline_weights(ckpts, cfg)
     bpath = run.path("baselines.json")
-    results: dict[str, dict] = json.loads(bpath.read_text()) if (resume and bpath.is_file()) else {}
+    results: dict[str, dict] = json.loads(bpath.read_text()) if (resume and main and bpath.is_file()) else {}
+    results = D.broadcast_object(results)
     probe = MergeRL(cfg, ckpts, base_w["uniform"], sample_fn=sample_fn, feature_fn=feature_fn,
                     real_mu=real_stats[0], real_sigma=real_stats[1], device=device)
     for name, w in tqdm(base_w.items(), desc="baselines", disable=not progress, leave=False):
         if name not in results:
             results[name] = {**evaluate_weights(probe, w, evaluator, cfg), "w": w.tolist()}
-            atomic_save_json(bpath, results)
+            if main:
+                atomic_save_json(bpath, results)
     del probe
+    results = D.broadcast_object(results)   # the same initial mean on every rank, whatever the float rounding
 
     init = initial_mean(cfg.merge.init, ckpts, base_w, results)
     rl = MergeRL(cfg, ckpts, init, sample_fn=sample_fn, feature_fn=feature_fn, real_mu=real_stats[0],
                  real_sigma=real_stats[1], device=device)
     ckpt_path = run.checkpoints / "last.pt"
-    if resume and ckpt_path.is_file():
+    if resume and D.broadcast_object(ckpt_path.is_file()):
         rl.load_state_dict(load_checkpoint(ckpt_path))
     else:
-        if resume:
+        if resume and main:
             print(f"no checkpoint in {run.checkpoints}; starting from iteration 0")
         rl.init_reference()
-    _truncate_jsonl(run.path("metrics.jsonl"), rl.iteration)
-    writer = _tensorboard(run.root / "tb", rl.iteration)
+    if main:
+        _truncate_jsonl(run.path("metrics.jsonl"), rl.iteration)
+    writer = _tensorboard(run.root / "tb", rl.iteration) if main else _NullWriter()
 
     total = int(cfg.rl.iterations)
     bar = tqdm(range(rl.iteration, total), desc="merge RL", unit="it", disable=not progress, initial=rl.iteration, total=total)
     for _ in bar:
         record = rl.step()
-        run.log_jsonl(record)
+        if main:
+            run.log_jsonl(record)
         for k, v in record.items():
             if k not in ("iteration", "w") and v is not None:
                 writer.add_scalar(k, v, rl.iteration)
         for i, wi in enumerate(record["w"]):
             writer.add_scalar(f"w/{i}", wi, rl.iteration)
         bar.set_postfix(r=f"{record['r_mean']:.3g}", fd_ref=f"{record['fd_ref']:.3g}" if record["fd_ref"] is not None else "-")
-        if rl.iteration % int(cfg.checkpoint.every) == 0 or rl.iteration == total:
+        if main and (rl.iteration % int(cfg.checkpoint.every) == 0 or rl.iteration == total):
             save_checkpoint(ckpt_path, rl.state_dict())
     bar.close()
     writer.close()
@@ -399,14 +480,16 @@ def run_merge(cfg, run_dir, *, resume: bool = False, ckpts: CheckpointSet | None
     ph = [k for k in results if k.startswith("phema@")]
     best_ema = min(ph, key=lambda k: results[k]["fd_eval"]) if ph else None
     sources = [str(p) for p in ckpts.paths]
-    atomic_save_json(run.path("coefficients.json"), {"weights": w.tolist(), "checkpoints": sources,
-                                                      "std": rl.policy.std().detach().tolist(), "iterations": rl.iteration,
-                                                      "init": init.tolist()})
-    ckpts.save(run.path("merged.safetensors"), w, extra={"merge_run": str(run.root), "iterations": rl.iteration})
     result = {"baselines": {k: v for k, v in results.items() if k not in ("merged", "init")}, "init": results["init"],
               "merged": results["merged"], "best_ema": best_ema, "checkpoints": sources, "history": rl.history,
-              "model": str(run.path("merged.safetensors"))}
-    atomic_save_json(run.path("result.json"), result)
+              "model": str(run.root / "merged.safetensors")}
+    if main:
+        atomic_save_json(run.path("coefficients.json"), {"weights": w.tolist(), "checkpoints": sources,
+                                                          "std": rl.policy.std().detach().tolist(),
+                                                          "iterations": rl.iteration, "init": init.tolist()})
+        ckpts.save(run.path("merged.safetensors"), w, extra={"merge_run": str(run.root), "iterations": rl.iteration})
+        atomic_save_json(run.path("result.json"), result)
+    D.barrier()                 # every rank returns once rank 0's files are written
     return result
 
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 __all__ = ["init_distributed", "destroy_distributed", "is_distributed", "rank", "world_size", "local_rank", "is_main",
            "barrier", "all_reduce_sum_", "all_gather_rows", "broadcast_object", "merge_gaussian_stats",
-           "all_reduce_max_", "shard_indices", "shard_rows", "main_only", "main_first", "seed_for_rank"]
+           "all_reduce_max_", "shard_indices", "shard_rows", "shard_blocks", "main_only", "main_first", "seed_for_rank"]
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _MAX_DIMS = 8   # trailing dimensions checked by all_gather_rows
@@ -225,6 +225,31 @@ def shard_rows(x):
     """This rank's block of the rows of a tensor, array or list (see shard_indices)."""
     idx = shard_indices(len(x))
     return x[idx.start:idx.stop]
+
+
+def shard_blocks(items: int, rows: int, block: int, *, rank_: int | None = None,
+                 world: int | None = None) -> list[tuple[int, range]]:
+    """This rank's share of `items` row sets of `rows` rows each (e.g. P models x n samples), as (item, row range)
+    pieces in global order, at most one per item.
+
+    Each set is cut into blocks of `block` rows and the items x blocks units are split contiguously over the ranks
+    (`shard_indices`): a block is never split, so it is computed in the same batch as in one process, and
+    gathering the ranks' rows in rank order gives item 0's rows, then item 1's, and so on.
+    """
+    if int(block) <= 0:
+        raise ValueError(f"shard_blocks needs a block size >= 1, got {block}")
+    if int(items) < 0 or int(rows) < 0:
+        raise ValueError(f"cannot shard a negative number of items or rows ({items}, {rows})")
+    per_item = -(-int(rows) // int(block))
+    pieces: list[tuple[int, range]] = []
+    for u in shard_indices(int(items) * per_item, rank_=rank_, world=world):
+        item, b = divmod(u, per_item)
+        lo, hi = b * int(block), min(int(rows), (b + 1) * int(block))
+        if pieces and pieces[-1][0] == item:
+            pieces[-1] = (item, range(pieces[-1][1].start, hi))
+        else:
+            pieces.append((item, range(lo, hi)))
+    return pieces
 
 
 def main_only(fn: Callable) -> Callable:
