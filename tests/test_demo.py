@@ -76,6 +76,10 @@ def test_demo_writes_report_and_metrics_and_reuses_stages(tiny_setup, monkeypatc
     # the fine-tuning really ran: 2 iterations logged
     recs = [json.loads(l) for l in (run_dir / "distribution" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in recs if "r_mean" in r] == [1, 2]
+    stage = json.loads((run_dir / "distribution" / "stage.json").read_text())
+    ref_fd = {r["iteration"]: r["fd_ref"] for r in recs if "r_mean" in r}
+    assert {r["iteration"]: r["fd_ref"] for r in stage["fd_ref_curve"]} == ref_fd   # the plot's 3rd panel
+    assert "fd_ref_curve" not in json.loads((run_dir / "metrics.json").read_text())["distribution"]
 
     # a re-run reuses every finished stage; a registered extra stage (the merge hook) adds a row and a section
     def boom(ctx):

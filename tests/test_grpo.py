@@ -157,6 +157,39 @@ def test_trained_steps_never_include_the_last_step():
         trained_steps(5, "random")
 
 
+def test_rollout_noise_levels_clean_last_step_and_window():
+    from distreward.rl.grpo import rollout_noise_levels
+
+    rl = {"steps": 6, "noise_level": 0.3, "train_steps": {"mode": "window", "window": 3}}
+    assert rollout_noise_levels(rl) == [0.3] * 5 + [0.0]
+    assert rollout_noise_levels({**rl, "clean_last_step": False}) == [0.3] * 6
+    assert rollout_noise_levels({**rl, "noise_steps": "window"}) == [0.3] * 3 + [0.0] * 3
+    assert rollout_noise_levels({**rl, "noise_steps": "window",
+                                 "train_steps": {"mode": "window", "window": [1, 4]}}) == [0, 0.3, 0.3, 0.3, 0, 0]
+    with pytest.raises(ValueError, match="mode=window"):
+        rollout_noise_levels({**rl, "noise_steps": "window", "train_steps": {"mode": "fraction", "fraction": 0.5}})
+    with pytest.raises(ValueError, match="noise_steps"):
+        rollout_noise_levels({**rl, "noise_steps": "some"})
+
+
+def test_balanced_labels_cover_every_class_equally_and_need_no_state():
+    from distreward.rl.grpo import draw_labels
+
+    g = torch.Generator().manual_seed(0)
+    P, G, C = 16, 3, 10
+    stream = torch.cat([draw_labels(P, G, C, g, balanced=True, start=it * P, seed=5)[0][::G] for it in range(5)])
+    counts = torch.bincount(stream, minlength=C)
+    assert counts.tolist() == [8] * C                       # 80 groups = 8 whole blocks of the 10 classes
+    for it in range(5):                                     # any prefix: counts differ by at most one
+        c = torch.bincount(stream[:(it + 1) * P], minlength=C)
+        assert int(c.max() - c.min()) <= 1
+    again, groups = draw_labels(P, G, C, torch.Generator().manual_seed(99), balanced=True, start=2 * P, seed=5)
+    assert torch.equal(again[::G], stream[2 * P:3 * P])    # a resumed run draws the same labels
+    assert groups.tolist() == torch.arange(P).repeat_interleave(G).tolist()
+    other = draw_labels(P, G, C, g, balanced=True, start=2 * P, seed=6)[0][::G]
+    assert not torch.equal(other, stream[2 * P:3 * P])
+
+
 def test_ema_update_moves_towards_the_weights():
     a, b = nn.Linear(2, 2), nn.Linear(2, 2)
     before = a.weight.detach().clone()

@@ -104,7 +104,9 @@ def _grpo_stage(name: str, cfg_attr: str) -> Callable[[DemoContext], dict]:
         return {**_metrics_only(res["final"]), "reward": cfg.reward.name,
                 "reward_mean": res["reward_mean"], "reward_mean_first": res["reward_mean_first"],
                 "iterations": int(cfg.rl.iterations), "curve": [_metrics_only(e) | {"iteration": e["iteration"]}
-                                                                for e in res["evals"]]}
+                                                                for e in res["evals"]],
+                "fd_ref_curve": [{"iteration": h["iteration"], "fd_ref": h["fd_ref"]} for h in res["history"]
+                                 if h.get("fd_ref") is not None]}
     return run
 
 
@@ -130,12 +132,13 @@ def write_report(ctx: DemoContext, stages: list[Stage], elapsed: float) -> Path:
     from .utils.io import atomic_save_json, atomic_write_bytes
 
     rows = {s.name: ctx.results[s.name] for s in stages if s.row and s.name in ctx.results}
-    atomic_save_json(ctx.run_dir / "metrics.json", {k: {kk: vv for kk, vv in v.items() if kk != "curve"}
+    atomic_save_json(ctx.run_dir / "metrics.json", {k: {kk: vv for kk, vv in v.items() if kk not in ("curve", "fd_ref_curve")}
                                                     for k, v in rows.items()})
     base = rows.get("base")
     curves = {k: v["curve"] for k, v in rows.items() if "curve" in v}
+    ref_curves = {k: v["fd_ref_curve"] for k, v in rows.items() if v.get("fd_ref_curve")}
     if curves:
-        plot_fd_curves(curves, ctx.run_dir / "fd_curve.png", base=base)
+        plot_fd_curves(curves, ctx.run_dir / "fd_curve.png", base=base, reference=ref_curves)
     cfg = ctx.cfg
     rl = cfg.rl
     lines = ["# distreward demo: GRPO with a distribution-wise reward on Fashion-MNIST", "",

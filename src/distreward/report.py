@@ -52,9 +52,11 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | N
 
 
 def plot_fd_curves(curves: dict[str, list[dict]], path: str | os.PathLike, keys=("fd_reward", "fd_eval"),
-                   base: dict | None = None) -> Path:
+                   base: dict | None = None, reference: dict[str, list[dict]] | None = None) -> Path:
     """FD over iterations, one panel per feature network, one line per run; `curves[run]` is a list of eval
-    records with 'iteration'. The base model's value is drawn as a dashed line."""
+    records with 'iteration'. The base model's value is drawn as a dashed line. `reference[run]` (records with
+    'iteration', 'fd_ref'), when given, adds a panel: the FD of the reward's reference set (the SDE rollouts)
+    after every iteration."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,7 +64,17 @@ def plot_fd_curves(curves: dict[str, list[dict]], path: str | os.PathLike, keys=
 
     from .utils.io import atomic_write_bytes
 
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
+    panels = len(keys) + (1 if reference else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6), squeeze=False)
+    if reference:
+        ax = axes[0][-1]
+        for name, recs in reference.items():
+            ax.plot([r["iteration"] for r in recs], [r["fd_ref"] for r in recs], label=name)
+        ax.set_xlabel("GRPO iteration")
+        ax.set_ylabel("fd_ref")
+        ax.set_title("FD of the reference set (rollouts, reward features)")
+        ax.grid(alpha=0.3)
+        ax.legend()
     for ax, key in zip(axes[0], keys):
         for name, recs in curves.items():
             pts = [(r["iteration"], r[key]) for r in recs if key in r and r[key] is not None]

@@ -36,11 +36,13 @@ DEFAULTS: dict[str, Any] = {
     "rl": {
         "iterations": 30,
         "labels_per_iter": 16,      # P
+        "labels": "balanced",       # balanced: every class equally often over iterations (draw_labels) | random
         "group_size": 8,            # G
         "steps": 10,                # T
         "shift": 1.0,
         "noise_level": 0.7,         # a
         "clean_last_step": True,    # a = 0 on the last (never trained) step: rewards score noise-free samples
+        "noise_steps": "all",       # all: a on every step | window: a only on the trained window, ODE elsewhere
         "train_steps": {"mode": "window", "window": 6, "fraction": 0.5},
         "inner_epochs": 1,
         "minibatches": 2,
@@ -81,18 +83,44 @@ class Rollouts:
 # ----------------------------------------------------------------------------------------------------------
 # Pieces of one iteration
 
-def draw_labels(P: int, G: int, num_classes: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """P class labels, each repeated G times; group g holds the G samples of label g."""
-    labels = torch.randint(0, num_classes, (P,), generator=generator)
+def draw_labels(P: int, G: int, num_classes: int, generator: torch.Generator, *, balanced: bool = False,
+                start: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """P class labels, each repeated G times; group g holds the G samples of label g.
+
+    balanced: the labels are positions [start, start + P) of a stream of shuffled blocks of all classes (block k
+    shuffled by seed and k alone, so it needs no state to resume), so every class gets the same number of groups
+    up to one block. The reference set then keeps the class balance of the real data; with independent draws an
+    iteration that over-represents a class raises its FD by itself and rewards atypical samples of that class.
+    """
+    if not balanced:
+        labels = torch.randint(0, num_classes, (P,), generator=generator)
+    else:
+        first, last = start // num_classes, (start + P - 1) // num_classes
+        blocks = [torch.randperm(num_classes, generator=torch.Generator().manual_seed(int(seed) * 1_000_003 + k))
+                  for k in range(first, last + 1)]
+        offset = start - first * num_classes
+        labels = torch.cat(blocks)[offset:offset + P]
     return labels.repeat_interleave(G), torch.arange(P).repeat_interleave(G)
 
 
-@torch.no_grad()
 def rollout_noise_levels(rl) -> list[float]:
     """The noise level a of each of the T rollout steps. The last step is never trained, so with
-    clean_last_step it is the plain Euler step (a = 0): the sample the reward scores carries no leftover noise."""
+    clean_last_step it is the plain Euler step (a = 0): the sample the reward scores carries no leftover noise.
+    With noise_steps 'window' only the trained window is stochastic and every other step is the ODE's Euler step,
+    so the rollouts stay close to what the inference ODE sampler draws (as MixGRPO / Flow-GRPO-Fast)."""
     T, a = int(rl["steps"]), float(rl["noise_level"])
-    return [a] * (T - 1) + [0.0 if rl.get("clean_last_step", True) else a]
+    levels = [a] * (T - 1) + [0.0 if rl.get("clean_last_step", True) else a]
+    where = str(rl.get("noise_steps", "all"))
+    if where == "window":
+        ts = rl["train_steps"]
+        if ts["mode"] != "window":
+            raise ValueError("rl.noise_steps=window needs rl.train_steps.mode=window (the stochastic steps must be "
+                             "known before the rollout); use noise_steps=all with mode=fraction")
+        keep = set(trained_steps(T, "window", window=_window(ts["window"])))
+        levels = [x if j in keep else 0.0 for j, x in enumerate(levels)]
+    elif where != "all":
+        raise ValueError(f"rl.noise_steps must be 'all' or 'window', got {where!r}")
+    return levels
 
 
 def collect(model, labels: torch.Tensor, groups: torch.Tensor, sigmas: torch.Tensor, a,
@@ -498,6 +526,8 @@ def _check_config(cfg, world: int = 1) -> None:
     for key in ("iterations", "labels_per_iter", "group_size", "steps", "inner_epochs", "minibatches"):
         if int(rl[key]) < 1:
             raise ValueError(f"rl.{key} must be >= 1, got {rl[key]}")
+    if rl.labels not in ("balanced", "random"):
+        raise ValueError(f"rl.labels must be 'balanced' or 'random', got {rl.labels!r}")
     if int(rl.group_size) < 2:
         raise ValueError(f"rl.group_size must be >= 2 (advantages are relative within a group), got {rl.group_size}")
     if float(rl.noise_level) <= 0:
@@ -648,7 +678,8 @@ def finetune(cfg, run_dir, *, resume: bool = False, net: torch.nn.Module | None 
     for it in bar:
         # 1. rollouts of the old policy (each rank: its groups)
         t0 = time.perf_counter()
-        labels, groups = draw_labels(P, G, int(cfg.model.num_classes), gen)
+        labels, groups = draw_labels(P, G, int(cfg.model.num_classes), gen, balanced=rl.labels == "balanced",
+                                     start=it * P, seed=int(cfg.seed))
         if world == 1:
             ro = collect(model, labels, groups, sigmas, a, tuple(cfg.model.image_shape), gen, device)
         else:
