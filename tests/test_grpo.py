@@ -190,6 +190,18 @@ def test_balanced_labels_cover_every_class_equally_and_need_no_state():
     assert not torch.equal(other, stream[2 * P:3 * P])
 
 
+def test_shared_start_noise_is_one_draw_per_group():
+    from distreward.rl.grpo import start_noise
+
+    groups = torch.arange(3).repeat_interleave(4)
+    z = start_noise(groups, SHAPE, torch.Generator().manual_seed(0), shared=True)
+    assert z.shape == (12, *SHAPE)
+    for g in range(3):
+        assert all(torch.equal(z[4 * g], z[4 * g + i]) for i in range(4))
+    assert not torch.equal(z[0], z[4])
+    assert not torch.equal(*start_noise(groups, SHAPE, torch.Generator().manual_seed(0))[:2])
+
+
 def test_ema_update_moves_towards_the_weights():
     a, b = nn.Linear(2, 2), nn.Linear(2, 2)
     before = a.weight.detach().clone()

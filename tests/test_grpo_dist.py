@@ -94,12 +94,16 @@ def make_evaluator(real_images: bool):
                      ref_stats={"fmnist-reward": real_stats(5), "fmnist-eval": real_stats(6)})
 
 
-def tiny_cfg(iterations: int = 1, every: int = 1):
+# one starting noise per group, and only each group's first sample enters the reference set
+GROUPED = {"shared_noise": True, "push": "one_per_group"}
+
+
+def tiny_cfg(iterations: int = 1, every: int = 1, **rl):
     """P = 3 groups (ranks hold 1 and 2: uneven), G = 4, two random minibatches that straddle the ranks."""
     return {"name": "dist", "seed": 0, "model": {"num_classes": 3, "image_shape": list(SHAPE)},
             "rl": {"iterations": iterations, "labels_per_iter": 3, "group_size": 4, "steps": 4, "noise_level": 0.8,
                    "train_steps": {"mode": "window", "window": 2}, "minibatches": 2, "lr": 3e-3, "beta": 0.05,
-                   "ema_decay": 0.5, "batch_size": 8},
+                   "ema_decay": 0.5, "batch_size": 8, **rl},
             "reward": {"name": "distribution"},
             "eval": {"every": every, "n": 10, "steps": 3, "method": "euler", "seed": 5, "grid": 4, "batch_size": 4},
             "checkpoint": {"every": 1}}
@@ -132,12 +136,12 @@ def _worker(r: int, port: int, outdir: str) -> None:
                    evaluator=make_evaluator(True), progress=False)
     out["one"] = snapshot(res)
     # two iterations straight, and one iteration then --resume to two (statistics-only evaluator)
-    res = finetune(tiny_cfg(2, every=2), os.path.join(outdir, "full"), net=make_net(), reward=make_reward(),
+    res = finetune(tiny_cfg(2, every=2, **GROUPED), os.path.join(outdir, "full"), net=make_net(), reward=make_reward(),
                    evaluator=make_evaluator(False), progress=False)
     out["full"] = snapshot(res)
-    finetune(tiny_cfg(1, every=2), os.path.join(outdir, "cut"), net=make_net(), reward=make_reward(),
+    finetune(tiny_cfg(1, every=2, **GROUPED), os.path.join(outdir, "cut"), net=make_net(), reward=make_reward(),
              evaluator=make_evaluator(False), progress=False)
-    res = finetune(tiny_cfg(2, every=2), os.path.join(outdir, "cut"), resume=True, net=make_net(), reward=make_reward(),
+    res = finetune(tiny_cfg(2, every=2, **GROUPED), os.path.join(outdir, "cut"), resume=True, net=make_net(), reward=make_reward(),
                    evaluator=make_evaluator(False), progress=False)
     out["resumed"] = snapshot(res)
     torch.save(out, os.path.join(outdir, f"rank{r}.pt"))
@@ -173,6 +177,21 @@ def test_reference_set_after_an_iteration_equals_the_single_process_one(two_rank
     # the replicas are identical on both ranks, bit for bit
     assert np.array_equal(res[0]["one"]["rows"], res[1]["one"]["rows"])
     assert np.array_equal(res[0]["one"]["s2"], res[1]["one"]["s2"])
+
+
+def test_shared_group_noise_and_one_push_per_group_equal_one_process(two_ranks, tmp_path):
+    """rl.shared_noise + rl.push=one_per_group across 2 ranks (uneven groups) equal one process: 3 rows per
+    iteration enter the reference set, the same rows in the same places."""
+    from distreward.rl.grpo import finetune
+
+    one = snapshot(finetune(tiny_cfg(2, every=2, **GROUPED), tmp_path, net=make_net(), reward=make_reward(),
+                            evaluator=make_evaluator(False), progress=False))
+    assert one["ptr"] == 2 * 3
+    _, res = two_ranks
+    for o in res:
+        assert o["full"]["ptr"] == one["ptr"]
+        np.testing.assert_allclose(o["full"]["rows"], one["rows"], rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(o["full"]["r_mean"], one["r_mean"], rtol=1e-4, atol=1e-9)
 
 
 def test_sharded_update_equals_the_single_process_update(two_ranks, single):

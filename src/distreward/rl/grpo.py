@@ -37,6 +37,8 @@ DEFAULTS: dict[str, Any] = {
         "iterations": 30,
         "labels_per_iter": 16,      # P
         "labels": "balanced",       # balanced: every class equally often over iterations (draw_labels) | random
+        "shared_noise": False,      # one starting noise per group (start_noise)
+        "push": "all",              # all | one_per_group: the samples that enter the reference set after a step
         "group_size": 8,            # G
         "steps": 10,                # T
         "shift": 1.0,
@@ -123,12 +125,23 @@ def rollout_noise_levels(rl) -> list[float]:
     return levels
 
 
+def start_noise(groups: torch.Tensor, image_shape, generator: torch.Generator, shared: bool = False) -> torch.Tensor:
+    """The rollouts' starting noise x_1: independent per sample, or one draw per group shared by its G members.
+
+    Shared (as DanceGRPO does): the samples of a group then differ only by the noise the SDE steps inject, which
+    are the actions the log-probs score, so the group-relative advantage credits them and not the luck of x_1.
+    """
+    if not shared:
+        return torch.randn((groups.shape[0], *image_shape), generator=generator)
+    return torch.randn((int(groups.max()) + 1, *image_shape), generator=generator)[groups]
+
+
 def collect(model, labels: torch.Tensor, groups: torch.Tensor, sigmas: torch.Tensor, a,
-            image_shape, generator: torch.Generator, device="cpu") -> Rollouts:
+            image_shape, generator: torch.Generator, device="cpu", shared_noise: bool = False) -> Rollouts:
     """Step 1: stochastic rollouts of the old policy, keeping every x_t and log p_old."""
     from ..sampling import rollout
 
-    noise = torch.randn((labels.shape[0], *image_shape), generator=generator).to(device)
+    noise = start_noise(groups, image_shape, generator, shared_noise).to(device)
     traj = rollout(model, noise, labels.to(device), sigmas.to(device), a, generator=generator)
     return Rollouts(labels=labels, groups=groups, xs=traj.xs.detach(), log_probs=traj.log_probs.detach(),
                     sigmas=traj.sigmas.detach())
@@ -186,10 +199,10 @@ def update(net, model, ref_model, ema, optimizer, ro: Rollouts, steps: list[int]
 
 @torch.no_grad()
 def collect_rows(model, labels: torch.Tensor, groups: torch.Tensor, sigmas: torch.Tensor, a, image_shape,
-                 generator: torch.Generator, device, rows: range) -> Rollouts:
+                 generator: torch.Generator, device, rows: range, shared_noise: bool = False) -> Rollouts:
     """Step 1 on one rank: the global batch's noise is drawn as `collect` draws it, this rank's rows are rolled out
     (parallel.rollout_rows), so the ranks' rollouts together are the single-process batch."""
-    noise = torch.randn((labels.shape[0], *image_shape), generator=generator)
+    noise = start_noise(groups, image_shape, generator, shared_noise)
     traj = parallel.rollout_rows(model, noise, labels, sigmas, a, generator, rows, device)
     sl = slice(rows.start, rows.stop)
     return Rollouts(labels=labels[sl], groups=groups[sl], xs=traj.xs, log_probs=traj.log_probs, sigmas=traj.sigmas)
@@ -528,6 +541,8 @@ def _check_config(cfg, world: int = 1) -> None:
             raise ValueError(f"rl.{key} must be >= 1, got {rl[key]}")
     if rl.labels not in ("balanced", "random"):
         raise ValueError(f"rl.labels must be 'balanced' or 'random', got {rl.labels!r}")
+    if rl.push not in ("all", "one_per_group"):
+        raise ValueError(f"rl.push must be 'all' or 'one_per_group', got {rl.push!r}")
     if int(rl.group_size) < 2:
         raise ValueError(f"rl.group_size must be >= 2 (advantages are relative within a group), got {rl.group_size}")
     if float(rl.noise_level) <= 0:
@@ -619,6 +634,7 @@ def finetune(cfg, run_dir, *, resume: bool = False, net: torch.nn.Module | None 
                                       model=None if plain else model, decode=decode)
     sigmas = sigma_schedule(int(rl.steps), shift=float(rl.shift))
     P, G, T, a = int(rl.labels_per_iter), int(rl.group_size), int(rl.steps), rollout_noise_levels(rl)
+    shared, push_every = bool(rl.shared_noise), (G if rl.push == "one_per_group" else 1)
     rows = parallel.group_rows(P, G)
 
     ckpt_path = run.checkpoints / "last.pt"
@@ -681,9 +697,10 @@ def finetune(cfg, run_dir, *, resume: bool = False, net: torch.nn.Module | None 
         labels, groups = draw_labels(P, G, int(cfg.model.num_classes), gen, balanced=rl.labels == "balanced",
                                      start=it * P, seed=int(cfg.seed))
         if world == 1:
-            ro = collect(model, labels, groups, sigmas, a, tuple(cfg.model.image_shape), gen, device)
+            ro = collect(model, labels, groups, sigmas, a, tuple(cfg.model.image_shape), gen, device, shared)
         else:
-            ro = collect_rows(model, labels, groups, sigmas, a, tuple(cfg.model.image_shape), gen, device, rows)
+            ro = collect_rows(model, labels, groups, sigmas, a, tuple(cfg.model.image_shape), gen, device, rows,
+                              shared)
         images = ro.images if codec is None else decode(ro.xs[-1])      # clamped after decoding, never the latents
         t1 = time.perf_counter()
         # 2. rewards r and 3. advantages A (of the whole batch, on every rank)
@@ -706,9 +723,9 @@ def finetune(cfg, run_dir, *, resume: bool = False, net: torch.nn.Module | None 
         t3 = time.perf_counter()
         # 5. the new samples enter the reference set (the same rows on every rank)
         if world == 1:
-            reward.after_step(images, ro.labels.to(device))
+            reward.after_step(images[::push_every], ro.labels[::push_every].to(device))
         else:
-            parallel.push(reward, images, ro.labels.to(device), gathered)
+            parallel.push(reward, images, ro.labels.to(device), gathered, every=push_every)
         fd_ref = _reference_fd(reward)
         record = {"iteration": it + 1, "r_mean": float(r_all.mean()), "r_std": float(r_all.std()),
                   "fd_ref": fd_ref, "zero_std_frac": float(zero_std.float().mean()), **stats,

@@ -91,14 +91,15 @@ def _has_own_after_step(reward) -> bool:
     return fn is not None and fn is not getattr(Reward, "after_step")
 
 
-def push(reward, images: torch.Tensor, labels: torch.Tensor, gathered_features) -> None:
+def push(reward, images: torch.Tensor, labels: torch.Tensor, gathered_features, every: int = 1) -> None:
     """Step 5 on every rank with the same rows: a set reward takes the gathered features; any other reward that
-    keeps state gets the gathered images (sample-wise rewards keep none, and nothing is gathered)."""
+    keeps state gets the gathered images (sample-wise rewards keep none, and nothing is gathered). every = G
+    keeps the first sample of each group (ranks hold whole groups, so the local stride is the global one)."""
     if gathered_features is not None:
-        reward.ref.push(gathered_features)
+        reward.ref.push(gathered_features[::every])
         reward._last = None
     elif _has_own_after_step(reward):
-        reward.after_step(D.all_gather_rows(images.detach().cpu()), D.all_gather_rows(labels.cpu()))
+        reward.after_step(D.all_gather_rows(images[::every].detach().cpu()), D.all_gather_rows(labels[::every].cpu()))
 
 
 # ----------------------------------------------------------------------------------------------------------
