@@ -144,6 +144,10 @@ def test_trained_steps_never_include_the_last_step():
     assert trained_steps(10, "window", window=4) == [0, 1, 2, 3]
     assert trained_steps(10, "window", window=[2, 5]) == [2, 3, 4]
     assert trained_steps(10, "window", window=50) == list(range(9))
+    drawn = [trained_steps(10, "window", window=[2, 8], count=2, generator=g) for _ in range(30)]
+    assert all(len(s) == 2 and s == sorted(set(s)) and set(s) <= set(range(2, 8)) for s in drawn)
+    assert len({tuple(s) for s in drawn}) > 3                         # drawn anew each iteration
+    assert trained_steps(10, "window", window=4, count=9, generator=g) == [0, 1, 2, 3]
     for _ in range(20):
         s = trained_steps(10, "fraction", fraction=0.5, generator=g)
         assert len(s) == 4 or len(s) == 5

@@ -45,7 +45,7 @@ DEFAULTS: dict[str, Any] = {
         "noise_level": 0.7,         # a
         "clean_last_step": True,    # a = 0 on the last (never trained) step: rewards score noise-free samples
         "noise_steps": "all",       # all: a on every step | window: a only on the trained window, ODE elsewhere
-        "train_steps": {"mode": "window", "window": 6, "fraction": 0.5},
+        "train_steps": {"mode": "window", "window": 6, "fraction": 0.5, "count": None},
         "inner_epochs": 1,
         "minibatches": 2,
         "clip_eps": 0.2,            # eps
@@ -715,7 +715,8 @@ def finetune(cfg, run_dir, *, resume: bool = False, net: torch.nn.Module | None 
         t2 = time.perf_counter()
         # 4. clipped policy update on the trained steps, KL to the base, EMA
         steps = trained_steps(T, rl.train_steps.mode, fraction=float(rl.train_steps.fraction),
-                              window=_window(rl.train_steps.window), generator=gen)
+                              window=_window(rl.train_steps.window), generator=gen,
+                              count=rl.train_steps.get("count"))
         if world == 1:
             stats = update(net, model, ref_model, ema, optimizer, ro, steps, rl, gen)
         else:

@@ -60,9 +60,11 @@ def clip_fractions(rho: torch.Tensor, clip_eps: float) -> tuple[float, float]:
 
 
 def trained_steps(T: int, mode: str, *, fraction: float = 0.5, window: int | list | tuple = 5,
-                  generator: torch.Generator | None = None) -> list[int]:
+                  generator: torch.Generator | None = None, count: int | None = None) -> list[int]:
     """Which of the T sampler steps get a gradient: a random `fraction` of them, or a `window` at high noise
-    (step indices [start, end) or its length from step 0). The last step (to sigma = 0) is never trained."""
+    (step indices [start, end) or its length from step 0); with `count`, a random `count` of the window's steps,
+    drawn per iteration (the update's cost is proportional to the number of trained steps, so a batch can be larger
+    for the same time). The last step (to sigma = 0) is never trained."""
     if T < 2:
         raise ValueError(f"GRPO needs at least 2 sampler steps (the last one is never trained), got T={T}")
     last = T - 1
@@ -77,7 +79,13 @@ def trained_steps(T: int, mode: str, *, fraction: float = 0.5, window: int | lis
         if not 0 <= start < end:
             raise ValueError(f"rl.train_steps.window {window} selects no step among 0..{last - 1} "
                              f"(T={T}, the last step is never trained); use e.g. window={min(5, last)}")
-        return list(range(start, end))
+        steps = list(range(start, end))
+        if count is None or int(count) >= len(steps):
+            return steps
+        if int(count) < 1:
+            raise ValueError(f"rl.train_steps.count must be >= 1 (or null for the whole window), got {count}")
+        pick = torch.randperm(len(steps), generator=generator)[:int(count)]
+        return sorted(steps[i] for i in pick.tolist())
     raise ValueError(f"rl.train_steps.mode must be 'fraction' or 'window', got {mode!r}")
 
 
