@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from distreward.utils.threads import set_threads
+
+from _tiny import TinyFeatures
 from _spawn import run_ranks  # noqa: E402
 
 set_threads()
@@ -45,17 +47,6 @@ class TinyVelocityNet(nn.Module):
         return self.conv1(torch.tanh(h)) - x
 
 
-class TinyFeatures(nn.Module):
-    def __init__(self, seed: int, dim: int = FEAT_DIM):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.dim = dim
-        self.conv = nn.Conv2d(1, dim, 3, stride=2, padding=1)
-
-    def forward(self, x):
-        return torch.tanh(self.conv(x)).mean((2, 3)) + 0.1 * x.flatten(1)[:, : self.dim]
-
-
 def make_net() -> TinyVelocityNet:
     torch.manual_seed(0)
     return TinyVelocityNet()
@@ -76,7 +67,7 @@ def make_reward():
 
     st = real_stats(3)
     init = np.random.default_rng(4).normal(size=(40, FEAT_DIM)) * 0.1
-    return DistributionReward(TinyFeatures(1).eval().requires_grad_(False), ReferenceSet(init, st.mu, st.sigma),
+    return DistributionReward(TinyFeatures(1, FEAT_DIM).eval().requires_grad_(False), ReferenceSet(init, st.mu, st.sigma),
                               mode="fast", credit="sample")
 
 
@@ -84,7 +75,7 @@ def make_evaluator(real_images: bool):
     """Real features (KID, precision/recall: gathered features) or statistics only (FD: merged sums)."""
     from distreward.evaluation import Evaluator
 
-    nets = (TinyFeatures(1), TinyFeatures(2))
+    nets = (TinyFeatures(1, FEAT_DIM), TinyFeatures(2, FEAT_DIM))
     if real_images:
         g = torch.Generator().manual_seed(11)
         ref = (0.6 * torch.randn((200, *SHAPE), generator=g)).clamp(-1, 1)

@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from distreward.utils import dist as D
 from distreward.utils.threads import set_threads
+
+from _tiny import TinyFeatures
 from _spawn import run_ranks  # noqa: E402
 
 set_threads()
@@ -57,23 +58,12 @@ def real_stats():
     return f.mean(0), np.cov(f, rowvar=False)
 
 
-class TinyFeatures(nn.Module):
-    def __init__(self, seed: int, dim: int = FEAT_DIM):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.dim = dim
-        self.conv = nn.Conv2d(1, dim, 3, stride=2, padding=1)
-
-    def forward(self, x):
-        return torch.tanh(self.conv(x)).mean((2, 3)) + 0.1 * x.flatten(1)[:, : self.dim]
-
-
 def make_evaluator(real_images: bool):
     """Real images (KID, precision/recall: gathered features) or statistics only (FD: merged sums)."""
     from distreward.evaluation import Evaluator
     from distreward.metrics import GaussianStats
 
-    nets, labels = (TinyFeatures(1), TinyFeatures(2)), ["fmnist-reward", "fmnist-eval"]
+    nets, labels = (TinyFeatures(1, FEAT_DIM), TinyFeatures(2, FEAT_DIM)), ["fmnist-reward", "fmnist-eval"]
     if real_images:
         ref = (0.6 * torch.randn((200, *SHAPE), generator=torch.Generator().manual_seed(11))).clamp(-1, 1)
         return Evaluator(ref, feature_nets=nets, labels=labels, cache_dir=None, max_real=200, kid_subsets=5,
