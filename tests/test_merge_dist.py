@@ -167,13 +167,14 @@ def test_policy_and_reference_set_after_two_iterations_equal_one_process(two_ran
     assert ref["ptr"] == 12 and not np.allclose(ref["rows"], ref["first_rows"])    # two pushes of 6 rows went in
     for o in res:
         d = o["direct"]
-        np.testing.assert_allclose(d["first_rows"], ref["first_rows"], rtol=1e-6, atol=1e-9)
-        np.testing.assert_allclose(d["rows"], ref["rows"], rtol=1e-6, atol=1e-9)
+        # float32 features: batches and thread counts differ between the runs, so equal up to float32 rounding
+        np.testing.assert_allclose(d["first_rows"], ref["first_rows"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(d["rows"], ref["rows"], rtol=1e-5, atol=1e-6)
         assert d["ptr"] == ref["ptr"]
-        np.testing.assert_allclose(d["r"], ref["r"], rtol=1e-6, atol=1e-10)
-        np.testing.assert_allclose(d["r_max"], ref["r_max"], rtol=1e-6, atol=1e-10)
-        torch.testing.assert_close(d["mean"], ref["mean"], rtol=1e-6, atol=1e-8)
-        torch.testing.assert_close(d["log_std"], ref["log_std"], rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(d["r"], ref["r"], rtol=1e-4, atol=1e-9)
+        np.testing.assert_allclose(d["r_max"], ref["r_max"], rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(d["mean"], ref["mean"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(d["log_std"], ref["log_std"], rtol=1e-5, atol=1e-6)
     assert not np.allclose(ref["w"], [1 / 3] * 3)                               # the policy moved
     # the replicas are identical, bit for bit
     a, b = res[0]["direct"], res[1]["direct"]
@@ -185,9 +186,9 @@ def test_run_merge_equals_one_process_and_only_rank0_writes(two_ranks, single):
     one = single["two"]
     for o in res:
         two = o["two"]
-        np.testing.assert_allclose(two["merged"]["w"], one["merged"]["w"], rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(two["merged"]["w"], one["merged"]["w"], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose([h["r_mean"] for h in two["history"]], [h["r_mean"] for h in one["history"]],
-                                   rtol=1e-6, atol=1e-10)
+                                   rtol=1e-4, atol=1e-9)
         # sharded evaluations (gathered features) of the baselines and the merged model
         for name in ("last", "uniform"):
             assert two["baselines"][name]["n"] == 10
@@ -199,7 +200,7 @@ def test_run_merge_equals_one_process_and_only_rank0_writes(two_ranks, single):
     # rank 0's checkpoint holds the single-process reference set
     a, b = reference_state(outdir / "two"), reference_state(single["dir"] / "two")
     assert a["ptr"] == b["ptr"]
-    np.testing.assert_allclose(a["rows"], b["rows"], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(a["rows"], b["rows"], rtol=1e-5, atol=1e-6)
     # one writer: each iteration logged once, one set of outputs
     for name in ("two", "cut"):
         recs = [json.loads(x) for x in (outdir / name / "metrics.jsonl").read_text().splitlines()]
