@@ -96,7 +96,7 @@ def main() -> None:
     p.add_argument("--reference", type=int, default=1000)
     p.add_argument("--run-dir", default=None)
     p.add_argument("overrides", nargs="*", help="null: key=value overrides of the fmnist_grpo preset")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
     set_threads(args.threads)
     print(json.dumps(agreement(args) if args.check == "agreement" else null(args), indent=1))
 
