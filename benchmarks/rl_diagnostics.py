@@ -5,10 +5,14 @@ agreement: do the subset-replace rewards on the reward's feature network and on 
     trainer's rollout sampler), a reference set of `--reference` independent base samples, and prints the Pearson
     correlation of the two networks' per-sample rewards, raw and centred within groups (what GRPO's advantages
     see), and the share of the reward spread that lies within groups.
+samplers: FD / precision / recall of `--n` base samples (fixed seed, class-balanced) drawn by the inference ODE
+    sampler and by the rollout samplers GRPO could use (Flow-GRPO SDE step, CPS; clean last step; T = 10 or 20):
+    how far each rollout distribution is from what the ODE serves.
 null: GRPO on the fmnist_grpo preset with rewards that carry no information (i.i.d. normal): how far noise alone
     moves the evaluation metrics in the same budget (compare with the preset's own runs at the same seed).
 
     .venv/bin/python benchmarks/rl_diagnostics.py agreement --threads 1
+    .venv/bin/python benchmarks/rl_diagnostics.py samplers --n 2000 --threads 2
     .venv/bin/python benchmarks/rl_diagnostics.py null --seed 0 --threads 1 [key=value ...]
 """
 
@@ -64,6 +68,37 @@ def agreement(args) -> dict:
             "networks": list(ev.labels), "samples": int(groups.numel()), "reference": args.reference}
 
 
+def samplers(args) -> dict:
+    from distreward.evaluation import Evaluator
+    from distreward.models import load_generator
+    from distreward.rl.grpo import balanced_labels
+    from distreward.sampling import FlowVelocity, ode_sample, rollout, sigma_schedule
+
+    model, ev = FlowVelocity(load_generator(args.model).eval()), Evaluator.for_fmnist()
+
+    def ode(T):
+        return lambda z, lab, g: ode_sample(model, z, lab, sigma_schedule(T), method="euler")
+
+    def sde(T, levels, step="sde"):
+        return lambda z, lab, g: rollout(model, z, lab, sigma_schedule(T), levels, generator=g, step=step).xs[-1]
+
+    cases = {"ode euler T=20 (the evaluation sampler)": ode(20), "ode euler T=10": ode(10),
+             "sde a=0.3 T=10": sde(10, [0.3] * 9 + [0.0]), "sde a=0.3 T=20": sde(20, [0.3] * 19 + [0.0]),
+             "sde a=0.3 T=10, noise on steps 0-5 only": sde(10, [0.3] * 6 + [0.0] * 4),
+             "cps a=0.3 T=10": sde(10, [0.3] * 9 + [0.0], "cps"), "cps a=0.5 T=10": sde(10, [0.5] * 9 + [0.0], "cps")}
+    out = {}
+    for name, fn in cases.items():
+        g = torch.Generator().manual_seed(args.seed)
+        labels = balanced_labels(args.n, 10)
+        noise = torch.randn((args.n, 1, 32, 32), generator=g)
+        with torch.no_grad():
+            images = torch.cat([fn(noise[i:i + 500], labels[i:i + 500], g).clamp(-1, 1) for i in range(0, args.n, 500)])
+        m = ev.evaluate(images)
+        out[name] = {k: round(float(m[k]), 4) for k in ("fd_reward", "fd_eval", "precision", "recall")}
+        print(name, out[name], flush=True)
+    return out
+
+
 def null(args) -> dict:
     from distreward.config import load_config
     from distreward.reward.rewards import Reward
@@ -87,7 +122,8 @@ def null(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("check", choices=["agreement", "null"])
+    p.add_argument("check", choices=["agreement", "samplers", "null"])
+    p.add_argument("--n", type=int, default=2000, help="samplers: samples per sampler")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="weights/fmnist-base.safetensors")
@@ -98,7 +134,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="null: key=value overrides of the fmnist_grpo preset")
     args = p.parse_intermixed_args()
     set_threads(args.threads)
-    print(json.dumps(agreement(args) if args.check == "agreement" else null(args), indent=1))
+    print(json.dumps({"agreement": agreement, "samplers": samplers, "null": null}[args.check](args), indent=1))
 
 
 if __name__ == "__main__":
