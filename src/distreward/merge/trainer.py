@@ -321,40 +321,17 @@ class MergeRL:
 
 def evaluate_weights(rl: MergeRL, w, evaluator, cfg) -> dict:
     """Held-out metrics of theta(w): cfg.eval.n ODE samples from the fixed evaluation seed (split over the ranks
-    under torchrun: `evaluate_sharded`)."""
+    under torchrun in sampler batches, merged by `rl.grpo.sharded_metrics`)."""
     noise, labels = rl.noise(int(cfg.eval.n), int(cfg.eval.seed))
     if D.world_size() == 1:
         metrics = evaluator.evaluate(rl.images(np.asarray(w, np.float64), noise, labels))
     else:
-        metrics = evaluate_sharded(rl, np.asarray(w, np.float64), noise, labels, evaluator, cfg)
+        from ..rl.grpo import sharded_metrics
+
+        batches = (images for _, images in rl.local_images([np.asarray(w, np.float64)], noise, labels))
+        metrics = sharded_metrics(evaluator, batches, tuple(cfg.model.image_shape))
     out = {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v) for k, v in metrics.items()}
     return out
-
-
-def evaluate_sharded(rl: MergeRL, w, noise, labels, evaluator, cfg) -> dict:
-    """The evaluation samples split over the ranks in sampler batches. An Evaluator's features are gathered when it
-    has real features (KID, precision/recall need them), else their float64 sums are merged (FD); an evaluator
-    without feature networks gets the gathered images."""
-    from ..metrics import GaussianStats
-    from ..rl.grpo import fd_from_stats
-
-    nets = getattr(evaluator, "nets", None)
-    if nets is None:
-        shape = tuple(cfg.model.get("pixel_shape") or cfg.model.image_shape)
-        local = [im for _, im in rl.local_images([w], noise, labels)]
-        return evaluator.evaluate(D.all_gather_rows(torch.cat(local) if local else torch.zeros((0, *shape))))
-    keep = evaluator.has_real_features
-    stats = [GaussianStats(int(net.dim)) for net in nets]
-    feats: list[list[np.ndarray]] = [[] for _ in nets]
-    for _, images in rl.local_images([w], noise, labels):
-        for i, f in enumerate(evaluator.features(images)):
-            stats[i].update(f)
-            if keep:
-                feats[i].append(f)
-    if keep:
-        return evaluator.evaluate_features([D.all_gather_rows(np.concatenate(f) if f else np.zeros((0, st.dim)))
-                                            for f, st in zip(feats, stats)])
-    return fd_from_stats(evaluator, [D.merge_gaussian_stats(st) for st in stats])
 
 
 def baseline_weights(ckpts: CheckpointSet, cfg) -> dict[str, np.ndarray]:

@@ -360,54 +360,59 @@ def fd_from_stats(evaluator, stats: list) -> dict:
             "kid_std": None, "precision": None, "recall": None, "n": int(stats[0].n)}
 
 
-def evaluate_sharded(net, evaluator, cfg, *, arch: str, decode, progress: bool = False,
-                     desc: str = "eval") -> tuple[dict, torch.Tensor]:
-    """Evaluation for latent models and for several processes: cfg.eval.n class-balanced samples in batches of
-    eval.batch_size, batch b from its own seed; each rank samples a contiguous block of batches and keeps only
-    features (never all images). FD comes from the merged float64 sums (utils.dist.merge_gaussian_stats); KID and
-    precision/recall, where the evaluator has real features, from the gathered features. Returns (metrics, the
-    first eval.grid images of rank 0)."""
-    from tqdm.auto import tqdm
-
+def sharded_metrics(evaluator, batches, empty_shape) -> dict:
+    """The evaluator's metrics of every rank's image batches together: this rank's `batches` (an iterable of image
+    tensors) are reduced to features; FD comes from the merged float64 sums (utils.dist.merge_gaussian_stats), KID
+    and precision/recall, where the evaluator has real features, from the gathered features. A stand-in evaluator
+    without networks scores the gathered images (`empty_shape`: the trailing shape a rank without batches sends)."""
     from ..features import compute_features
     from ..metrics import GaussianStats
 
-    ev = cfg["eval"]
-    n, bs, grid = int(ev["n"]), int(ev["batch_size"]), int(ev.get("grid", 0))
-    shape, num_classes = tuple(cfg["model"]["image_shape"]), int(cfg["model"]["num_classes"])
-    labels_all = balanced_labels(n, num_classes)
     nets = getattr(evaluator, "nets", None)
-    stats = [GaussianStats(int(f.dim)) for f in nets] if nets is not None else None
-    keep = nets is None or evaluator.has_real_features
-    feats: list[list] = [[] for _ in (nets or [None])]
-    shown = []
-    n_batches = (n + bs - 1) // bs
-    for b in tqdm(D.shard_indices(n_batches), desc=desc, disable=not progress, unit="batch", leave=False):
-        lo, hi = b * bs, min(n, (b + 1) * bs)
-        g = _eval_batch_generator(int(ev["seed"]), b)
-        noise = torch.randn((hi - lo, *shape), generator=g)
-        images = eval_samples(net, labels_all[lo:hi], noise, cfg, arch=arch, generator=g, decode=decode).cpu()
-        if sum(x.shape[0] for x in shown) < grid:
-            shown.append(images[:grid])
-        if nets is None:
-            feats[0].append(images)
-            continue
+    if nets is None:
+        local = list(batches)
+        return dict(evaluator.evaluate(D.all_gather_rows(torch.cat(local) if local else torch.zeros((0, *empty_shape)))))
+    stats = [GaussianStats(int(f.dim)) for f in nets]
+    keep = evaluator.has_real_features
+    feats: list[list] = [[] for _ in nets]
+    for images in batches:
         for i, fnet in enumerate(nets):
             f = compute_features(fnet, images, batch_size=getattr(evaluator, "batch_size", 500))
             stats[i].update(f)
             if keep:
                 feats[i].append(f)
-    grid_images = torch.cat(shown)[:grid] if shown else torch.zeros((0, *shape))
-    if nets is None:        # a stand-in evaluator without networks: it scores the gathered images
-        local = torch.cat(feats[0]) if feats[0] else torch.zeros((0, 3, 1, 1))
-        return dict(evaluator.evaluate(D.all_gather_rows(local))), grid_images
-    merged = [D.merge_gaussian_stats(st) for st in stats]
     if keep:
-        gathered = [D.all_gather_rows(np.concatenate(f) if f else np.zeros((0, st.dim))) for f, st in zip(feats, stats)]
-        metrics = evaluator.evaluate_features(gathered)
-    else:
-        metrics = fd_from_stats(evaluator, merged)
-    return metrics, grid_images
+        return evaluator.evaluate_features([D.all_gather_rows(np.concatenate(f) if f else np.zeros((0, st.dim)))
+                                            for f, st in zip(feats, stats)])
+    return fd_from_stats(evaluator, [D.merge_gaussian_stats(st) for st in stats])
+
+
+def evaluate_sharded(net, evaluator, cfg, *, arch: str, decode, progress: bool = False,
+                     desc: str = "eval") -> tuple[dict, torch.Tensor]:
+    """Evaluation for latent models and for several processes: cfg.eval.n class-balanced samples in batches of
+    eval.batch_size, batch b from its own seed; each rank samples a contiguous block of batches and keeps only
+    features (never all images), merged by `sharded_metrics`. Returns (metrics, the first eval.grid images of
+    rank 0)."""
+    from tqdm.auto import tqdm
+
+    ev = cfg["eval"]
+    n, bs, grid = int(ev["n"]), int(ev["batch_size"]), int(ev.get("grid", 0))
+    shape, num_classes = tuple(cfg["model"]["image_shape"]), int(cfg["model"]["num_classes"])
+    labels_all = balanced_labels(n, num_classes)
+    shown = []
+
+    def batches():
+        for b in tqdm(D.shard_indices((n + bs - 1) // bs), desc=desc, disable=not progress, unit="batch", leave=False):
+            lo, hi = b * bs, min(n, (b + 1) * bs)
+            g = _eval_batch_generator(int(ev["seed"]), b)
+            noise = torch.randn((hi - lo, *shape), generator=g)
+            images = eval_samples(net, labels_all[lo:hi], noise, cfg, arch=arch, generator=g, decode=decode).cpu()
+            if sum(x.shape[0] for x in shown) < grid:
+                shown.append(images[:grid])
+            yield images
+
+    metrics = sharded_metrics(evaluator, batches(), shape)
+    return metrics, (torch.cat(shown)[:grid] if shown else torch.zeros((0, *shape)))
 
 
 @torch.no_grad()
