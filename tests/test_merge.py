@@ -249,6 +249,32 @@ def test_run_merge_outputs_and_resume(tmp_path):
         assert torch.equal(t, ref[name])
 
 
+def test_baselines_with_the_same_weights_are_evaluated_once(tmp_path, monkeypatch):
+    import distreward.merge.trainer as T
+
+    class Counting(StubEvaluator):
+        calls = 0
+
+        def evaluate(self, images):
+            Counting.calls += 1
+            return super().evaluate(images)
+
+    real = T.baseline_weights
+
+    def with_twin(ckpts, cfg):      # phema at the snapshots' own length: the last snapshot up to rounding
+        out = real(ckpts, cfg)
+        out["phema@0.1"] = out["last"] + np.array([1e-9, -1e-9, 0.0])
+        return out
+
+    monkeypatch.setattr(T, "baseline_weights", with_twin)
+    res = run_merge(tiny_cfg(iterations=1), tmp_path / "run", ckpts=CheckpointSet.open(tiny_checkpoints(tmp_path)),
+                    sample_fn=euler_sampler(), feature_fn=feature_fn, evaluator=Counting(), real_stats=real_stats(),
+                    progress=False)
+    assert Counting.calls == 3      # last, uniform (also the initial mean), merged
+    twin, last = res["baselines"]["phema@0.1"], res["baselines"]["last"]
+    assert {k: v for k, v in twin.items() if k != "w"} == {k: v for k, v in last.items() if k != "w"}
+    assert twin["w"] != last["w"]
+
 
 def test_phema_baselines_use_the_train_solve(tmp_path):
     from distreward.merge.trainer import baseline_weights, initial_mean, open_checkpoints

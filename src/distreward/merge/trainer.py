@@ -413,7 +413,10 @@ def run_merge(cfg, run_dir, *, resume: bool = False, ckpts: CheckpointSet | None
                     real_mu=real_stats[0], real_sigma=real_stats[1], device=device)
     for name, w in tqdm(base_w.items(), desc="baselines", disable=not progress, leave=False):
         if name not in results:
-            results[name] = {**evaluate_weights(probe, w, evaluator, cfg), "w": w.tolist()}
+            # phema at the snapshots' own EMA length is (numerically) the last snapshot: evaluate those weights once
+            twin = next((k for k, r in results.items() if np.allclose(r["w"], w, rtol=0.0, atol=1e-6)), None)
+            metrics = {k: v for k, v in results[twin].items() if k != "w"} if twin else evaluate_weights(probe, w, evaluator, cfg)
+            results[name] = {**metrics, "w": w.tolist()}
             if main:
                 atomic_save_json(bpath, results)
     del probe
