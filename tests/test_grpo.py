@@ -428,3 +428,56 @@ def test_group_credit_with_group_advantages_is_refused(tmp_path):
     cfg["reward"] = {"name": "distribution", "credit": "group"}
     with pytest.raises(ValueError, match="credit=sample"):
         finetune(cfg, tmp_path, net=make_net(), reward=BrightnessReward(), progress=False)
+
+
+def test_ode_rows_are_the_euler_ode_of_the_policy():
+    from distreward.rl.grpo import ode_rows
+    from distreward.sampling import FlowVelocity, ode_sample, sigma_schedule
+
+    model, sigmas, labels = FlowVelocity(make_net()), sigma_schedule(4), torch.tensor([0, 2, 1])
+    rows = ode_rows(model, labels, SHAPE, sigmas, torch.Generator().manual_seed(3), "cpu", batch_size=2)
+    noise = torch.randn((3, *SHAPE), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(rows, ode_sample(model, noise, labels, sigmas).clamp(-1, 1))
+
+
+@pytest.mark.slow
+def test_ode_reference_set_holds_ode_samples_of_the_policy(tmp_path, monkeypatch):
+    import distreward.rl.grpo as grpo
+    from distreward.features import compute_features
+    from distreward.sampling import FlowVelocity, ode_sample, sigma_schedule
+
+    pushed = []
+
+    def recording(model, labels, *args, **kw):
+        out = real(model, labels, *args, **kw)
+        pushed.append((labels.clone(), out.clone()))
+        return out
+
+    real = grpo.ode_rows
+    monkeypatch.setattr(grpo, "ode_rows", recording)
+    cfg = tiny_cfg(iterations=2, reference="ode", push="one_per_group")
+    cfg["reward"] = {"name": "distribution", "mode": "fast", "credit": "sample", "features": "fmnist-reward",
+                     "reference_size": 24}
+    cfg["eval"]["every"] = 0
+    ev = tiny_evaluator()
+    res = grpo.finetune(cfg, tmp_path, net=make_net(), evaluator=ev, progress=False)
+    # the initial rows: Euler-ODE samples of the base (one batch: the noise is the first draw of the seed)
+    noise = torch.randn((24, *SHAPE), generator=torch.Generator().manual_seed(7919))
+    with torch.no_grad():
+        base = ode_sample(FlowVelocity(make_net()), noise, grpo.balanced_labels(24, 3), sigma_schedule(4)).clamp(-1, 1)
+    np.testing.assert_allclose(np.load(tmp_path / "base_reference_features.npy"),
+                               compute_features(ev.nets[0], base), rtol=1e-5, atol=1e-6)
+    # each iteration pushes one ODE sample per group (P = 2), with the group's label, and nothing else
+    assert [lab.shape[0] for lab, _ in pushed] == [2, 2]
+    ref = res["reward"].ref
+    latest = np.concatenate([compute_features(ev.nets[0], img) for _, img in pushed])
+    np.testing.assert_allclose(ref.rows[:4], latest, rtol=1e-6)
+    assert ref.pushed == 4
+
+
+def test_bad_reference_sampler_is_named(tmp_path):
+    from distreward.rl.grpo import finetune
+
+    with pytest.raises(ValueError, match="rl.reference must be 'rollout' or 'ode'"):
+        finetune(tiny_cfg(reference="sde"), tmp_path, net=make_net(), reward=BrightnessReward(), progress=False)

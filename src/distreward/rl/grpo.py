@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
         "labels": "balanced",       # balanced: every class equally often over iterations (draw_labels) | random
         "shared_noise": False,      # one starting noise per group (start_noise)
         "push": "all",              # all | one_per_group: the samples that enter the reference set after a step
+        "reference": "rollout",     # rollout: the reference set holds the rollouts | ode: Euler-ODE samples (a = 0)
         "group_size": 8,            # G
         "steps": 10,                # T
         "shift": 1.0,
@@ -123,6 +124,29 @@ def rollout_noise_levels(rl) -> list[float]:
     elif where != "all":
         raise ValueError(f"rl.noise_steps must be 'all' or 'window', got {where!r}")
     return levels
+
+
+def reference_noise_levels(rl):
+    """The sampler of the reference set's rows: the rollouts' (rl.reference = rollout), or the Euler ODE on the
+    rollout grid (ode, a = 0 on every step): then the set holds what the inference sampler serves, and a candidate
+    is rewarded for what it would fix in the ODE's distribution rather than the SDE's."""
+    return 0.0 if str(rl.get("reference", "rollout")) == "ode" else rollout_noise_levels(rl)
+
+
+@torch.no_grad()
+def ode_rows(model, labels: torch.Tensor, image_shape, sigmas: torch.Tensor, generator: torch.Generator, device,
+             decode=None, batch_size: int = 256) -> torch.Tensor:
+    """Step 5 with rl.reference = ode: one Euler-ODE sample of the current policy per label, from fresh noise
+    (the same draws on every rank, so every replica of the reference set takes the same rows); decoded, clamped."""
+    from ..sampling import ode_sample
+
+    noise = torch.randn((labels.shape[0], *image_shape), generator=generator)
+    out = []
+    for i in range(0, labels.shape[0], batch_size):
+        x = ode_sample(model, noise[i:i + batch_size].to(device), labels[i:i + batch_size].to(device),
+                       sigmas.to(device), method="euler")
+        out.append((x if decode is None else decode(x)).clamp(-1, 1))
+    return torch.cat(out)
 
 
 def start_noise(groups: torch.Tensor, image_shape, generator: torch.Generator, shared: bool = False) -> torch.Tensor:
@@ -434,7 +458,7 @@ def reference_features(model, decode, feature_net, n: int, cfg, *, progress: boo
         lab = labels[i:i + bs]
         noise = torch.randn((lab.shape[0], *shape), generator=gen)
         rows = D.shard_indices(lab.shape[0])
-        traj = parallel.rollout_rows(model, noise, lab, sigmas, rollout_noise_levels(rl), gen, rows, device)
+        traj = parallel.rollout_rows(model, noise, lab, sigmas, reference_noise_levels(rl), gen, rows, device)
         if len(rows):
             out.append(compute_features(feature_net, decode(traj.xs[-1]).cpu(), batch_size=bs))
             index.append(np.arange(i + rows.start, i + rows.stop))
@@ -504,7 +528,7 @@ def build_reward_for_run(cfg, net, run_dir: Path, evaluator=None, *, progress: b
         rl = cfg["rl"]
         images, _ = sde_images(net, n, num_classes=int(cfg["model"]["num_classes"]),
                                image_shape=tuple(cfg["model"]["image_shape"]), steps=int(rl["steps"]),
-                               a=rollout_noise_levels(rl), shift=float(rl["shift"]), seed=int(cfg["seed"]) + 7919,
+                               a=reference_noise_levels(rl), shift=float(rl["shift"]), seed=int(cfg["seed"]) + 7919,
                                batch_size=int(rl["batch_size"]), device=cfg["device"], progress=progress,
                                desc="reference set: base samples")
         feats = compute_features(feature_net, images)
@@ -548,6 +572,8 @@ def _check_config(cfg, world: int = 1) -> None:
         raise ValueError(f"rl.labels must be 'balanced' or 'random', got {rl.labels!r}")
     if rl.push not in ("all", "one_per_group"):
         raise ValueError(f"rl.push must be 'all' or 'one_per_group', got {rl.push!r}")
+    if rl.get("reference", "rollout") not in ("rollout", "ode"):
+        raise ValueError(f"rl.reference must be 'rollout' or 'ode', got {rl.reference!r}")
     if int(rl.group_size) < 2:
         raise ValueError(f"rl.group_size must be >= 2 (advantages are relative within a group), got {rl.group_size}")
     if float(rl.noise_level) <= 0:
@@ -640,6 +666,7 @@ def finetune(cfg, run_dir, *, resume: bool = False, net: torch.nn.Module | None 
     sigmas = sigma_schedule(int(rl.steps), shift=float(rl.shift))
     P, G, T, a = int(rl.labels_per_iter), int(rl.group_size), int(rl.steps), rollout_noise_levels(rl)
     shared, push_every = bool(rl.shared_noise), (G if rl.push == "one_per_group" else 1)
+    ode_reference = rl.get("reference", "rollout") == "ode"
     rows = parallel.group_rows(P, G)
 
     ckpt_path = run.checkpoints / "last.pt"
@@ -728,7 +755,10 @@ def finetune(cfg, run_dir, *, resume: bool = False, net: torch.nn.Module | None 
             stats = update_sharded(net, model, ref_model, ema, optimizer, ro, steps, rl, gen, rows, P * G)
         t3 = time.perf_counter()
         # 5. the new samples enter the reference set (the same rows on every rank)
-        if world == 1:
+        if ode_reference:
+            reward.after_step(ode_rows(model, labels[::push_every], tuple(cfg.model.image_shape), sigmas, gen, device,
+                                       decode, int(rl.batch_size)), labels[::push_every].to(device))
+        elif world == 1:
             reward.after_step(images[::push_every], ro.labels[::push_every].to(device))
         else:
             parallel.push(reward, images, ro.labels.to(device), gathered, every=push_every)
