@@ -326,7 +326,7 @@ def test_finetune_logs_checkpoints_and_evaluates(tmp_path):
     its = [r for r in recs if "r_mean" in r]
     assert [r["iteration"] for r in its] == [1, 2, 3, 4]
     for key in ("r_mean", "r_std", "zero_std_frac", "kl_approx", "clip_hi", "clip_lo", "loss_pg", "loss_kl",
-                "rho_mean/t0", "rho_mean/t1", "time_rollout", "time_reward", "time_update", "grad_norm"):
+                "rho_mean/t0", "rho_mean/t1", "time_rollout", "time_reward", "time_update", "time_push", "grad_norm"):
         assert key in its[0] and np.isfinite(its[0][key]), key
     assert "rho_mean/t2" not in its[0]                      # window of 2 steps
     assert [e["iteration"] for e in res["evals"]] == [0, 2, 4]

@@ -763,9 +763,10 @@ def finetune(cfg, run_dir, *, resume: bool = False, net: torch.nn.Module | None 
         else:
             parallel.push(reward, images, ro.labels.to(device), gathered, every=push_every)
         fd_ref = _reference_fd(reward)
+        t4 = time.perf_counter()
         record = {"iteration": it + 1, "r_mean": float(r_all.mean()), "r_std": float(r_all.std()),
                   "fd_ref": fd_ref, "zero_std_frac": float(zero_std.float().mean()), **stats,
-                  "time_rollout": t1 - t0, "time_reward": t2 - t1, "time_update": t3 - t2}
+                  "time_rollout": t1 - t0, "time_reward": t2 - t1, "time_update": t3 - t2, "time_push": t4 - t3}
         history.append({k: v for k, v in record.items() if not k.startswith("rho_mean/")})
         log(record)
         for k, v in record.items():
