@@ -43,7 +43,7 @@ def agreement(args) -> dict:
     from distreward.rl.grpo import balanced_labels, rollout_noise_levels, start_noise
     from distreward.sampling import FlowVelocity, sigma_schedule
 
-    cfg = load_config("fmnist_grpo")
+    cfg = load_config("fmnist_grpo", args.overrides)
     net = load_generator(args.model).eval()
     model, ev = FlowVelocity(net), Evaluator.for_fmnist()
     sigmas, levels = sigma_schedule(int(cfg.rl.steps)), rollout_noise_levels(cfg.rl)
@@ -131,7 +131,7 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--reference", type=int, default=1000)
     p.add_argument("--run-dir", default=None)
-    p.add_argument("overrides", nargs="*", help="null: key=value overrides of the fmnist_grpo preset")
+    p.add_argument("overrides", nargs="*", help="agreement, null: key=value overrides of the fmnist_grpo preset")
     args = p.parse_intermixed_args()
     set_threads(args.threads)
     print(json.dumps({"agreement": agreement, "samplers": samplers, "null": null}[args.check](args), indent=1))

@@ -50,7 +50,7 @@ def tiny_setup(tmp_path):
     overrides = [f"model.path={tmp_path / 'base.safetensors'}", "rl.iterations=2", "rl.labels_per_iter=2",
                  "rl.group_size=3", "rl.steps=3", "rl.train_steps.window=1", "reward.reference_size=24",
                  "eval.n=20", "eval.steps=3", "eval.every=1", "eval.grid=10", "eval.batch_size=20",
-                 "checkpoint.every=1"]
+                 "checkpoint.every=1", "demo.crosscheck_steps=2"]
     return tmp_path, ev, overrides
 
 
@@ -64,12 +64,19 @@ def test_demo_writes_report_and_metrics_and_reuses_stages(tiny_setup, monkeypatc
     tmp_path, ev, overrides = tiny_setup
     run_dir = tmp_path / "demo"
     m = demo.run_demo(run_dir, compare=True, overrides=overrides, progress=False, evaluator=ev)
-    assert set(m) == {"base", "distribution", "sample"}
+    assert set(m) == {"base", "distribution", "sample", "crosscheck"}
     for name in ("distribution", "sample"):
-        assert {"fd_reward", "fd_eval", "precision", "recall", "reward_mean"} <= set(m[name])
+        assert {"fd_reward", "fd_eval", "precision", "recall", "reward_mean", "classifier_logp"} <= set(m[name])
+        assert m[name]["classifier_logp"] < 0
+    # the cross-check sampler (2 Euler steps instead of the served 3) gives other numbers for the same models
+    cross = m["crosscheck"]
+    assert cross["steps"] == 2 and set(cross["models"]) == {"base", "distribution", "sample"}
+    assert cross["models"]["base"]["fd_eval"] != m["base"]["fd_eval"]
+    assert cross["models"]["base"]["n"] == m["base"]["n"] == 20
     assert m["sample"]["reward"] == "classifier" and m["distribution"]["reward"] == "distribution"
     report = (run_dir / "report.md").read_text()
-    for s in ("| base |", "| distribution |", "| sample |", "fd_curve.png", "samples_base.png", "samples_distribution.png"):
+    for s in ("| base |", "| distribution |", "| sample |", "fd_curve.png", "samples_base.png", "samples_distribution.png",
+              "Cross-check: the same models with the 2-step Euler sampler", "log p(class)"):
         assert s in report, s
     for png in ("fd_curve.png", "samples_base.png", "samples_distribution.png", "samples_sample.png"):
         assert (run_dir / png).stat().st_size > 100
@@ -85,7 +92,8 @@ def test_demo_writes_report_and_metrics_and_reuses_stages(tiny_setup, monkeypatc
     def boom(ctx):
         raise AssertionError("finished stages must not run again")
 
-    monkeypatch.setattr(demo, "BUILTIN_STAGES", [demo.Stage(s.name, boom, s.enabled) for s in demo.BUILTIN_STAGES])
+    monkeypatch.setattr(demo, "BUILTIN_STAGES", [demo.Stage(s.name, boom, s.enabled, s.section, s.row)
+                                                   for s in demo.BUILTIN_STAGES])
     demo.register_stage(demo.Stage("merge_ema", lambda ctx: {"fd_reward": 1.0, "fd_eval": 2.0, "precision": 0.5,
                                                              "recall": 0.5},
                                    section=lambda r, ctx: "## Merging\n\nmerge section text"))

@@ -74,15 +74,35 @@ def _metrics_only(m: dict) -> dict:
     return {k: m[k] for k in METRIC_KEYS if k in m}
 
 
+def classifier_logp(ctx: DemoContext, images) -> float | None:
+    """The sample-wise baseline's reward on the evaluation samples: mean log p(intended class | image) under its
+    classifier. Fixed samples (the evaluation's seeds), so base and fine-tuned models compare without the rollouts'
+    noise; None when the reward network has no classifier head."""
+    from .reward.rewards import ClassifierLogProbReward
+    from .rl.grpo import _evaluator_net, balanced_labels
+
+    net, _, _ = _evaluator_net(ctx.evaluator, str(ctx.sample_cfg.reward.get("features", "fmnist-reward")))
+    if net is None or not callable(getattr(net, "logits", None)):
+        return None
+    labels = balanced_labels(images.shape[0], int(ctx.cfg.model.num_classes))
+    return float(ClassifierLogProbReward(net)(images, labels).double().mean())
+
+
+def evaluate_model(ctx: DemoContext, net, cfg=None, desc: str = "evaluate") -> tuple[dict, Any]:
+    """Metrics of cfg.eval.n ODE samples of `net` (the evaluation's seeds) plus the classifier log-prob; and the images."""
+    from .rl.grpo import evaluate_generator
+
+    metrics, images = evaluate_generator(net, ctx.evaluator, cfg or ctx.cfg, progress=ctx.progress, desc=desc)
+    return {**_metrics_only(metrics), "classifier_logp": classifier_logp(ctx, images)}, images
+
+
 def stage_base(ctx: DemoContext) -> dict:
     """Evaluate the base model with the inference ODE sampler; sample grid 'before'."""
     from .report import save_image_grid
-    from .rl.grpo import evaluate_generator
 
-    metrics, images = evaluate_generator(ctx.base_net, ctx.evaluator, ctx.cfg, progress=ctx.progress,
-                                         desc="evaluate base")
+    metrics, images = evaluate_model(ctx, ctx.base_net, desc="evaluate base")
     save_image_grid(images[: int(ctx.cfg.eval.grid)], ctx.run_dir / "samples_base.png")
-    return {**_metrics_only(metrics), "iteration": 0}
+    return {**metrics, "iteration": 0}
 
 
 def _grpo_stage(name: str, cfg_attr: str) -> Callable[[DemoContext], dict]:
@@ -96,12 +116,12 @@ def _grpo_stage(name: str, cfg_attr: str) -> Callable[[DemoContext], dict]:
         base_eval = ctx.results.get("base")
         res = finetune(cfg, ctx.stage_dir(name), resume=not ctx.fresh, net=copy.deepcopy(ctx.base_net),
                        evaluator=ctx.evaluator, progress=ctx.progress, initial_eval=base_eval)
-        images, _ = ode_images(res["ema"], int(cfg.eval.grid), num_classes=int(cfg.model.num_classes),
+        images, _ = ode_images(res["ema"], int(cfg.eval.n), num_classes=int(cfg.model.num_classes),
                                image_shape=tuple(cfg.model.image_shape), steps=int(cfg.eval.steps),
                                method=cfg.eval.method, shift=float(cfg.rl.shift), seed=int(cfg.eval.seed),
-                               device=cfg.device)
-        save_image_grid(images, ctx.run_dir / f"samples_{name}.png")
-        return {**_metrics_only(res["final"]), "reward": cfg.reward.name,
+                               batch_size=int(cfg.eval.batch_size), device=cfg.device)   # the final evaluation's samples
+        save_image_grid(images[: int(cfg.eval.grid)], ctx.run_dir / f"samples_{name}.png")
+        return {**_metrics_only(res["final"]), "classifier_logp": classifier_logp(ctx, images), "reward": cfg.reward.name,
                 "reward_mean": res["reward_mean"], "reward_mean_first": res["reward_mean_first"],
                 "iterations": int(cfg.rl.iterations), "curve": [_metrics_only(e) | {"iteration": e["iteration"]}
                                                                 for e in res["evals"]],
@@ -110,10 +130,54 @@ def _grpo_stage(name: str, cfg_attr: str) -> Callable[[DemoContext], dict]:
     return run
 
 
+def crosscheck_steps(ctx: DemoContext) -> int | None:
+    """demo.crosscheck_steps of the preset: another step count of the Euler ODE sampler at which every model is
+    evaluated again (None, or the served sampler's own count: no cross-check)."""
+    steps = (ctx.cfg.get("demo") or {}).get("crosscheck_steps")
+    return int(steps) if steps and int(steps) != int(ctx.cfg.eval.steps) else None
+
+
+def stage_crosscheck(ctx: DemoContext) -> dict:
+    """The base and fine-tuned (EMA) models again, with the cross-check sampler: does what RL gained at the served
+    sampler hold at another one?"""
+    import copy
+
+    from .models import load_generator
+
+    cfg = copy.deepcopy(ctx.cfg)
+    cfg.eval.steps = crosscheck_steps(ctx)
+    models = {}
+    for name in ("base", "distribution", "sample"):
+        path = ctx.run_dir / name / "model_ema.safetensors"
+        if name != "base" and not (name in ctx.results and path.is_file()):
+            continue
+        net = ctx.base_net if name == "base" else load_generator(path).eval()
+        models[name], _ = evaluate_model(ctx, net, cfg, desc=f"{name} @ {cfg.eval.steps} steps")
+    return {"steps": int(cfg.eval.steps), "models": models}
+
+
+def crosscheck_section(result: dict, ctx: DemoContext) -> str:
+    from .report import metrics_table, relative_change
+
+    steps, rows = result["steps"], result["models"]
+    lines = [f"## Cross-check: the same models with the {steps}-step Euler sampler", "",
+             f"RL trained and the table above evaluated the served {ctx.cfg.eval.steps}-step sampler; here every "
+             f"model is sampled again with {steps} steps (same seeds, same n).", "", metrics_table(rows), ""]
+    base = rows.get("base")
+    for name, r in rows.items():
+        if name != "base" and base:
+            lines.append(f"- {name}: FD (reward features) {relative_change(r['fd_reward'], base['fd_reward']):+.1%}, "
+                         f"FD (held-out) {relative_change(r['fd_eval'], base['fd_eval']):+.1%}, "
+                         f"recall {r['recall'] - base['recall']:+.3f}")
+    return "\n".join(lines)
+
+
 BUILTIN_STAGES = [
     Stage("base", stage_base),
     Stage("distribution", _grpo_stage("distribution", "cfg")),
     Stage("sample", _grpo_stage("sample", "sample_cfg"), enabled=lambda ctx: ctx.compare),
+    Stage("crosscheck", stage_crosscheck, enabled=lambda ctx: crosscheck_steps(ctx) is not None,
+          section=crosscheck_section, row=False),
 ]
 EXTRA_STAGES: list[Stage] = []   # filled by register_stage (merge: "merge_ema", "merge_rl")
 
@@ -132,8 +196,9 @@ def write_report(ctx: DemoContext, stages: list[Stage], elapsed: float) -> Path:
     from .utils.io import atomic_save_json, atomic_write_bytes
 
     rows = {s.name: ctx.results[s.name] for s in stages if s.row and s.name in ctx.results}
-    atomic_save_json(ctx.run_dir / "metrics.json", {k: {kk: vv for kk, vv in v.items() if kk not in ("curve", "fd_ref_curve")}
-                                                    for k, v in rows.items()})
+    others = {s.name: ctx.results[s.name] for s in stages if not s.row and s.name in ctx.results}
+    atomic_save_json(ctx.run_dir / "metrics.json", {**{k: {kk: vv for kk, vv in v.items() if kk not in ("curve", "fd_ref_curve")}
+                                                       for k, v in rows.items()}, **others})
     base = rows.get("base")
     curves = {k: v["curve"] for k, v in rows.items() if "curve" in v}
     ref_curves = {k: v["fd_ref_curve"] for k, v in rows.items() if v.get("fd_ref_curve")}
@@ -158,7 +223,10 @@ def write_report(ctx: DemoContext, stages: list[Stage], elapsed: float) -> Path:
                 lines.append(f"- {name}: FD (reward features) {relative_change(r['fd_reward'], base['fd_reward']):+.1%}, "
                              f"FD (held-out) {relative_change(r['fd_eval'], base['fd_eval']):+.1%}, "
                              f"recall {r['recall'] - base['recall']:+.3f}, "
-                             f"reward mean {r['reward_mean_first']:.4g} -> {r['reward_mean']:.4g} (first -> last iteration)")
+                             f"reward mean {r['reward_mean_first']:.4g} -> {r['reward_mean']:.4g} (first -> last iteration)"
+                             + (f", classifier log p on the evaluation samples {base['classifier_logp']:.4f} -> "
+                                f"{r['classifier_logp']:.4f}" if r.get("classifier_logp") is not None
+                                and base.get("classifier_logp") is not None else ""))
         lines.append("")
     if curves:
         lines += ["## FD over iterations", "", "![FD over GRPO iterations](fd_curve.png)", ""]
