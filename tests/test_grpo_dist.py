@@ -87,6 +87,7 @@ def make_evaluator(real_images: bool):
 
 # one starting noise per group, and only each group's first sample enters the reference set
 GROUPED = {"shared_noise": True, "push": "one_per_group"}
+ODE_REFERENCE = {"reference": "ode", "push": "all"}
 
 
 def tiny_cfg(iterations: int = 1, every: int = 1, **rl):
@@ -135,6 +136,10 @@ def _worker(r: int, port: int, outdir: str) -> None:
     res = finetune(tiny_cfg(2, every=2, **GROUPED), os.path.join(outdir, "cut"), resume=True, net=make_net(), reward=make_reward(),
                    evaluator=make_evaluator(False), progress=False)
     out["resumed"] = snapshot(res)
+    # the reference set takes ODE samples of the policy (drawn alike on every rank) instead of the rollouts
+    res = finetune(tiny_cfg(2, every=2, **ODE_REFERENCE), os.path.join(outdir, "ode"), net=make_net(),
+                   reward=make_reward(), evaluator=make_evaluator(False), progress=False)
+    out["ode"] = snapshot(res)
     torch.save(out, os.path.join(outdir, f"rank{r}.pt"))
     D.destroy_distributed()
 
@@ -183,6 +188,21 @@ def test_shared_group_noise_and_one_push_per_group_equal_one_process(two_ranks, 
         assert o["full"]["ptr"] == one["ptr"]
         np.testing.assert_allclose(o["full"]["rows"], one["rows"], rtol=1e-5, atol=1e-8)
         np.testing.assert_allclose(o["full"]["r_mean"], one["r_mean"], rtol=1e-4, atol=1e-9)
+
+
+def test_ode_reference_pushes_equal_one_process(two_ranks, tmp_path):
+    """rl.reference=ode across 2 ranks: every replica takes the same P x G ODE rows as one process."""
+    from distreward.rl.grpo import finetune
+
+    one = snapshot(finetune(tiny_cfg(2, every=2, **ODE_REFERENCE), tmp_path, net=make_net(), reward=make_reward(),
+                            evaluator=make_evaluator(False), progress=False))
+    assert one["ptr"] == 2 * 12 % 40
+    _, res = two_ranks
+    for o in res:
+        assert o["ode"]["ptr"] == one["ptr"]
+        np.testing.assert_allclose(o["ode"]["rows"], one["rows"], rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(o["ode"]["r_mean"], one["r_mean"], rtol=1e-4, atol=1e-9)
+    assert np.array_equal(res[0]["ode"]["rows"], res[1]["ode"]["rows"])
 
 
 def test_sharded_update_equals_the_single_process_update(two_ranks, single):
