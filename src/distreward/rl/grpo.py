@@ -666,7 +666,7 @@ def finetune(cfg, run_dir, *, resume: bool = False, net: torch.nn.Module | None 
     sigmas = sigma_schedule(int(rl.steps), shift=float(rl.shift))
     P, G, T, a = int(rl.labels_per_iter), int(rl.group_size), int(rl.steps), rollout_noise_levels(rl)
     shared, push_every = bool(rl.shared_noise), (G if rl.push == "one_per_group" else 1)
-    ode_reference = rl.get("reference", "rollout") == "ode"
+    ode_reference = rl.get("reference", "rollout") == "ode" and parallel.has_own_after_step(reward)
     rows = parallel.group_rows(P, G)
 
     ckpt_path = run.checkpoints / "last.pt"

@@ -84,7 +84,8 @@ def score(reward, images: torch.Tensor, labels: torch.Tensor, groups: torch.Tens
     return D.all_gather_rows(r_local), None
 
 
-def _has_own_after_step(reward) -> bool:
+def has_own_after_step(reward) -> bool:
+    """Whether the reward keeps state that the new samples update (a reference set), i.e. overrides after_step."""
     from ..reward.rewards import Reward
 
     fn = getattr(type(reward), "after_step", None)
@@ -98,7 +99,7 @@ def push(reward, images: torch.Tensor, labels: torch.Tensor, gathered_features, 
     if gathered_features is not None:
         reward.ref.push(gathered_features[::every])
         reward._last = None
-    elif _has_own_after_step(reward):
+    elif has_own_after_step(reward):
         reward.after_step(D.all_gather_rows(images[::every].detach().cpu()), D.all_gather_rows(labels[::every].cpu()))
 
 
