@@ -73,7 +73,7 @@ def plot_fd_curves(curves: dict[str, list[dict]], path: str | os.PathLike, keys=
             ax.plot([r["iteration"] for r in recs], [r["fd_ref"] for r in recs], label=name)
         ax.set_xlabel("GRPO iteration")
         ax.set_ylabel("fd_ref")
-        ax.set_title("FD of the reference set (rollouts, reward features)")
+        ax.set_title("FD of the reward's reference set (reward features)")
         ax.grid(alpha=0.3)
         ax.legend()
     for ax, key in zip(axes[0], keys):

@@ -19,7 +19,9 @@ def run(args) -> int:
 
     metrics = run_demo(args.run_dir, compare=args.compare, overrides=args.overrides, fresh=args.fresh,
                        progress=not args.no_progress)
-    for name, m in metrics.items():
+    rows = dict(metrics)
+    cross = rows.pop("crosscheck", None)
+    for name, m in list(rows.items()) + [(f"{k} @{cross['steps']}", v) for k, v in (cross or {}).get("models", {}).items()]:
         figures = ", ".join(f"{k} {m[k]:.4g}" for k in ("fd_reward", "fd_eval", "precision", "recall") if k in m)
-        print(f"  {name:>12}: {figures}")
+        print(f"  {name:>16}: {figures}")
     return 0
