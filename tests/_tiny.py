@@ -1,4 +1,5 @@
-"""Tiny stand-ins shared by the multi-process tests: a seeded feature network small enough for 2 gloo ranks."""
+"""Tiny stand-ins shared by the tests: a seeded feature network small enough for 2 gloo ranks, and the same network
+with classifier logits (for the sample-wise reward and the evaluator in the GRPO tests)."""
 
 from __future__ import annotations
 
@@ -17,3 +18,14 @@ class TinyFeatures(nn.Module):
 
     def forward(self, x):
         return torch.tanh(self.conv(x)).mean((2, 3)) + 0.1 * x.flatten(1)[:, : self.dim]
+
+
+class TinyClassifier(TinyFeatures):
+    """TinyFeatures plus a linear head: `logits(x)`, as fmnist-reward has."""
+
+    def __init__(self, seed: int, dim: int = 6, num_classes: int = 3):
+        super().__init__(seed, dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def logits(self, x):
+        return self.head(self(x))

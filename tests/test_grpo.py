@@ -12,6 +12,8 @@ from torch import nn
 
 from distreward.utils.threads import set_threads
 
+from _tiny import TinyClassifier
+
 set_threads()   # $DISTREWARD_THREADS (1 in the project's test runs)
 
 from distreward.rl.losses import (approx_kl, clip_fractions, ema_update, gaussian_kl, group_advantages,
@@ -375,29 +377,12 @@ def test_bad_config_is_named(tmp_path):
 
 # --------------------------------------------------------------------------------------------- end to end (slow)
 
-class TinyFeatures(nn.Module):
-    """A random conv feature network (dim 6) with classifier logits, standing in for fmnist-reward/eval."""
-
-    def __init__(self, seed: int, dim: int = 6, num_classes: int = 3):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.dim = dim
-        self.conv = nn.Conv2d(1, dim, 3, stride=2, padding=1)
-        self.head = nn.Linear(dim, num_classes)
-
-    def forward(self, x):
-        return torch.tanh(self.conv(x)).mean((2, 3)) + 0.1 * x.flatten(1)[:, : self.dim]
-
-    def logits(self, x):
-        return self.head(self(x))
-
-
 def tiny_evaluator(shape=SHAPE, n: int = 300):
     from distreward.evaluation import Evaluator
 
     g = torch.Generator().manual_seed(11)
     ref = (0.6 * torch.randn((n, *shape), generator=g)).clamp(-1, 1)
-    return Evaluator(ref, feature_nets=(TinyFeatures(1), TinyFeatures(2)), labels=["fmnist-reward", "fmnist-eval"],
+    return Evaluator(ref, feature_nets=(TinyClassifier(1), TinyClassifier(2)), labels=["fmnist-reward", "fmnist-eval"],
                      cache_dir=None, max_real=n, kid_subsets=5, kid_subset_size=20)
 
 
