@@ -332,6 +332,10 @@ def test_finetune_logs_checkpoints_and_evaluates(tmp_path):
         assert key in its[0] and np.isfinite(its[0][key]), key
     assert "rho_mean/t2" not in its[0]                      # window of 2 steps
     assert [e["iteration"] for e in res["evals"]] == [0, 2, 4]
+    from distreward.rl.grpo import ode_images   # the final evaluation's images come back (the demo reuses them)
+
+    again, _ = ode_images(res["ema"], 12, num_classes=3, image_shape=SHAPE, steps=4, seed=5, batch_size=12)
+    assert torch.equal(res["final_images"], again)
     assert (tmp_path / "samples" / "ema_0004.png").is_file() and (tmp_path / "checkpoints" / "last.pt").is_file()
     assert any(p.name.startswith("events") for p in (tmp_path / "tb").iterdir())
     ck = load_checkpoint(tmp_path / "checkpoints" / "last.pt")

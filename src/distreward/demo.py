@@ -116,10 +116,12 @@ def _grpo_stage(name: str, cfg_attr: str) -> Callable[[DemoContext], dict]:
         base_eval = ctx.results.get("base")
         res = finetune(cfg, ctx.stage_dir(name), resume=not ctx.fresh, net=copy.deepcopy(ctx.base_net),
                        evaluator=ctx.evaluator, progress=ctx.progress, initial_eval=base_eval)
-        images, _ = ode_images(res["ema"], int(cfg.eval.n), num_classes=int(cfg.model.num_classes),
-                               image_shape=tuple(cfg.model.image_shape), steps=int(cfg.eval.steps),
-                               method=cfg.eval.method, shift=float(cfg.rl.shift), seed=int(cfg.eval.seed),
-                               batch_size=int(cfg.eval.batch_size), device=cfg.device)   # the final evaluation's samples
+        images = res["final_images"]
+        if images is None or images.shape[0] != int(cfg.eval.n):     # a resumed, finished run: draw them again
+            images, _ = ode_images(res["ema"], int(cfg.eval.n), num_classes=int(cfg.model.num_classes),
+                                   image_shape=tuple(cfg.model.image_shape), steps=int(cfg.eval.steps),
+                                   method=cfg.eval.method, shift=float(cfg.rl.shift), seed=int(cfg.eval.seed),
+                                   batch_size=int(cfg.eval.batch_size), device=cfg.device)
         save_image_grid(images[: int(cfg.eval.grid)], ctx.run_dir / f"samples_{name}.png")
         return {**_metrics_only(res["final"]), "classifier_logp": classifier_logp(ctx, images), "reward": cfg.reward.name,
                 "reward_mean": res["reward_mean"], "reward_mean_first": res["reward_mean_first"],

@@ -608,6 +608,8 @@ def finetune(cfg, run_dir, *, resume: bool = False, net: torch.nn.Module | None 
              progress: bool = True, on_iteration: Callable[[int, dict], None] | None = None,
              initial_eval: dict | None = None) -> dict:
     """Run GRPO for cfg.rl.iterations; returns {"final": eval metrics of the EMA model, "history": [...], ...}.
+    "final_images": the final evaluation's images when this call ran it (all eval.n in one process with a pixel
+    UNet, rank 0's first eval.grid otherwise), else None.
 
     `net`, `reward` and `evaluator` may be given directly (tests, the demo); otherwise they are built from cfg
     (cfg.model: model.path, or the preset keys arch/checkpoint/kwargs/vae; cfg.reward; cfg.eval.features, else the
@@ -697,7 +699,10 @@ def finetune(cfg, run_dir, *, resume: bool = False, net: torch.nn.Module | None 
                                extra={"rl": "grpo", "reward": cfg.reward.name, "iteration": it})
         D.barrier()
 
+    final_images = None
+
     def evaluate(it: int) -> None:
+        nonlocal final_images
         if plain:
             metrics, images = evaluate_generator(ema, evaluator, cfg, progress=progress, desc=f"eval @ {it}")
         else:
@@ -706,6 +711,8 @@ def finetune(cfg, run_dir, *, resume: bool = False, net: torch.nn.Module | None 
         metrics = {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v) for k, v in metrics.items()}
         metrics["iteration"] = it
         evals.append(metrics)
+        if it == int(rl.iterations):
+            final_images = images
         if not main:
             return
         from ..report import save_image_grid
@@ -797,7 +804,7 @@ def finetune(cfg, run_dir, *, resume: bool = False, net: torch.nn.Module | None 
     if main:
         atomic_save_json(run.path("result.json"), result)
     D.barrier()
-    result.update({"net": net, "ema": ema, "reward": reward})
+    result.update({"net": net, "ema": ema, "reward": reward, "final_images": final_images})
     return result
 
 
