@@ -1,10 +1,10 @@
 """Time one GRPO iteration of SiT-XL/2 at 256 px (latents 4x32x32) with random weights, and the reward's share.
 
-The parts, in the trainer's order (distreward.rl.grpo): rollout (P x G samples, T Flow-GRPO SDE steps),
+The parts, in the trainer's order (distreward.rl: rollout.py, update.py): rollout (P x G samples, T Flow-GRPO SDE steps),
 decode (a random AutoencoderKL with sd-vae-ft-ema's architecture), features (a random FID Inception-v3, d = 2048),
 reward (the subset-replace FD reward, fast exact mode, against a reference set of N = 50k rows: scoring + push),
-update (PPO-clip + KL on the trained steps, AdamW, EMA: `grpo.update` itself). The reward's share is
-reward / iteration; the issue's target is < 5 %. "reward+features" adds the feature network's forward pass.
+update (PPO-clip + KL on the trained steps, AdamW, EMA: the trainer's own update). The reward's share is
+reward / iteration; the target is < 5 %. "reward+features" adds the feature network's forward pass.
 Nothing is downloaded: every network is built from its architecture with random weights.
 
     python benchmarks/gpu_step.py --device cuda             # the paper sizes: P=32, G=16, T=10, 6 trained steps
@@ -93,9 +93,11 @@ def main(argv=None) -> int:
     from distreward.models.sit import SiT
     from distreward.models.vae import LatentCodec
     from distreward.reward import ReferenceSet
-    from distreward.rl.grpo import DEFAULTS, Rollouts, collect, draw_labels, update
+    from distreward.rl.rollout import Rollouts, collect, draw_labels
+    from distreward.rl.settings import DEFAULTS
+    from distreward.rl.update import update
     from distreward.rl.losses import group_advantages, trained_steps
-    from distreward.rl.scale import RandomFeatures, random_autoencoder, randomise_zero_init
+    from distreward.build import RandomFeatures, random_autoencoder, randomise_zero_init
     from distreward.sampling import SiTVelocity, sigma_schedule
     from distreward.utils.threads import set_threads
 

@@ -40,7 +40,8 @@ def agreement(args) -> dict:
     from distreward.evaluation import Evaluator
     from distreward.models import load_generator
     from distreward.reward import ReferenceSet
-    from distreward.rl.grpo import balanced_labels, rollout_noise_levels, start_noise
+    from distreward.rl.rollout import rollout_noise_levels, start_noise
+    from distreward.sampling.generate import balanced_labels
     from distreward.sampling import FlowVelocity, sigma_schedule
 
     cfg = load_config("fmnist_grpo", args.overrides)
@@ -71,7 +72,7 @@ def agreement(args) -> dict:
 def samplers(args) -> dict:
     from distreward.evaluation import Evaluator
     from distreward.models import load_generator
-    from distreward.rl.grpo import balanced_labels
+    from distreward.sampling.generate import balanced_labels
     from distreward.sampling import FlowVelocity, ode_sample, rollout, sigma_schedule
 
     model, ev = FlowVelocity(load_generator(args.model).eval()), Evaluator.for_fmnist()
@@ -102,7 +103,7 @@ def samplers(args) -> dict:
 def null(args) -> dict:
     from distreward.config import load_config
     from distreward.reward.rewards import Reward
-    from distreward.rl.grpo import finetune
+    from distreward.rl import finetune
 
     class NoiseReward(Reward):
         name = "noise"

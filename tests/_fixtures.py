@@ -1,4 +1,9 @@
-"""The golden fixtures of the official implementations: $DISTREWARD_FIXTURES, else ../shared/fixtures.
+"""Golden fixtures: outputs of the unmodified official SiT, EDM2, Inception and DINOv2 code, for the agreement tests.
+
+Where they are: the folder named by $DISTREWARD_FIXTURES. Only when that variable is unset, the tests look in
+`../shared/fixtures` next to the checkout (where CI lays them out).
+When the folder, or the files a test needs, are missing, that test is skipped with a reason that names the folder
+and the variable; a missing fixture never fails a test.
 
 Tests discover configurations by glob, so a second fixture set with other configs and seeds runs unchanged.
 """
@@ -9,10 +14,26 @@ from pathlib import Path
 
 import pytest
 
+ENV = "DISTREWARD_FIXTURES"
+_CI_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+
 
 def fixtures_dir() -> Path:
-    env = os.environ.get("DISTREWARD_FIXTURES")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+    """The fixture folder: $DISTREWARD_FIXTURES, else CI's location next to the checkout (it may not exist)."""
+    env = os.environ.get(ENV)
+    return Path(env).expanduser() if env else _CI_DIR
+
+
+def fixtures_available() -> bool:
+    return fixtures_dir().is_dir()
+
+
+def missing_reason(pattern: str = "*") -> str:
+    """Why a fixture test is skipped, with the fix."""
+    d = fixtures_dir()
+    if not d.is_dir():
+        return f"golden fixtures not found: {d} is not a folder (set ${ENV} to the folder of golden fixtures)"
+    return f"no {pattern} fixtures in {d} (set ${ENV} to a folder that holds them)"
 
 
 def fixture_configs(prefix: str) -> list:
@@ -20,8 +41,7 @@ def fixture_configs(prefix: str) -> list:
     names = sorted(p.name[: -len(".kwargs.json")] for p in fixtures_dir().glob(f"{prefix}_*.kwargs.json"))
     if names:
         return names
-    reason = f"no {prefix}_*.kwargs.json fixtures in {fixtures_dir()} (set $DISTREWARD_FIXTURES)"
-    return [pytest.param(None, marks=pytest.mark.skip(reason=reason))]
+    return [pytest.param(None, marks=pytest.mark.skip(reason=missing_reason(f"{prefix}_*.kwargs.json")))]
 
 
 def load_fixture(cfg: str):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import distreward.evaluation as evaluation
+import distreward.evaluation.evaluator as evaluation
 from distreward.cli import main
 from distreward.data import load_fmnist, to_uint8_images
 from distreward.evaluation import Evaluator, perturb_images

@@ -57,10 +57,9 @@ def tiny_setup(tmp_path):
 def test_demo_writes_report_and_metrics_and_reuses_stages(tiny_setup, monkeypatch):
     from distreward import demo
 
-    import distreward.merge.demo
-
-    monkeypatch.setattr(distreward.merge.demo, "register", lambda *a, **k: None)   # merging is tested by its owner
-    monkeypatch.setattr(demo, "EXTRA_STAGES", [])
+    # the merging stages are tested with the merge package (tests/test_merge.py)
+    monkeypatch.setattr(demo, "BUILTIN_STAGES", [s for s in demo.BUILTIN_STAGES if not s.name.startswith("merge")])
+    monkeypatch.setattr(demo.stages, "EXTRA_STAGES", [])
     tmp_path, ev, overrides = tiny_setup
     run_dir = tmp_path / "demo"
     m = demo.run_demo(run_dir, compare=True, overrides=overrides, progress=False, evaluator=ev)
@@ -101,3 +100,19 @@ def test_demo_writes_report_and_metrics_and_reuses_stages(tiny_setup, monkeypatc
     assert m2["merge_ema"]["fd_eval"] == 2.0 and m2["distribution"] == m["distribution"]
     report = (run_dir / "report.md").read_text()
     assert "| merge_ema |" in report and "merge section text" in report
+
+
+def test_stage_list_and_register_stage(monkeypatch):
+    from distreward import demo
+
+    monkeypatch.setattr(demo.stages, "EXTRA_STAGES", [])
+    assert [s.name for s in demo.BUILTIN_STAGES] == ["base", "distribution", "sample", "crosscheck", "merge_ema",
+                                                     "merge_rl"]
+    assert [s.name for s in demo.BUILTIN_STAGES if not s.row] == ["crosscheck"]
+    mine = demo.Stage("mine", lambda ctx: {})
+    demo.register_stage(mine)
+    demo.register_stage(demo.Stage("merge_rl", lambda ctx: {}))    # replaces the built-in stage of that name
+    demo.register_stage(mine)                                        # registering again keeps one copy, at the end
+    names = [s.name for s in demo.stages.with_extra_stages(demo.BUILTIN_STAGES)]
+    assert names == ["base", "distribution", "sample", "crosscheck", "merge_ema", "merge_rl", "mine"]
+    assert demo.stages.with_extra_stages(demo.BUILTIN_STAGES)[-1] is mine

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from distreward.metrics import GaussianStats
+from distreward.metrics import GaussianStats, merge_gaussian_stats
 from distreward.utils import dist as D
 from _spawn import run_ranks  # noqa: E402
 
@@ -35,7 +35,7 @@ def _worker(r: int, port: int, outdir: str) -> None:
     f = features()
     part = f[:SPLIT] if r == 0 else f[SPLIT:]
     local = GaussianStats.from_features(part)
-    merged = D.merge_gaussian_stats(local)
+    merged = merge_gaussian_stats(local)
     out.update(n=merged.n, s1=merged.s1, s2=merged.s2, local_n=local.n)
 
     # variable row counts (3 and 5), rows tagged with (rank, index)
@@ -162,7 +162,7 @@ def test_single_process_fallbacks(single):
     obj = {"x": 1}
     assert D.broadcast_object(obj) is obj
     st = GaussianStats.from_features(features())
-    merged = D.merge_gaussian_stats(st)
+    merged = merge_gaussian_stats(st)
     assert merged is not st and merged.n == st.n
     np.testing.assert_array_equal(merged.s2, st.s2)
     assert D.shard_indices(7) == range(7) and D.shard_rows([1, 2, 3]) == [1, 2, 3]
@@ -174,8 +174,9 @@ def test_single_process_fallbacks(single):
 
 def test_merge_refuses_stats_without_sums(single):
     st = GaussianStats.from_mu_sigma(np.zeros(3), np.eye(3), n=10)
+    assert not st.has_sums and GaussianStats.from_features(features()).has_sums
     with pytest.raises(ValueError, match="sums are unknown"):
-        D.merge_gaussian_stats(st)
+        merge_gaussian_stats(st)
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, 16, 101])

@@ -29,8 +29,7 @@ def fixtures_dir() -> Path | None:
 def _cases():
     d = fixtures_dir()
     if d is None:
-        return [pytest.param(None, marks=pytest.mark.skip(reason="golden fixtures not found: set DISTREWARD_FIXTURES "
-                                                                   "or provide ../shared/fixtures"))]
+        return [pytest.param(None, marks=pytest.mark.skip(reason=_fixtures.missing_reason("dinov2_*")))]
     cases = []
     for path in sorted(d.glob("dinov2_vit*14.keys.json")):
         rows = json.loads(path.read_text())["keys"]

@@ -73,7 +73,7 @@ def check_fill(rows: list[dict], sd: dict[str, torch.Tensor]) -> None:
 def filled(request):
     """(keys json, filled checkpoint-format state_dict, net loaded strictly, io tensors) per fixture set."""
     if request.param is None:
-        pytest.skip("golden fixtures not found: set DISTREWARD_FIXTURES or provide ../shared/fixtures")
+        pytest.skip(_fixtures.missing_reason("fid_inception*"))
     from safetensors.torch import load_file
 
     meta = json.loads(request.param.read_text())

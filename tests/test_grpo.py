@@ -16,9 +16,10 @@ from _tiny import TinyClassifier
 
 set_threads()   # $DISTREWARD_THREADS (1 in the project's test runs)
 
-from distreward.rl.losses import (approx_kl, clip_fractions, ema_update, gaussian_kl, group_advantages,
+from distreward.rl.losses import (approx_kl, clip_fractions, gaussian_kl, group_advantages,
                                   ppo_clip_loss, trained_steps)
-from distreward.rl.state import from_storable, load_checkpoint, rng_state, save_checkpoint, set_rng_state, to_storable
+from distreward.rl.update import ema_update
+from distreward.utils.checkpoint import from_storable, load_checkpoint, rng_state, save_checkpoint, set_rng_state, to_storable
 
 SHAPE = (1, 8, 8)
 
@@ -164,7 +165,7 @@ def test_trained_steps_never_include_the_last_step():
 
 
 def test_rollout_noise_levels_clean_last_step_and_window():
-    from distreward.rl.grpo import rollout_noise_levels
+    from distreward.rl.rollout import rollout_noise_levels
 
     rl = {"steps": 6, "noise_level": 0.3, "train_steps": {"mode": "window", "window": 3}}
     assert rollout_noise_levels(rl) == [0.3] * 5 + [0.0]
@@ -179,7 +180,7 @@ def test_rollout_noise_levels_clean_last_step_and_window():
 
 
 def test_balanced_labels_cover_every_class_equally_and_need_no_state():
-    from distreward.rl.grpo import draw_labels
+    from distreward.rl.rollout import draw_labels
 
     g = torch.Generator().manual_seed(0)
     P, G, C = 16, 3, 10
@@ -197,7 +198,7 @@ def test_balanced_labels_cover_every_class_equally_and_need_no_state():
 
 
 def test_shared_start_noise_is_one_draw_per_group():
-    from distreward.rl.grpo import start_noise
+    from distreward.rl.rollout import start_noise
 
     groups = torch.arange(3).repeat_interleave(4)
     z = start_noise(groups, SHAPE, torch.Generator().manual_seed(0), shared=True)
@@ -234,7 +235,7 @@ def test_checkpoint_state_round_trip(tmp_path):
 # --------------------------------------------------------------------------------------------- sanity facts (§4)
 
 def _rollouts(net, a=0.8, seed=0, T=4):
-    from distreward.rl.grpo import collect, draw_labels
+    from distreward.rl.rollout import collect, draw_labels
     from distreward.sampling import FlowVelocity, sigma_schedule
 
     g = torch.Generator().manual_seed(seed)
@@ -244,7 +245,7 @@ def _rollouts(net, a=0.8, seed=0, T=4):
 
 
 def test_a_zero_rollout_reproduces_the_ode_sampler():
-    from distreward.rl.grpo import draw_labels
+    from distreward.rl.rollout import draw_labels
     from distreward.sampling import FlowVelocity, ode_sample, rollout, sigma_schedule
 
     net = make_net()
@@ -262,7 +263,8 @@ def test_a_zero_rollout_reproduces_the_ode_sampler():
 def test_first_update_is_on_policy_and_kl_starts_at_zero_with_gradient_after():
     from omegaconf import OmegaConf
 
-    from distreward.rl.grpo import DEFAULTS, step_terms, update
+    from distreward.rl.settings import DEFAULTS
+    from distreward.rl.update import step_terms, update
     from distreward.sampling import FlowVelocity
 
     net = make_net()
@@ -299,7 +301,8 @@ def test_first_update_is_on_policy_and_kl_starts_at_zero_with_gradient_after():
 def test_update_raises_the_log_prob_of_positive_advantage_samples():
     from omegaconf import OmegaConf
 
-    from distreward.rl.grpo import DEFAULTS, step_terms, update
+    from distreward.rl.settings import DEFAULTS
+    from distreward.rl.update import step_terms, update
     from distreward.sampling import FlowVelocity
 
     net = make_net()
@@ -332,7 +335,7 @@ def test_finetune_logs_checkpoints_and_evaluates(tmp_path):
         assert key in its[0] and np.isfinite(its[0][key]), key
     assert "rho_mean/t2" not in its[0]                      # window of 2 steps
     assert [e["iteration"] for e in res["evals"]] == [0, 2, 4]
-    from distreward.rl.grpo import ode_images   # the final evaluation's images come back (the demo reuses them)
+    from distreward.sampling.generate import ode_images   # the final evaluation's images come back (the demo reuses them)
 
     again, _ = ode_images(res["ema"], 12, num_classes=3, image_shape=SHAPE, steps=4, seed=5, batch_size=12)
     assert torch.equal(res["final_images"], again)
@@ -420,7 +423,7 @@ def test_group_credit_with_group_advantages_is_refused(tmp_path):
 
 
 def test_ode_rows_are_the_euler_ode_of_the_policy():
-    from distreward.rl.grpo import ode_rows
+    from distreward.rl.rollout import ode_rows
     from distreward.sampling import FlowVelocity, ode_sample, sigma_schedule
 
     model, sigmas, labels = FlowVelocity(make_net()), sigma_schedule(4), torch.tensor([0, 2, 1])
@@ -433,6 +436,7 @@ def test_ode_rows_are_the_euler_ode_of_the_policy():
 @pytest.mark.slow
 def test_ode_reference_set_holds_ode_samples_of_the_policy(tmp_path, monkeypatch):
     import distreward.rl.grpo as grpo
+    from distreward.sampling.generate import balanced_labels
     from distreward.features import compute_features
     from distreward.sampling import FlowVelocity, ode_sample, sigma_schedule
 
@@ -454,7 +458,7 @@ def test_ode_reference_set_holds_ode_samples_of_the_policy(tmp_path, monkeypatch
     # the initial rows: Euler-ODE samples of the base (one batch: the noise is the first draw of the seed)
     noise = torch.randn((24, *SHAPE), generator=torch.Generator().manual_seed(7919))
     with torch.no_grad():
-        base = ode_sample(FlowVelocity(make_net()), noise, grpo.balanced_labels(24, 3), sigma_schedule(4)).clamp(-1, 1)
+        base = ode_sample(FlowVelocity(make_net()), noise, balanced_labels(24, 3), sigma_schedule(4)).clamp(-1, 1)
     np.testing.assert_allclose(np.load(tmp_path / "base_reference_features.npy"),
                                compute_features(ev.nets[0], base), rtol=1e-5, atol=1e-6)
     # each iteration pushes one ODE sample per group (P = 2), with the group's label, and nothing else

@@ -221,18 +221,19 @@ def test_sharded_update_equals_the_single_process_update(two_ranks, single):
 def test_sharded_evaluation_equals_one_process(two_ranks):
     """FD, KID and precision/recall of the base model, sharded over 2 ranks (gathered features), equal the same
     evaluation in one process; the statistics-only evaluator (merged sums) gives FD."""
-    from distreward.config import to_dict
-    from distreward.rl.grpo import _as_cfg, evaluate_sharded
+    from distreward.build import eval_plan
+    from distreward.evaluation import evaluate_generator
+    from distreward.rl.settings import resolve
 
     _, res = two_ranks
-    cfg = to_dict(_as_cfg(tiny_cfg(1)))
-    ref, _ = evaluate_sharded(make_net(), make_evaluator(True), cfg, arch="unet", decode=lambda x: x.clamp(-1, 1))
+    plan = eval_plan(resolve(tiny_cfg(1)), noise="batch")
+    ref, _ = evaluate_generator(make_net(), make_evaluator(True), plan)
     for o in res:
         e0 = o["one"]["evals"][0]
         assert e0["iteration"] == 0 and e0["n"] == 10
         for key in ("fd_reward", "fd_eval", "kid", "precision", "recall"):
             assert e0[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-9), key
-    ref_fd, _ = evaluate_sharded(make_net(), make_evaluator(False), cfg, arch="unet", decode=lambda x: x.clamp(-1, 1))
+    ref_fd, _ = evaluate_generator(make_net(), make_evaluator(False), plan)
     full0 = res[0]["full"]["evals"][0]
     assert full0["fd_eval"] == pytest.approx(ref_fd["fd_eval"], rel=1e-6) and full0["kid"] is None
 
@@ -256,7 +257,7 @@ def test_two_process_run_completes_resumes_and_only_rank0_writes(two_ranks):
 
 
 def test_more_processes_than_groups_is_refused():
-    from distreward.rl.grpo import _as_cfg, _check_config
+    from distreward.rl.settings import check_config, resolve
 
     with pytest.raises(ValueError, match="labels_per_iter.*processes"):
-        _check_config(_as_cfg(tiny_cfg()), world=4)
+        check_config(resolve(tiny_cfg()), world=4)

@@ -1,4 +1,5 @@
-"""RL over merging coefficients: streaming merge, policy, set-replace reward, the loop and its resume."""
+"""RL over merging coefficients: streaming merge, policy, the set-replace reward (ReferenceSet), the loop and its
+resume."""
 
 from __future__ import annotations
 
@@ -7,11 +8,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from distreward.merge import (CheckpointSet, GaussianPolicy, MergeRL, SetReplaceReward, normalise_rewards,
-                              policy_update, ppo_clip_loss, project_sum_one, reinforce_loss, run_merge, shared_noise)
+import distreward.merge.trainer as T
+from distreward.merge import (CheckpointSet, GaussianPolicy, MergeRL, normalise_rewards, policy_update, ppo_clip_loss,
+                              project_sum_one, reinforce_loss, resolve, run_merge, shared_noise)
+from distreward.merge.inputs import make_ode_sampler, open_checkpoints
+from distreward.merge.trainer import baseline_weights, initial_mean
 from distreward.metrics import GaussianStats, frechet_distance
 from distreward.models import build_network, load_generator, save_generator
+from distreward.reward import ReferenceSet
+from distreward.train.phema import list_snapshots as list_phema, phema_coefficients, snapshot_extra, snapshot_filename
 
 TINY = {"img_resolution": 8, "img_channels": 1, "num_classes": 2, "model_channels": 4, "channel_mult": [1, 2],
         "num_blocks": 1, "attn_resolutions": [], "num_heads": 1}
@@ -32,8 +39,6 @@ def tiny_checkpoints(tmp_path, k=3, seed=0, const=None):
 
 
 def state(path):
-    from safetensors.torch import load_file
-
     return load_file(str(path))
 
 
@@ -84,8 +89,6 @@ def test_merge_into_network_and_save_load_roundtrip(tmp_path):
 
 
 def test_non_float_buffers_must_agree(tmp_path):
-    from safetensors.torch import save_file
-
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     save_file({"w": torch.ones(3), "count": torch.tensor([5])}, str(a))
     save_file({"w": torch.zeros(3), "count": torch.tensor([5])}, str(b))
@@ -98,8 +101,6 @@ def test_non_float_buffers_must_agree(tmp_path):
 
 
 def test_mismatched_checkpoints_and_bad_weights_are_rejected(tmp_path):
-    from safetensors.torch import save_file
-
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     save_file({"w": torch.ones(3)}, str(a))
     save_file({"w": torch.ones(4)}, str(b))
@@ -115,26 +116,59 @@ def test_mismatched_checkpoints_and_bad_weights_are_rejected(tmp_path):
 # ------------------------------------------------------------------------------------------------------------
 # Reward
 
-def test_set_replace_reward_matches_brute_force():
-    rng = np.random.default_rng(0)
-    d, N, n = 5, 60, 6
-    real = rng.normal(size=(500, d))
-    st = GaussianStats.from_features(real)
-    G = rng.normal(0.3, 1.2, size=(N, d))
-    cands = [rng.normal(size=(n, d)) * s for s in (0.5, 1.0, 1.5)]
-    rew = SetReplaceReward(st.mu, st.sigma, G.copy())
-    rew.ptr = N - 2  # the replaced rows wrap around the ring buffer
-    got = rew.rewards(cands)
-    idx = (N - 2 + np.arange(n)) % N
-    fd0 = frechet_distance(G.mean(0), np.cov(G, rowvar=False), st.mu, st.sigma)
-    for c, r in zip(cands, got):
+def old_set_replace_rewards(G, ptr, cands, mu_r, sigma_r):
+    """The former merge/reward.py SetReplaceReward written out: r_c = FD(G) - FD(G - S + X_c), S the n oldest rows
+    (ring buffer from ptr), every candidate replacing the same rows; no reference set: r_c = -FD(X_c)."""
+    def fd(x):
+        return frechet_distance(x.mean(0), np.cov(x, rowvar=False), mu_r, sigma_r)
+
+    if G is None:
+        return np.array([-fd(c) for c in cands])
+    idx = (ptr + np.arange(cands[0].shape[0])) % G.shape[0]
+    out = []
+    for c in cands:
         G2 = G.copy()
         G2[idx] = c
-        fd1 = frechet_distance(G2.mean(0), np.cov(G2, rowvar=False), st.mu, st.sigma)
-        assert r == pytest.approx(fd0 - fd1, rel=1e-9, abs=1e-10)
-    rew.push(np.concatenate(cands))
-    assert rew.ptr == (N - 2 + 3 * n) % N
-    assert np.array_equal(rew.rows[idx], cands[0])
+        out.append(fd(G) - fd(G2))
+    return np.array(out)
+
+
+def test_merge_rewards_equal_the_set_replace_formula(tmp_path):
+    """MergeRL scores with ReferenceSet.set_rewards (group credit); the numbers are the former SetReplaceReward's,
+    also after a push that wraps the ring buffer, after a checkpoint round trip, and from an old {rows, ptr}
+    checkpoint; reference_size 0 gives -FD(X_c)."""
+    rng = np.random.default_rng(0)
+    d, N, n = 6, 60, 6
+    st = GaussianStats.from_features(rng.normal(size=(500, d)))
+    G = rng.normal(0.3, 1.2, size=(N, d))
+    cands = [rng.normal(size=(n, d)) * s for s in (0.5, 1.0, 1.5)]
+    cs = CheckpointSet.open(tiny_checkpoints(tmp_path))
+    rl = MergeRL(tiny_cfg(), cs, [1 / 3] * 3, sample_fn=euler_sampler(), feature_fn=feature_fn,
+                 real_mu=st.mu, real_sigma=st.sigma)
+    rl.load_reward_state({"rows": G.copy(), "ptr": N - 2})      # an old checkpoint; the replaced rows wrap around
+    assert isinstance(rl.reward, ReferenceSet) and rl.reward.ptr == N - 2
+    np.testing.assert_allclose(rl.rewards(cands), old_set_replace_rewards(G, N - 2, cands, st.mu, st.sigma),
+                               rtol=1e-9, atol=1e-9)
+    rl.reward.push(np.concatenate(cands))
+    idx = (N - 2 + np.arange(3 * n)) % N
+    G[idx] = np.concatenate(cands)
+    assert rl.reward.ptr == (N - 2 + 3 * n) % N and np.array_equal(rl.reward.rows, G)
+    new = [rng.normal(size=(n, d)) for _ in range(4)]
+    expect = old_set_replace_rewards(G, rl.reward.ptr, new, st.mu, st.sigma)
+    np.testing.assert_allclose(rl.rewards(new), expect, rtol=1e-9, atol=1e-9)
+    back = MergeRL(tiny_cfg(), cs, [1 / 3] * 3, sample_fn=euler_sampler(), feature_fn=feature_fn,
+                   real_mu=st.mu, real_sigma=st.sigma)
+    back.load_state_dict(rl.state_dict())
+    np.testing.assert_array_equal(back.rewards(new), rl.rewards(new))
+    plain = MergeRL(tiny_cfg(reference_size=0), cs, [1 / 3] * 3, sample_fn=euler_sampler(), feature_fn=feature_fn,
+                    real_mu=st.mu, real_sigma=st.sigma)
+    plain.init_reference()
+    assert plain.reward is None
+    sets = [rng.normal(size=(40, d)) * s for s in (0.8, 1.0, 1.2)]    # n > d: a well-conditioned covariance
+    np.testing.assert_allclose(plain.rewards(sets), old_set_replace_rewards(None, 0, sets, st.mu, st.sigma),
+                               rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="whole reference set"):
+        rl.rewards([rng.normal(size=(N, d))] * 2)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -169,18 +203,7 @@ def test_ppo_equals_reinforce_on_policy():
 # The loop (a stand-in deterministic sampler and feature map keep it tiny)
 
 def euler_sampler(steps=2):
-    try:
-        from distreward.merge.trainer import make_ode_sampler
-
-        return make_ode_sampler("unet", steps, "euler", 1.0, 64)
-    except ImportError:  # sampling package not there yet: the same Euler ODE written inline
-        @torch.no_grad()
-        def sample(net, noise, labels):
-            x, s = noise.clone(), torch.linspace(1, 0, steps + 1)
-            for i in range(steps):
-                x = x + (s[i + 1] - s[i]) * net(x, s[i].expand(x.shape[0]), labels)
-            return x.clamp(-1, 1)
-        return sample
+    return make_ode_sampler("unet", steps, "euler", 1.0, 64)
 
 
 _PROJ = torch.randn(64, 6, generator=torch.Generator().manual_seed(3))
@@ -196,17 +219,12 @@ class StubEvaluator:
         return {"fd_eval": float(np.abs(f.mean(0)).sum()), "fd_reward": float(f.std()), "n": len(images)}
 
 
-def tiny_cfg(**rl):
-    from omegaconf import OmegaConf
-
-    from distreward.merge.trainer import _with_defaults
-
-    cfg = _with_defaults(OmegaConf.create({
+def tiny_cfg(reference_size=24, **rl):
+    return resolve({
         "merge": {"init": "uniform"}, "policy": {"init_std": 0.2},
         "rl": {"iterations": 4, "candidates": 3, "samples": 8, "epochs": 2, "lr": 0.05, **rl},
-        "reward": {"reference_size": 24}, "model": {"num_classes": 2, "image_shape": [1, 8, 8]},
-        "eval": {"n": 8, "seed": 5}, "checkpoint": {"every": 2}}))
-    return cfg
+        "reward": {"reference_size": reference_size}, "model": {"num_classes": 2, "image_shape": [1, 8, 8]},
+        "eval": {"n": 8, "seed": 5}, "checkpoint": {"every": 2}})
 
 
 def real_stats():
@@ -223,7 +241,7 @@ def test_identical_candidates_get_identical_rewards(tmp_path):
     noise, labels = shared_noise(8, (1, 8, 8), 2, seed=11)
     w_same, w_other = np.array([0.5, 0.3, 0.2]), np.array([0.1, 0.1, 0.8])
     feats = [feature_fn(rl.images(w, noise, labels)) for w in (w_same, w_other, w_same)]
-    r = rl.reward.rewards(feats)
+    r = rl.rewards(feats)
     assert r[0] == r[2]
     assert r[0] != r[1]
 
@@ -250,8 +268,6 @@ def test_run_merge_outputs_and_resume(tmp_path):
 
 
 def test_baselines_with_the_same_weights_are_evaluated_once(tmp_path, monkeypatch):
-    import distreward.merge.trainer as T
-
     class Counting(StubEvaluator):
         calls = 0
 
@@ -277,9 +293,6 @@ def test_baselines_with_the_same_weights_are_evaluated_once(tmp_path, monkeypatc
 
 
 def test_phema_baselines_use_the_train_solve(tmp_path):
-    from distreward.merge.trainer import baseline_weights, initial_mean, open_checkpoints
-    from distreward.train.phema import list_snapshots as list_phema, phema_coefficients, snapshot_extra, snapshot_filename
-
     folder = tmp_path / "snaps"
     for step in (10, 20, 30):
         for std in (0.05, 0.10):
@@ -298,13 +311,3 @@ def test_phema_baselines_use_the_train_solve(tmp_path):
     results = {"phema@0.07": {"fd_eval": 2.0}, "phema@0.12": {"fd_eval": 1.0}}
     np.testing.assert_array_equal(initial_mean("phema", cs, base, results), base["phema@0.12"])
 
-
-def test_demo_stages_are_registered_on_the_hook():
-    from distreward import demo
-    from distreward.merge import demo_stages
-    from distreward.merge.demo import register
-
-    names = [s.name for s in demo_stages()]
-    assert names == ["merge_ema", "merge_rl"]
-    register()
-    assert [s.name for s in demo.EXTRA_STAGES if s.name.startswith("merge")] == names

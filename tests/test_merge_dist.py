@@ -16,7 +16,14 @@ import numpy as np
 import pytest
 import torch
 
+from distreward.evaluation import Evaluator
+from distreward.merge import CheckpointSet, MergeRL, resolve, run_merge
+from distreward.merge.inputs import make_ode_sampler
+from distreward.merge.trainer import evaluate_weights
+from distreward.metrics import GaussianStats
+from distreward.models import build_network, save_generator
 from distreward.utils import dist as D
+from distreward.utils.checkpoint import load_checkpoint
 from distreward.utils.threads import set_threads
 
 from _tiny import TinyFeatures
@@ -36,8 +43,6 @@ _PROJ = torch.randn(64, FEAT_DIM, generator=torch.Generator().manual_seed(3))
 # --------------------------------------------------------------------------------------------- stand-ins
 
 def write_checkpoints(folder: Path, k: int = 3) -> list[Path]:
-    from distreward.models import build_network, save_generator
-
     paths = []
     for i in range(k):
         torch.manual_seed(i)
@@ -60,9 +65,6 @@ def real_stats():
 
 def make_evaluator(real_images: bool):
     """Real images (KID, precision/recall: gathered features) or statistics only (FD: merged sums)."""
-    from distreward.evaluation import Evaluator
-    from distreward.metrics import GaussianStats
-
     nets, labels = (TinyFeatures(1, FEAT_DIM), TinyFeatures(2, FEAT_DIM)), ["fmnist-reward", "fmnist-eval"]
     if real_images:
         ref = (0.6 * torch.randn((200, *SHAPE), generator=torch.Generator().manual_seed(11))).clamp(-1, 1)
@@ -74,18 +76,13 @@ def make_evaluator(real_images: bool):
 
 
 def tiny_cfg(iterations: int = 2):
-    from distreward.merge.trainer import _with_defaults
-
-    return _with_defaults({"seed": 0, "merge": {"init": "uniform"}, "policy": {"init_std": 0.2},
+    return resolve({"seed": 0, "merge": {"init": "uniform"}, "policy": {"init_std": 0.2},
                            "rl": {"iterations": iterations, "candidates": 3, "samples": 6, "epochs": 2, "lr": 0.05},
                            "reward": {"reference_size": 20}, "model": {"num_classes": 2, "image_shape": list(SHAPE)},
                            "sampler": {"batch_size": 4}, "eval": {"n": 10, "seed": 5}, "checkpoint": {"every": 1}})
 
 
 def parts(folder: Path, real_images: bool = True) -> dict:
-    from distreward.merge import CheckpointSet
-    from distreward.merge.trainer import make_ode_sampler
-
     return {"ckpts": CheckpointSet.open(sorted(folder.glob("ckpt*.safetensors"))),
             "sample_fn": make_ode_sampler("unet", 2, "euler", 1.0, 4), "feature_fn": feature_fn,
             "evaluator": make_evaluator(real_images), "real_stats": real_stats(), "progress": False}
@@ -93,8 +90,6 @@ def parts(folder: Path, real_images: bool = True) -> dict:
 
 def two_steps(folder: Path) -> dict:
     """MergeRL driven directly: the reference set from the initial mean, then two iterations."""
-    from distreward.merge import MergeRL
-
     p = parts(folder)
     rl = MergeRL(tiny_cfg(), p["ckpts"], [1 / 3] * 3, sample_fn=p["sample_fn"], feature_fn=feature_fn,
                  real_mu=p["real_stats"][0], real_sigma=p["real_stats"][1])
@@ -107,8 +102,6 @@ def two_steps(folder: Path) -> dict:
 
 
 def reference_state(run_dir: Path) -> dict:
-    from distreward.rl.state import load_checkpoint
-
     return load_checkpoint(run_dir / "checkpoints" / "last.pt")["reward"]
 
 
@@ -118,8 +111,6 @@ def _worker(r: int, port: int, outdir: str) -> None:
     os.environ.update(RANK=str(r), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from distreward.merge import run_merge
-
     D.init_distributed("cpu", timeout_s=30)
     root = Path(outdir)
     out = {"world": D.world_size(), "direct": two_steps(root)}
@@ -139,8 +130,6 @@ def two_ranks(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single(two_ranks, tmp_path_factory):
-    from distreward.merge import run_merge
-
     outdir, _ = two_ranks
     run = tmp_path_factory.mktemp("merge_single")
     return {"direct": two_steps(outdir), "two": run_merge(tiny_cfg(2), run / "two", **parts(outdir)), "dir": run}
@@ -212,9 +201,6 @@ def test_run_merge_equals_one_process_and_only_rank0_writes(two_ranks, single):
 
 
 def test_two_process_run_resumes_to_the_same_result(two_ranks, single):
-    from distreward.merge import MergeRL
-    from distreward.merge.trainer import evaluate_weights
-
     outdir, res = two_ranks
     for o in res:
         full, resumed = o["two"], o["resumed"]

@@ -244,7 +244,7 @@ def test_unconditional_and_fp16_flag_on_cpu():
 
 
 # Published sizes (EDM2 paper, Table 2, ImageNet-512 latent models): XS 125M, S 280M, M 498M, L 777M, XL 1119M,
-# XXL 1523M; the task brief gives XS 124.7M and S 280.2M.
+# XXL 1523M; XS and S to one more digit: 124.7M and 280.2M.
 @pytest.mark.parametrize("name,millions", [("XS", 124.7), ("S", 280.2), ("M", 498), ("L", 777), ("XL", 1119),
                                            ("XXL", 1523)])
 def test_preset_parameter_counts(name, millions):

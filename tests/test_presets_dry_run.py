@@ -1,5 +1,5 @@
 """The paper presets run end to end at a tiny size with random weights (`--dry-run`), and the preset plumbing of
-distreward.rl.scale: generators from official checkpoints, decoding before clamping, feature networks and real
+distreward.build: generators from official checkpoints, decoding before clamping, feature networks and real
 statistics by name/file, the evaluator from eval.features."""
 
 from __future__ import annotations
@@ -9,26 +9,26 @@ import json
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from distreward.build import (apply_dry_run, build_evaluator, build_generator, feature_network, load_dry_run_config,
+                              make_decoder, real_stats_for)
+from distreward.cli import main as cli_main
+from distreward.metrics import GaussianStats
+from distreward.models import load_generator, read_generator_metadata
+from distreward.models.sit import SiT
+from distreward.sampling import velocity_model
+from distreward.utils.checkpoint import load_checkpoint
 from distreward.utils.threads import set_threads
 
 set_threads()
 
 
-def _cli(argv):
-    from distreward.cli import main
-
-    return main(argv)
-
-
 def test_sit_preset_dry_run_finetune(tmp_path, monkeypatch):
     """SiT-XL/2 preset: random tiny SiT on 4x8x8 latents, random AutoencoderKL (64 px), random features and
     statistics; the reference set is built from decoded samples; one GRPO iteration, evaluated with SiT's SDE."""
-    from distreward.models import read_generator_metadata
-    from distreward.rl.state import load_checkpoint
-
     monkeypatch.chdir(tmp_path)
-    assert _cli(["finetune", "--config", "sit_xl2_imagenet256", "--dry-run", "--no-progress"]) == 0
+    assert cli_main(["finetune", "--config", "sit_xl2_imagenet256", "--dry-run", "--no-progress"]) == 0
     run = tmp_path / "runs" / "sit_xl2_imagenet256_dry_run"
     meta = read_generator_metadata(run / "model_ema.safetensors")
     assert meta["arch"] == "sit" and meta["kwargs"]["hidden_size"] == 32 and meta["kwargs"]["input_size"] == 8
@@ -42,8 +42,6 @@ def test_sit_preset_dry_run_finetune(tmp_path, monkeypatch):
     ck = load_checkpoint(run / "checkpoints" / "last.pt")
     assert ck["iteration"] == 1 and ck["reward"]["reference_set"]["rows"].shape == (16, 8)
     assert (run / "samples" / "ema_0001.png").is_file()
-    from omegaconf import OmegaConf
-
     saved = OmegaConf.load(run / "config.yaml")
     assert saved.dry_run_of == "sit_xl2_imagenet256" and "dry_run" not in saved and saved.model.arch == "sit"
 
@@ -51,24 +49,18 @@ def test_sit_preset_dry_run_finetune(tmp_path, monkeypatch):
 def test_edm2_preset_dry_run_merge(tmp_path, monkeypatch):
     """EDM2-XS preset: 3 random EDM2 checkpoints, EDM's rho schedule with Heun, random VAE decoding, one iteration."""
     monkeypatch.chdir(tmp_path)
-    assert _cli(["merge", "--config", "edm2_xs_img512", "--dry-run", "--no-progress"]) == 0
+    assert cli_main(["merge", "--config", "edm2_xs_img512", "--dry-run", "--no-progress"]) == 0
     run = tmp_path / "runs" / "edm2_xs_img512_dry_run"
     coef = json.loads((run / "coefficients.json").read_text())
     assert len(coef["weights"]) == 3 and coef["iterations"] == 1 and sum(coef["weights"]) == pytest.approx(1.0)
     res = json.loads((run / "result.json").read_text())
     fds = [res["baselines"]["last"]["fd_reward"], res["baselines"]["uniform"]["fd_reward"]]
     assert all(np.isfinite(fds)) and fds[0] != fds[1]                # the random inputs really differ
-    from distreward.models import load_generator
-
     merged = load_generator(run / "merged.safetensors")
     assert type(merged).__name__ == "Precond" and merged.img_channels == 4
 
 
 def test_dry_run_needs_a_block():
-    from omegaconf import OmegaConf
-
-    from distreward.rl.scale import apply_dry_run
-
     with pytest.raises(ValueError, match="no 'dry_run' block"):
         apply_dry_run(OmegaConf.create({"name": "x"}))
 
@@ -82,8 +74,6 @@ class _RampCodec:
 
 
 def test_latents_are_decoded_before_clamping():
-    from distreward.rl.scale import make_decoder
-
     z = torch.linspace(-2, 2, 16).reshape(1, 1, 4, 4)
     codec = _RampCodec()
     x = make_decoder(codec)(z)
@@ -93,11 +83,6 @@ def test_latents_are_decoded_before_clamping():
 
 
 def test_generator_from_an_official_sit_checkpoint(tmp_path):
-    from omegaconf import OmegaConf
-
-    from distreward.models.sit import SiT
-    from distreward.rl.scale import build_generator, velocity_model
-
     torch.manual_seed(0)
     kw = dict(input_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=5)
     ref = SiT(**kw)
@@ -115,11 +100,6 @@ def test_generator_from_an_official_sit_checkpoint(tmp_path):
 
 
 def test_features_and_real_statistics_by_name_and_file(tmp_path):
-    from omegaconf import OmegaConf
-
-    from distreward.metrics import GaussianStats
-    from distreward.rl.scale import build_evaluator, feature_network, real_stats_for
-
     net = feature_network("random", dim=5)
     assert net.dim == 5 and net(torch.zeros(2, 3, 16, 16)).shape == (2, 5)
     st = GaussianStats.from_features(np.random.default_rng(0).normal(size=(50, 5)))
@@ -137,8 +117,6 @@ def test_features_and_real_statistics_by_name_and_file(tmp_path):
 
 
 def test_overrides_win_over_the_dry_run_block():
-    from distreward.rl.scale import load_dry_run_config
-
     cfg = load_dry_run_config("sit_xl2_imagenet256", ["rl.iterations=3", "reward.reference_size=20"])
     assert cfg.rl.iterations == 3 and cfg.reward.reference_size == 20
     assert cfg.model.checkpoint is None and cfg.model.image_shape == [4, 8, 8] and cfg.device == "cpu"

@@ -9,7 +9,7 @@ from scipy.stats import spearmanr
 
 from distreward.metrics import GaussianStats, frechet_distance
 from distreward.reward import (ClassifierLogProbReward, DistributionReward, KNNRealismReward, ReferenceSet,
-                               build_reward)
+                               build_reward, plain_set_rewards)
 
 
 def mixture(rng, centers, basis, spec, weights, n):
@@ -194,6 +194,55 @@ def test_bad_input_is_refused_with_a_clear_message():
         ReferenceSet(gen, real.mu[:4], real.sigma)
 
 
+def brute_fd(rows, real):
+    """FD of explicit rows against the real statistics, from np.mean / np.cov (no sums, no low-rank updates)."""
+    return frechet_distance(rows.mean(0), np.cov(rows, rowvar=False), real.mu, real.sigma)
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_set_rewards_equal_brute_force_of_the_replaced_set(mode):
+    """r_c = FD(G) - FD(G - S + X_c), S the n oldest rows, checked against an independent ring of rows in age
+    order (oldest first): pushes append and keep the most recent N, whatever their size (also > N)."""
+    real, gen, draw = world(d=16, n=150)
+    ref = ReferenceSet(gen, real.mu, real.sigma, refresh_every=100)   # refreshes happen between the checks
+    ring = gen.copy()
+    rng = np.random.default_rng(5)
+    for step, (m, push) in enumerate([(6, "best"), (12, 40), (3, 400), (6, "best"), (20, 150), (9, "best")]):
+        cands = [draw(list(rng.dirichlet(np.ones(4))), m) for _ in range(5)]
+        fd0 = brute_fd(ring, real)
+        want = np.array([fd0 - brute_fd(np.concatenate([c, ring[m:]]), real) for c in cands])
+        got = ref.set_rewards(cands, mode=mode)
+        assert got.shape == (5,) and got.dtype == np.float64
+        assert np.abs(got - want).max() <= 1e-9 * np.abs(want).max(), step
+        assert ref.fd() == pytest.approx(fd0, rel=1e-9)
+        new = cands[int(np.argmax(got))] if push == "best" else draw([0.25] * 4, push)
+        ref.push(new)
+        ring = np.concatenate([ring, new])[-ref.n:]
+        np.testing.assert_array_equal(ref.rows[ref.oldest(ref.n)], ring)   # same rows in the same age order
+    assert ref.pushed == 6 + 40 + 400 + 6 + 150 + 9
+
+
+def test_set_rewards_agree_with_group_credit_and_refuse_bad_sets():
+    real, gen, draw = world(d=8, n=60)
+    ref = ReferenceSet(gen, real.mu, real.sigma)
+    cands = [draw([0.25] * 4, 4) for _ in range(3)]
+    grouped = ref.rewards(np.concatenate(cands), np.repeat([0, 1, 2], 4), mode="exact", credit="group")
+    np.testing.assert_array_equal(ref.set_rewards(cands), grouped[::4])
+    with pytest.raises(ValueError, match="same number of samples"):
+        ref.set_rewards([cands[0], cands[1][:3]])
+    with pytest.raises(ValueError, match="1 to N samples"):
+        ref.set_rewards([draw([0.25] * 4, 61)])
+    with pytest.raises(ValueError, match="no candidate sets"):
+        ref.set_rewards([])
+
+
+def test_plain_set_rewards_are_minus_the_set_fd():
+    real, _, draw = world(d=8, n=60)
+    cands = [draw([0.25] * 4, 30) for _ in range(3)]
+    want = np.array([-brute_fd(c, real) for c in cands])
+    np.testing.assert_allclose(plain_set_rewards(cands, real.mu, real.sigma), want, rtol=1e-9)
+
+
 # ----- reward objects, with a small random feature network ---------------------------------------------------
 
 class TinyNet(torch.nn.Module):
@@ -238,6 +287,27 @@ def test_distribution_reward_scores_features_and_pushes_them():
     assert ref.ptr == 6
     grouped = DistributionReward(net, ref, credit="group")(x, None, groups=groups)
     assert len(torch.unique(grouped)) == 2
+
+
+def test_push_features_pushes_rows_and_forgets_the_scored_batch():
+    net = TinyNet()
+    calls = []
+    net.register_forward_hook(lambda *a: calls.append(1))
+    real = GaussianStats.from_features(feats(net, images(400, 1)))
+    ref = ReferenceSet(feats(net, images(100, 2)), real.mu, real.sigma)
+    reward = DistributionReward(net, ref)
+    x = images(4, 3)
+    calls.clear()
+    reward(x, None)
+    reward(x, None)
+    assert len(calls) == 1                      # the features of the scored batch are cached
+    f = feats(net, images(5, 4))
+    calls.clear()
+    reward.push_features(f)
+    np.testing.assert_array_equal(ref.rows[:5], f)
+    assert ref.ptr == 5 and ref.pushed == 5
+    reward(x, None)
+    assert len(calls) == 1                      # the cache was dropped: the batch is featurised again
 
 
 def test_classifier_reward_is_log_probability_of_the_label():

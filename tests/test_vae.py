@@ -14,7 +14,7 @@ TINY = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D
             up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8, 8, 16, 16], layers_per_block=1,
             latent_channels=4, norm_num_groups=4, sample_size=32)
 
-# The conventions as the issue states them (SiT: x 0.18215; EDM2: per-channel whitening), written out here
+# The latent conventions (SiT: x 0.18215; EDM2: per-channel whitening), written out here
 # independently of the module's constants.
 RAW_MEAN = torch.tensor([5.81, 3.25, 0.12, -2.15])
 RAW_STD = torch.tensor([4.17, 4.62, 3.71, 3.28])

@@ -6,7 +6,9 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from .utils.io import atomic_write_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -14,6 +16,14 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def repo_path(*parts: str) -> Path:
     """A path inside the source checkout (configs/, weights/), where the shipped files live."""
     return REPO_ROOT.joinpath(*parts)
+
+
+def find_file(p: str | os.PathLike) -> Path:
+    """A path as given, else relative to the source checkout (where configs/ and weights/ ship)."""
+    path = Path(str(p))
+    if not path.exists() and not path.is_absolute() and repo_path(str(path)).exists():
+        return repo_path(str(path))
+    return path
 
 
 def resolve_preset(name_or_path: str | os.PathLike) -> Path:
@@ -46,11 +56,30 @@ def load_config(name_or_path: str | os.PathLike | None, overrides: Iterable[str]
     return cfg
 
 
+def with_defaults(defaults: dict, cfg: Any) -> DictConfig:
+    """`cfg` (a DictConfig, a dict or None) merged over a command's defaults; keys may be added later."""
+    merged = OmegaConf.merge(OmegaConf.create(defaults), cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg or {}))
+    OmegaConf.set_struct(merged, False)
+    return merged
+
+
+def plain(node: Any) -> Any:
+    """A config node as plain Python (dicts, lists, scalars); anything else unchanged."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+
+
+def get(node: Any, key: str, default: Any = None) -> Any:
+    """node[key], or `default` when the node lacks the key, holds None there, or is not a mapping."""
+    try:
+        value = node.get(key, default)
+    except AttributeError:
+        return default
+    return default if value is None else value
+
+
 def to_dict(cfg: Any) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
-    from .utils.io import atomic_write_bytes
-
     atomic_write_bytes(path, OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))).encode())

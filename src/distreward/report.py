@@ -9,6 +9,9 @@ from pathlib import Path
 
 import torch
 
+from .data import to_uint8_images
+from .utils.io import atomic_write_bytes
+
 # Columns of the report table, in order: (metrics key, header, format)
 TABLE_COLUMNS = [
     ("fd_reward", "FD (reward features) ↓", "{:.3f}"),
@@ -23,7 +26,6 @@ TABLE_COLUMNS = [
 
 def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> torch.Tensor:
     """(B, C, H, W) in [-1, 1] -> one uint8 (H', W', C) grid, `nrow` images per row (default ~sqrt(B))."""
-    from .data import to_uint8_images
 
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"expected a non-empty (B, C, H, W) batch, got shape {tuple(images.shape)}")
@@ -43,8 +45,6 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | N
     """Write a sample grid as PNG (atomically)."""
     from PIL import Image
 
-    from .utils.io import atomic_write_bytes
-
     g = image_grid(images, nrow).numpy()
     img = Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g)
     buf = io.BytesIO()
@@ -62,8 +62,6 @@ def plot_fd_curves(curves: dict[str, list[dict]], path: str | os.PathLike, keys=
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .utils.io import atomic_write_bytes
 
     panels = len(keys) + (1 if reference else 0)
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6), squeeze=False)

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from distreward.utils.threads import set_threads
+
 # command -> (module under distreward.cli, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train-features": ("train_features", "train the Fashion-MNIST feature networks (fmnist-reward / fmnist-eval)"),
@@ -47,7 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     module.add_arguments(sub.choices[argv[0]])
     args = parser.parse_args(argv)
-    from distreward.utils.threads import set_threads
 
     set_threads(args.threads)
     try:

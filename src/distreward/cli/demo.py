@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..demo import run_demo
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", action="store_true", help="also run the sample-wise baseline on the same budget")
@@ -15,8 +17,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..demo import run_demo
-
     metrics = run_demo(args.run_dir, compare=args.compare, overrides=args.overrides, fresh=args.fresh,
                        progress=not args.no_progress)
     rows = dict(metrics)

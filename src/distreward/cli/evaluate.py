@@ -15,6 +15,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
+
+from distreward.data import check_images, load_images
+from distreward.evaluation import Evaluator, fit_images, format_metrics, perturb_images, sample_rows
+from distreward.features import get_feature_network
+from distreward.metrics import GaussianStats
+from distreward.utils.io import atomic_save_json
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", metavar="IMAGES", help="fmnist-train | fmnist-test | images.npz | image folder")
@@ -38,8 +46,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _is_stats_file(spec: str) -> bool:
-    import numpy as np
-
     p = Path(spec)
     if p.suffix != ".npz":
         return False
@@ -51,10 +57,6 @@ def _is_stats_file(spec: str) -> bool:
 
 def match_stats(paths: list[str], labels: list[str], dims: list[int]) -> dict:
     """Statistics files -> {network label: GaussianStats}, by the network name stored in the file, else by dimension."""
-    import numpy as np
-
-    from distreward.metrics import GaussianStats
-
     out = {}
     for path in paths:
         st = GaussianStats.load(path)
@@ -78,11 +80,6 @@ def match_stats(paths: list[str], labels: list[str], dims: list[int]) -> dict:
 
 
 def run(args) -> int:
-    from distreward.data import check_images, load_images
-    from distreward.evaluation import Evaluator, fit_images, format_metrics, perturb_images, sample_rows
-    from distreward.features import get_feature_network
-    from distreward.utils.io import atomic_save_json
-
     nets = [get_feature_network(f, device=args.device) for f in args.features]
     input_shape = getattr(nets[0], "input_shape", None)
     stats_refs = [r for r in args.ref if _is_stats_file(r)]

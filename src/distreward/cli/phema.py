@@ -10,6 +10,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
+from distreward.models import build_network
+from distreward.report import save_image_grid
+from distreward.sampling.generate import balanced_labels, sample_images
+from distreward.train.phema import list_snapshots, phema_coefficients, reconstruct, save_phema
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snapshots", required=True, help="folder of snapshots (a train-base run dir or its snapshots/)")
@@ -37,8 +44,6 @@ def _out_path(out: str, std: float, several: bool) -> Path:
 
 
 def run(args) -> int:
-    from distreward.train.phema import list_snapshots, phema_coefficients, save_phema
-
     snaps = list_snapshots(args.snapshots)
     if args.list:
         print(f"{'file':<40} {'std':>6} {'step':>8} {'kimg':>9}")
@@ -64,20 +69,13 @@ def run(args) -> int:
 
 
 def _grid(args, snaps) -> None:
-    import torch
-
-    from distreward.models import build_network
-    from distreward.report import save_image_grid
-    from distreward.train.phema import reconstruct
-    from distreward.train.sample import class_labels, sample_images
-
     rows = []
     for std in args.std:
         sd, info = reconstruct(snaps, std, args.step, args.method)
         net = build_network(info["arch"], info["kwargs"])
         net.load_state_dict(sd, strict=True)
         net = net.eval().to(args.device)
-        labels = class_labels(args.grid_n, int(info["kwargs"].get("num_classes", 0)))
+        labels = balanced_labels(args.grid_n, int(info["kwargs"].get("num_classes", 0)))
         rows.append(sample_images(net, info["arch"], labels, args.grid_n, steps=args.steps, method=args.sampler,
                                   seed=args.seed, device=args.device))
     path = save_image_grid(torch.cat(rows), args.grid, nrow=args.grid_n)

@@ -10,6 +10,15 @@ import argparse
 import io
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from distreward.data import to_uint8_images
+from distreward.models import load_generator
+from distreward.report import save_image_grid
+from distreward.sampling.generate import balanced_labels, sample_images
+from distreward.utils.io import atomic_write_bytes
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="generator .safetensors (train-base / phema output)")
@@ -27,22 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    import numpy as np
-    import torch
-
-    from distreward.data import to_uint8_images
-    from distreward.models import load_generator
-    from distreward.report import save_image_grid
-    from distreward.train.sample import class_labels, sample_images
-    from distreward.utils.io import atomic_write_bytes
-
     out = Path(args.out)
     if out.suffix not in (".png", ".npz"):
         raise ValueError(f"output {out} must end in .png (a grid) or .npz (images and labels)")
     net = load_generator(args.model, args.device)
     arch = net.generator_meta["arch"]
     num_classes = int(net.generator_meta["kwargs"].get("num_classes", getattr(net, "num_classes", 0)) or 0)
-    labels = class_labels(args.num, num_classes)
+    labels = balanced_labels(args.num, num_classes)
     if args.class_label is not None:
         if not 0 <= args.class_label < num_classes:
             raise ValueError(f"--class {args.class_label} is outside [0, {num_classes - 1}] for this network")

@@ -11,6 +11,14 @@ import io
 import re
 from pathlib import Path
 
+import numpy as np
+
+from distreward.data import check_images, load_images
+from distreward.evaluation import fit_images, sample_rows
+from distreward.features import compute_features, get_feature_network
+from distreward.metrics import GaussianStats
+from distreward.utils.io import atomic_write_bytes
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", metavar="DATA", help="fmnist-train | fmnist-test | images.npz | image folder")
@@ -28,21 +36,12 @@ def _slug(s: str) -> str:
 
 def save_stats_npz(path, stats, features: str) -> Path:
     """Atomic .npz of the statistics with the feature network's name, so `evaluate` can match them."""
-    import numpy as np
-
-    from distreward.utils.io import atomic_write_bytes
-
     buf = io.BytesIO()
     np.savez(buf, mu=stats.mu, sigma=stats.sigma, n=np.int64(stats.n), s1=stats.s1, s2=stats.s2, features=np.array(features))
     return atomic_write_bytes(path, buf.getvalue())
 
 
 def run(args) -> int:
-    from distreward.data import check_images, load_images
-    from distreward.evaluation import fit_images, sample_rows
-    from distreward.features import compute_features, get_feature_network
-    from distreward.metrics import GaussianStats
-
     out = Path(args.out) if args.out else Path("runs/stats") / f"{_slug(args.data)}-{_slug(args.features)}.npz"
     if out.suffix != ".npz":
         raise ValueError(f"-o {out}: statistics are written as .npz; give a path ending in .npz")

@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from distreward.config import load_config
+from distreward.train import DEFAULTS, train_base
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.total_kimg=64")
@@ -20,9 +23,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from distreward.config import load_config
-    from distreward.train import DEFAULTS, train_base
-
     cfg = load_config(args.config, args.overrides, defaults=DEFAULTS)
     run_dir = args.run_dir or f"runs/{cfg.name}"
     summary = train_base(cfg, run_dir, device=args.device, resume=args.resume, progress=not args.no_progress)

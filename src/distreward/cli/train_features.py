@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from distreward.features.fmnist import ROLES, save_classifier, train_feature_network
+from distreward.utils.io import atomic_save_json
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--which", choices=("reward", "eval", "both"), default="both",
@@ -35,9 +38,6 @@ def _out_path(out: str, name: str, single: bool) -> Path:
 
 
 def run(args) -> int:
-    from distreward.features.fmnist import ROLES, save_classifier, train_feature_network
-    from distreward.utils.io import atomic_save_json
-
     roles = ["reward", "eval"] if args.which == "both" else [args.which]
     summary = {}
     for role in roles:

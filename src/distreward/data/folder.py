@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .common import to_float_images
+from .fmnist import load_fmnist
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
@@ -68,8 +69,6 @@ def load_images(spec: str | os.PathLike):
     """`fmnist-train`, `fmnist-test`, an .npz file, or an image folder -> (images, labels or None)."""
     s = str(spec)
     if s in ("fmnist-train", "fmnist-test", "fmnist:train", "fmnist:test"):
-        from .fmnist import load_fmnist
-
         return load_fmnist(s.split("-")[-1].split(":")[-1])
     p = Path(s)
     if p.suffix == ".npz":

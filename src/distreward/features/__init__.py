@@ -14,6 +14,9 @@ from typing import Callable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+
+from .fmnist import load_fmnist_classifier
 
 # name -> "module:factory"; factory(weights: str | None, device) -> nn.Module with .dim and forward(images)->(B, d)
 _REGISTRY: dict[str, str] = {
@@ -47,8 +50,6 @@ def get_feature_network(name_or_path: str | os.PathLike, *, weights: str | os.Pa
     if key in _REGISTRY:
         net = _resolve(_REGISTRY[key])(weights, device)
     elif Path(key).suffix == ".safetensors" or Path(key).is_file():
-        from .fmnist import load_fmnist_classifier
-
         net = load_fmnist_classifier(key, device)
     else:
         raise ValueError(f"unknown feature network {key!r}: use one of {', '.join(available_features())} or a .safetensors path")
@@ -59,8 +60,6 @@ def get_feature_network(name_or_path: str | os.PathLike, *, weights: str | os.Pa
 def compute_features(net: torch.nn.Module, images: torch.Tensor, *, batch_size: int = 500, progress: bool = False,
                      desc: str = "features") -> np.ndarray:
     """Features of `images` (float, project range) in batches, as a float64 (N, d) array."""
-    from tqdm.auto import tqdm
-
     device = next(net.parameters()).device
     out = []
     for i in tqdm(range(0, images.shape[0], batch_size), desc=desc, disable=not progress, unit="batch"):

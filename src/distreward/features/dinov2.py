@@ -19,7 +19,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .inception import _load_error_summary, find_weights
+from ..data import as_rgb
+from ..models.sit import Attention
+from .inception import find_weights, load_strict
 
 PATCH = 14
 IMG_SIZE = 518
@@ -53,22 +55,6 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention, fused qkv with bias; softmax(q k^T / sqrt(d_head)) v by SDPA."""
-
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
 
 class Mlp(nn.Module):
@@ -114,7 +100,7 @@ class Block(nn.Module):
     def __init__(self, dim: int, heads: int, ffn: str):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, heads)
+        self.attn = Attention(dim, num_heads=heads, qkv_bias=True)
         self.ls1 = LayerScale(dim)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = (SwiGLU if ffn == "swiglu" else Mlp)(dim, 4 * dim)
@@ -205,8 +191,6 @@ class DinoV2Features(nn.Module):
         self.dim = net.dim
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        from ..data import as_rgb
-
         x = as_rgb(images, name="dinov2 features")
         return self.net(dinov2_preprocess((x + 1) * 127.5).to(self.net.norm.weight.dtype))
 
@@ -216,14 +200,9 @@ def build_dinov2(weights: str | os.PathLike, size: str = "l", device: str | torc
     sd = torch.load(weights, map_location="cpu", weights_only=True)
     if not isinstance(sd, dict):
         raise ValueError(f"{weights}: expected a state_dict, got {type(sd).__name__}")
-    with torch.device("meta"):
-        net = DinoV2(size)
-    try:
-        net.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as e:
-        raise ValueError(f"{weights}: not a DINOv2 ViT-{size.upper()}/14 checkpoint ({_load_error_summary(e)}); "
-                         f"expected {weight_file(size)}") from None
-    return net.float().eval().requires_grad_(False).to(device)
+    return load_strict(lambda: DinoV2(size), sd, device,
+                       lambda why: f"{weights}: not a DINOv2 ViT-{size.upper()}/14 checkpoint ({why}); "
+                                   f"expected {weight_file(size)}")
 
 
 def load_dinov2(weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",

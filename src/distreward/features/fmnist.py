@@ -18,8 +18,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..config import repo_path
+from ..data import load_fmnist
+from ..utils.io import atomic_save_safetensors
 
 INPUT_SHAPE = (1, 32, 32)
 NUM_CLASSES = 10
@@ -113,8 +120,6 @@ def build_classifier(arch: str, kwargs: dict | None = None) -> _FeatureClassifie
 
 def save_classifier(path: str | os.PathLike, net: nn.Module, arch: str, kwargs: dict, info: dict | None = None) -> Path:
     """Atomic .safetensors with the metadata that rebuilds the network (arch, kwargs) and how it was made."""
-    from ..utils.io import atomic_save_safetensors
-
     meta = {"arch": arch, "kwargs": json.dumps(kwargs)}
     for k, v in (info or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)
@@ -122,8 +127,6 @@ def save_classifier(path: str | os.PathLike, net: nn.Module, arch: str, kwargs: 
 
 
 def read_classifier_metadata(path: str | os.PathLike) -> dict:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata() or {})
     if "arch" not in meta:
@@ -139,8 +142,6 @@ def read_classifier_metadata(path: str | os.PathLike) -> dict:
 
 def load_fmnist_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> _FeatureClassifier:
     """Rebuild the network named in the file's metadata and load its weights strictly; eval mode."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"feature-network weights {path} not found; train them with 'distreward train-features'")
@@ -153,8 +154,6 @@ def load_fmnist_classifier(path: str | os.PathLike, device: str | torch.device =
 
 
 def shipped_weights(role: str) -> Path:
-    from ..config import repo_path
-
     return repo_path("weights", f"{ROLES[role]['name']}.safetensors")
 
 
@@ -220,10 +219,6 @@ def train_feature_network(arch: str, seed: int, epochs: int, *, kwargs: dict | N
 
     Returns (net in eval mode, info) where info holds seed, epochs, test_accuracy and the training time.
     """
-    from tqdm.auto import tqdm
-
-    from ..data import load_fmnist
-
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     kwargs = dict(kwargs or {})

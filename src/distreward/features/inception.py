@@ -24,11 +24,14 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+from ..data import as_rgb
+from ..utils.safe_pickle import UnsafePickleError, safe_load
 
 PTH_NAME = "pt_inception-2015-12-05-6726825d.pth"
 PTH_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
@@ -258,8 +261,6 @@ class InceptionFeatures(nn.Module):
         self.net = net
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        from ..data import as_rgb
-
         x = as_rgb(images, name="inception features")
         return self.net((x + 1) / 2)
 
@@ -488,8 +489,6 @@ def read_stylegan_inception(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if data[:4] == b"PK\x03\x04":
         tensors = read_torchscript_tensors(data, str(path))
     else:
-        from ..utils.safe_pickle import UnsafePickleError, safe_load
-
         try:
             obj = safe_load(data)
         except UnsafePickleError as e:
@@ -522,23 +521,30 @@ def _is_torchscript(path: Path) -> bool:
         return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
 
 
-def _load_error_summary(e: Exception, limit: int = 400) -> str:
+def load_error_summary(e: Exception, limit: int = 400) -> str:
     """load_state_dict's message (missing / unexpected keys, shape mismatches) on one line, shortened."""
     text = " ".join(str(e).split()).replace("Error(s) in loading state_dict for ", "")
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def build_fid_inception(weights: str | os.PathLike, device: str | torch.device = "cpu") -> FIDInceptionV3:
-    """FIDInceptionV3 with weights from `weights` (strict load), in eval mode on `device`."""
-    sd = read_inception_weights(weights)
+def load_strict(make: Callable[[], nn.Module], sd: dict, device, wrong: Callable[[str], str]) -> nn.Module:
+    """make() built on the meta device, the state dict `sd` loaded strictly in its place (no second copy of the
+    weights), in float32 eval mode without gradients on `device`; `wrong(summary)` words the error for a file
+    that does not fit."""
     with torch.device("meta"):
-        net = FIDInceptionV3()
+        net = make()
     try:
         net.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
-        raise ValueError(f"{weights}: not an FID Inception-v3 checkpoint ({_load_error_summary(e)}); expected "
-                         f"pytorch-fid's {PTH_NAME} or StyleGAN3/EDM2's {PKL_NAME}") from None
+        raise ValueError(wrong(load_error_summary(e))) from None
     return net.float().eval().requires_grad_(False).to(device)
+
+
+def build_fid_inception(weights: str | os.PathLike, device: str | torch.device = "cpu") -> FIDInceptionV3:
+    """FIDInceptionV3 with weights from `weights` (strict load), in eval mode on `device`."""
+    return load_strict(FIDInceptionV3, read_inception_weights(weights), device,
+                       lambda why: f"{weights}: not an FID Inception-v3 checkpoint ({why}); expected "
+                                   f"pytorch-fid's {PTH_NAME} or StyleGAN3/EDM2's {PKL_NAME}")
 
 
 def load_inception(weights: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> InceptionFeatures:

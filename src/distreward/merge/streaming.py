@@ -16,6 +16,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from safetensors import safe_open
+
+from ..models import build_network, save_generator
 
 
 @dataclass
@@ -46,8 +49,6 @@ class CheckpointSet:
     @classmethod
     def open(cls, paths: Sequence[str | os.PathLike]) -> "CheckpointSet":
         """Read the headers of every file and check that they can be merged (same names, shapes, dtypes)."""
-        from safetensors import safe_open
-
         paths = [Path(p) for p in paths]
         if not paths:
             raise ValueError("no checkpoints to merge: pass at least one .safetensors file (--checkpoints A B ... or --snapshots DIR)")
@@ -88,8 +89,6 @@ class CheckpointSet:
         return out
 
     def _check_fixed(self) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
         fixed = {}
         names = [n for n, ti in self.tensors.items() if not ti.dtype.is_floating_point]
         if not names:
@@ -111,8 +110,6 @@ class CheckpointSet:
         `out` (e.g. a network's own state_dict()) is written in place, so merging into a live network costs no
         second copy of the model.
         """
-        from safetensors import safe_open
-
         w = check_weights(weights, self.k)
         out = {} if out is None else out
         with contextlib.ExitStack() as stack:
@@ -132,8 +129,6 @@ class CheckpointSet:
 
     def build_network(self, device: str | torch.device = "cpu") -> torch.nn.Module:
         """An (unloaded) network of the checkpoints' architecture, in eval mode."""
-        from ..models import build_network
-
         if self.arch is None:
             raise ValueError(f"{self.paths[0]} has no 'arch' metadata: save the checkpoints with distreward.models.save_generator")
         return build_network(self.arch, self.kwargs).eval().to(device)
@@ -152,8 +147,6 @@ class CheckpointSet:
 
     def save(self, path: str | os.PathLike, weights, extra: dict | None = None) -> Path:
         """Write theta(w) as a generator file that `distreward.models.load_generator` (so every command) can read."""
-        from ..models import save_generator
-
         if self.arch is None:
             raise ValueError(f"{self.paths[0]} has no 'arch' metadata: save the checkpoints with distreward.models.save_generator")
         sd = self.merge(weights)
@@ -182,20 +175,27 @@ def check_weights(weights, k: int) -> np.ndarray:
     return w
 
 
-def list_snapshots(folder: str | os.PathLike) -> list[Path]:
-    """The .safetensors files of a snapshot folder, in training order (by the step in their metadata, else by name)."""
+def folder_files(folder: str | os.PathLike, pattern: str, missing: str, empty: str) -> list[Path]:
+    """The files of `folder` that match `pattern`, by name; FileNotFoundError(missing / empty) when the folder or
+    the files are not there ({folder} in the messages is filled in)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"snapshot folder {folder} not found (pass the folder that holds the EMA snapshot .safetensors files)")
-    files = sorted(folder.glob("*.safetensors"))
+        raise FileNotFoundError(missing.format(folder=folder))
+    files = sorted(folder.glob(pattern))
     if not files:
-        raise FileNotFoundError(f"no .safetensors files in {folder}; train-base writes its EMA snapshots there")
+        raise FileNotFoundError(empty.format(folder=folder))
+    return files
+
+
+def list_snapshots(folder: str | os.PathLike) -> list[Path]:
+    """The .safetensors files of a snapshot folder, in training order (by the step in their metadata, else by name)."""
+    files = folder_files(folder, "*.safetensors",
+                         "snapshot folder {folder} not found (pass the folder that holds the EMA snapshot .safetensors files)",
+                         "no .safetensors files in {folder}; train-base writes its EMA snapshots there")
     return sorted(files, key=lambda p: (_snapshot_step(p), p.name))
 
 
 def _snapshot_step(path: Path) -> int:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         meta = _decode_meta(dict(f.metadata() or {}))
     extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}

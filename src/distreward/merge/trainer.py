@@ -18,16 +18,25 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from ..config import save_config, with_defaults
+from ..evaluation import Evaluator
+from ..evaluation.generator import plain_metrics, sharded_metrics
+from ..metrics import sqrtm_psd
+from ..reward import ReferenceSet, plain_set_rewards
+from ..sampling.generate import shared_noise
 from ..utils import dist as D
+from ..utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..utils.io import RunDir, atomic_save_json
+from ..utils.runlog import RunLog
+from .inputs import has_phema, make_feature_fn, make_ode_sampler, open_checkpoints, phema_weights, real_statistics
 from .policy import GaussianPolicy, normalise_rewards, policy_update, project_sum_one
-from .reward import SetReplaceReward
-from .streaming import CheckpointSet, list_snapshots
+from .streaming import CheckpointSet
 
 DEFAULTS: dict[str, Any] = {
     "name": "merge",
@@ -61,148 +70,15 @@ DEFAULTS: dict[str, Any] = {
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Inputs
-
-def open_checkpoints(merge_cfg) -> CheckpointSet:
-    """The K inputs: merge.snapshots (a folder) or merge.checkpoints (files), plus merge.include."""
-    snaps = merge_cfg.get("snapshots")
-    ckpts = list(merge_cfg.get("checkpoints") or [])
-    if snaps and ckpts:
-        raise ValueError("give either merge.snapshots (a folder) or merge.checkpoints (files), not both")
-    paths = snapshot_paths(_find(snaps)) if snaps else [_find(p) for p in ckpts]
-    paths += [_find(p) for p in (merge_cfg.get("include") or [])]
-    if not paths:
-        raise ValueError("nothing to merge: pass --checkpoints A B ... or --snapshots DIR (merge.checkpoints / merge.snapshots)")
-    return CheckpointSet.open(paths)
-
-
-def snapshot_paths(folder: Path) -> list[Path]:
-    """A folder's power-EMA snapshots in (step, std) order (train.phema), else its .safetensors by training step."""
-    try:
-        from ..train.phema import list_snapshots as list_phema
-
-        return [s.path for s in list_phema(folder)]
-    except (ImportError, FileNotFoundError):
-        return list_snapshots(folder)
-
-
-def _find(p) -> Path:
-    """A path as given, else relative to the source checkout (where weights/ ships)."""
-    from ..config import repo_path
-
-    path = Path(str(p))
-    if not path.exists() and not path.is_absolute() and repo_path(str(path)).exists():
-        return repo_path(str(path))
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Sampling (the deterministic inference sampler) and features
-
-def shared_noise(n: int, image_shape, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n noise images and class-balanced labels from one seed: every candidate of an iteration gets these."""
-    gen = torch.Generator().manual_seed(int(seed))
-    noise = torch.randn((n, *image_shape), generator=gen)
-    labels = torch.arange(n) % num_classes if num_classes > 0 else None
-    return noise, labels
-
-
-def velocity_adapter(arch: str | None):
-    from .. import sampling
-
-    names = {"unet": "FlowVelocity", "sit": "SiTVelocity", "edm2": "EDMVelocity", None: "FlowVelocity"}
-    if arch not in names:
-        raise ValueError(f"no velocity adapter for network architecture {arch!r}")
-    return getattr(sampling, names[arch])
-
-
-def make_ode_sampler(arch: str | None, steps: int, method: str = "heun", shift: float = 1.0, batch_size: int = 500,
-                     device="cpu") -> Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """sample(net, noise, labels) -> images in [-1, 1] with `ode_sample` (no randomness beyond the noise)."""
-    from ..sampling import ode_sample, sigma_schedule
-
-    adapter = velocity_adapter(arch)
-    sigmas = sigma_schedule(int(steps), shift=float(shift)).to(device)
-
-    @torch.no_grad()
-    def sample(net, noise, labels):
-        model = adapter(net)
-        out = []
-        for i in range(0, noise.shape[0], batch_size):
-            lab = None if labels is None else labels[i:i + batch_size].to(device)
-            out.append(ode_sample(model, noise[i:i + batch_size].to(device), lab, sigmas, method=method).clamp(-1, 1).cpu())
-        return torch.cat(out)
-
-    return sample
-
-
-def make_feature_fn(name: str, device="cpu") -> Callable[[torch.Tensor], np.ndarray]:
-    from ..features import compute_features, get_feature_network
-
-    net = get_feature_network(name, device=device)
-    return lambda images: compute_features(net, images)
-
-
-def real_statistics(cfg, feature_fn, cache: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(mu_r, Sigma_r) of the reward's features on the real training set (reward.real_stats file, else computed)."""
-    from ..metrics import GaussianStats
-
-    path = cfg.reward.get("real_stats")
-    if path:
-        st = GaussianStats.load(_find(path))
-        return st.mu, st.sigma
-    if cache is not None and cache.is_file():
-        st = GaussianStats.load(cache)
-        return st.mu, st.sigma
-    from ..data import load_fmnist
-
-    images, _ = load_fmnist("train")
-    st = GaussianStats.from_features(feature_fn(images))
-    if cache is not None:
-        st.save(cache)
-    return st.mu, st.sigma
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Post-hoc EMA coefficients (the train package's least-squares solve)
-
-def phema_weights(ckpts: CheckpointSet, sigma_rel: float) -> np.ndarray:
-    """Coefficients over the K inputs that emulate an EMA of relative std `sigma_rel` at the latest snapshot step
-    (the train package's least-squares solve; inputs without power-EMA metadata get 0)."""
-    from ..train.phema import phema_coefficients
-
-    snaps = snapshots_of(ckpts)
-    used, x = phema_coefficients([s for s in snaps if s is not None], float(sigma_rel))
-    coef = dict(zip([u.path for u in used], np.asarray(x, np.float64)))
-    return np.array([coef.get(p, 0.0) for p in ckpts.paths])
-
-
-def snapshots_of(ckpts: CheckpointSet) -> list:
-    """A `train.phema.Snapshot` per input (None where the file carries no power-EMA metadata)."""
-    from ..train.phema import Snapshot
-
-    out = []
-    for path, meta in zip(ckpts.paths, ckpts.meta):
-        p = (meta.get("extra") or {}).get("phema") if isinstance(meta.get("extra"), dict) else None
-        out.append(None if not p else Snapshot(path, float(p["std"]), int(p["step"]), float(p.get("kimg", 0.0)),
-                                               int(p.get("batch", 0))))
-    return out
-
-
-def has_phema(ckpts: CheckpointSet) -> bool:
-    """True when the inputs include power-EMA snapshots of at least two EMA profiles (the solve needs them)."""
-    try:
-        snaps = [s for s in snapshots_of(ckpts) if s is not None]
-    except ImportError:
-        return False
-    return len({s.std for s in snaps}) >= 2
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The RL loop
 
 class MergeRL:
-    """The state of one merge run: checkpoints, the live network, the policy, its optimizer and the reward."""
+    """The state of one merge run: checkpoints, the live network, the policy, its optimizer and the reward.
+
+    The reward is `reward.ReferenceSet.set_rewards` (group credit, one group per candidate): r_c = FD(G) -
+    FD(G - S + X_c), every candidate's n samples X_c replacing the same n oldest rows S of the reference set G;
+    `self.reward` is that ReferenceSet (None with reward.reference_size 0: then r_c = -FD(X_c)).
+    """
 
     def __init__(self, cfg, ckpts: CheckpointSet, init_mean, *, sample_fn, feature_fn, real_mu, real_sigma,
                  device="cpu"):
@@ -213,7 +89,10 @@ class MergeRL:
         self.policy = GaussianPolicy(init_mean, float(pc.init_std), bool(pc.learn_std), float(pc.min_std))
         self.optimizer = torch.optim.Adam([p for p in self.policy.parameters() if p.requires_grad], lr=float(cfg.rl.lr))
         self.generator = torch.Generator().manual_seed(int(cfg.seed))
-        self.reward = SetReplaceReward(real_mu, real_sigma)
+        self.real_mu = np.asarray(real_mu, np.float64).reshape(-1)
+        self.real_sigma = np.asarray(real_sigma, np.float64)
+        self.real_sigma_half = sqrtm_psd(self.real_sigma)
+        self.reward: ReferenceSet | None = None
         self.iteration = 0
         self.history: list[dict] = []
 
@@ -251,7 +130,7 @@ class MergeRL:
         """The reward features of the samples of each model in `weights` (all from the same noise and labels),
         computed over the ranks and gathered: every rank gets all of them, in single-process order."""
         local = [np.asarray(self.feature_fn(im), np.float64) for _, im in self.local_images(weights, noise, labels)]
-        d, n = self.reward.real_mu.size, noise.shape[0]
+        d, n = self.real_mu.size, noise.shape[0]
         f = D.all_gather_rows(np.concatenate(local) if local else np.zeros((0, d)))
         return [f[i * n:(i + 1) * n] for i in range(len(weights))]
 
@@ -266,10 +145,20 @@ class MergeRL:
             return
         noise, labels = self.noise(n, int(self.cfg.seed) + 7_000_000)
         if D.world_size() == 1:
-            self.reward.rows = self.feature_fn(self.images(self.mean_weights(), noise, labels))
+            rows = self.feature_fn(self.images(self.mean_weights(), noise, labels))
         else:
-            self.reward.rows = self.sharded_features([self.mean_weights()], noise, labels)[0].copy()
-        self.reward.ptr = 0
+            rows = self.sharded_features([self.mean_weights()], noise, labels)[0]
+        self.reward = ReferenceSet(rows, self.real_mu, self.real_sigma)
+
+    def rewards(self, feats: list[np.ndarray]) -> np.ndarray:
+        """One reward per candidate feature set (each (n, d), the same n for all), higher is better."""
+        if self.reward is None:
+            return plain_set_rewards(feats, self.real_mu, self.real_sigma, self.real_sigma_half)
+        if feats[0].shape[0] >= self.reward.n:
+            raise ValueError(f"a candidate's {feats[0].shape[0]} samples would replace the whole reference set of "
+                             f"{self.reward.n}; set reward.reference_size larger than rl.samples (or 0 for the plain "
+                             "set FD)")
+        return self.reward.set_rewards(feats)
 
     def step(self) -> dict:
         rl = self.cfg.rl
@@ -281,14 +170,15 @@ class MergeRL:
         else:
             feats = self.sharded_features([self.coefficients(wi) for wi in w], noise, labels)
         t1 = time.perf_counter()
-        fd_before = self.reward.fd() if self.reward.n else None
-        r = self.reward.rewards(feats)
+        fd_before = self.reward.fd() if self.reward is not None else None
+        r = self.rewards(feats)
         if D.world_size() > 1:
             r = D.broadcast_object(r)   # rank 0's rewards: the same step on every replica, by construction
         adv = normalise_rewards(torch.from_numpy(r))
         stats = policy_update(self.policy, self.optimizer, w, adv, algorithm=rl.algorithm, epochs=int(rl.epochs),
                               clip=float(rl.clip), entropy=float(rl.entropy))
-        self.reward.push(feats[int(np.argmax(r))])   # the best candidate's samples enter G
+        if self.reward is not None:
+            self.reward.push(feats[int(np.argmax(r))])   # the best candidate's samples enter G
         self.iteration += 1
         mean = self.mean_weights()
         record = {"iteration": self.iteration, "r_mean": float(r.mean()), "r_std": float(r.std()),
@@ -299,21 +189,26 @@ class MergeRL:
         return record
 
     def state_dict(self) -> dict:
-        from ..rl.state import rng_state
-
-        return {"policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "reward": self.reward.state_dict(), "rng": rng_state(self.generator),
-                "iteration": self.iteration, "history": json.dumps(self.history)}
+        reward = {"rows": None, "ptr": 0} if self.reward is None else self.reward.state_dict()
+        return {"policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(), "reward": reward,
+                "rng": rng_state(self.generator), "iteration": self.iteration, "history": json.dumps(self.history)}
 
     def load_state_dict(self, st: dict) -> None:
-        from ..rl.state import set_rng_state
-
         self.policy.load_state_dict(st["policy"])
         self.optimizer.load_state_dict(st["optimizer"])
-        self.reward.load_state_dict(st["reward"])
+        self.load_reward_state(st["reward"])
         set_rng_state(self.generator, st["rng"])
         self.iteration = int(st["iteration"])
         self.history = json.loads(st["history"])
+
+    def load_reward_state(self, sd: dict) -> None:
+        """The reference set of a checkpoint: ReferenceSet.state_dict(), or the {rows, ptr} of runs written before
+        the merge reward was a ReferenceSet (its sums are then recomputed from the rows)."""
+        self.reward = None if sd["rows"] is None else ReferenceSet(sd["rows"], self.real_mu, self.real_sigma)
+        if self.reward is not None and "s1" in sd:
+            self.reward.load_state_dict(sd)
+        elif self.reward is not None:
+            self.reward.ptr = int(sd["ptr"]) % self.reward.n
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -321,17 +216,14 @@ class MergeRL:
 
 def evaluate_weights(rl: MergeRL, w, evaluator, cfg) -> dict:
     """Held-out metrics of theta(w): cfg.eval.n ODE samples from the fixed evaluation seed (split over the ranks
-    under torchrun in sampler batches, merged by `rl.grpo.sharded_metrics`)."""
+    under torchrun in sampler batches, merged by `evaluation.generator.sharded_metrics`)."""
     noise, labels = rl.noise(int(cfg.eval.n), int(cfg.eval.seed))
     if D.world_size() == 1:
         metrics = evaluator.evaluate(rl.images(np.asarray(w, np.float64), noise, labels))
     else:
-        from ..rl.grpo import sharded_metrics
-
         batches = (images for _, images in rl.local_images([np.asarray(w, np.float64)], noise, labels))
         metrics = sharded_metrics(evaluator, batches, tuple(cfg.model.image_shape))
-    out = {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v) for k, v in metrics.items()}
-    return out
+    return plain_metrics(metrics)
 
 
 def baseline_weights(ckpts: CheckpointSet, cfg) -> dict[str, np.ndarray]:
@@ -364,6 +256,11 @@ def initial_mean(init, ckpts: CheckpointSet, baselines: dict[str, np.ndarray], r
 # ----------------------------------------------------------------------------------------------------------
 # The run
 
+def resolve(cfg):
+    """A merge config (DictConfig, dict or None) over the trainer's DEFAULTS: what run_merge runs."""
+    return with_defaults(DEFAULTS, cfg)
+
+
 def run_merge(cfg, run_dir, *, resume: bool = False, ckpts: CheckpointSet | None = None, sample_fn=None,
               feature_fn=None, evaluator=None, real_stats=None, progress: bool = True) -> dict:
     """Baselines, then RL over w, then the merged model. Writes into run_dir:
@@ -374,14 +271,7 @@ def run_merge(cfg, run_dir, *, resume: bool = False, ckpts: CheckpointSet | None
     Under torchrun every rank calls this with the same cfg: sampling is split over the ranks, the policy and the
     reference set are replicas, and only rank 0 writes (the run directory must be shared for --resume).
     """
-    from tqdm.auto import tqdm
-
-    from ..config import save_config
-    from ..rl.grpo import _NullWriter, _tensorboard, _truncate_jsonl
-    from ..rl.state import load_checkpoint, save_checkpoint
-    from ..utils.io import RunDir, atomic_save_json
-
-    cfg = _with_defaults(cfg)
+    cfg = resolve(cfg)
     device = str(D.init_distributed(cfg.device))      # cuda:LOCAL_RANK under torchrun; as given in one process
     main = D.is_main()
     progress = progress and main
@@ -399,59 +289,18 @@ def run_merge(cfg, run_dir, *, resume: bool = False, ckpts: CheckpointSet | None
         real_stats = D.broadcast_object(real_statistics(cfg, feature_fn, cache=run.path("real_stats_reward.npz"))
                                         if main else None)
     if evaluator is None:
-        from ..evaluation import Evaluator
-
         with D.main_first():    # rank 0 fills the real-feature cache, the others read it
             evaluator = Evaluator.for_fmnist(device=device)
 
-    # Baselines (cached in baselines.json so that --resume does not redo them)
+    def merge_rl(init_mean) -> MergeRL:
+        return MergeRL(cfg, ckpts, init_mean, sample_fn=sample_fn, feature_fn=feature_fn, real_mu=real_stats[0],
+                       real_sigma=real_stats[1], device=device)
+
     base_w = baseline_weights(ckpts, cfg)
-    bpath = run.path("baselines.json")
-    results: dict[str, dict] = json.loads(bpath.read_text()) if (resume and main and bpath.is_file()) else {}
-    results = D.broadcast_object(results)
-    probe = MergeRL(cfg, ckpts, base_w["uniform"], sample_fn=sample_fn, feature_fn=feature_fn,
-                    real_mu=real_stats[0], real_sigma=real_stats[1], device=device)
-    for name, w in tqdm(base_w.items(), desc="baselines", disable=not progress, leave=False):
-        if name not in results:
-            # phema at the snapshots' own EMA length is (numerically) the last snapshot: evaluate those weights once
-            twin = next((k for k, r in results.items() if np.allclose(r["w"], w, rtol=0.0, atol=1e-6)), None)
-            metrics = {k: v for k, v in results[twin].items() if k != "w"} if twin else evaluate_weights(probe, w, evaluator, cfg)
-            results[name] = {**metrics, "w": w.tolist()}
-            if main:
-                atomic_save_json(bpath, results)
-    del probe
-    results = D.broadcast_object(results)   # the same initial mean on every rank, whatever the float rounding
-
+    results = evaluate_baselines(merge_rl(base_w["uniform"]), base_w, evaluator, cfg, run, resume, progress)
     init = initial_mean(cfg.merge.init, ckpts, base_w, results)
-    rl = MergeRL(cfg, ckpts, init, sample_fn=sample_fn, feature_fn=feature_fn, real_mu=real_stats[0],
-                 real_sigma=real_stats[1], device=device)
-    ckpt_path = run.checkpoints / "last.pt"
-    if resume and D.broadcast_object(ckpt_path.is_file()):
-        rl.load_state_dict(load_checkpoint(ckpt_path))
-    else:
-        if resume and main:
-            print(f"no checkpoint in {run.checkpoints}; starting from iteration 0")
-        rl.init_reference()
-    if main:
-        _truncate_jsonl(run.path("metrics.jsonl"), rl.iteration)
-    writer = _tensorboard(run.root / "tb", rl.iteration) if main else _NullWriter()
-
-    total = int(cfg.rl.iterations)
-    bar = tqdm(range(rl.iteration, total), desc="merge RL", unit="it", disable=not progress, initial=rl.iteration, total=total)
-    for _ in bar:
-        record = rl.step()
-        if main:
-            run.log_jsonl(record)
-        for k, v in record.items():
-            if k not in ("iteration", "w") and v is not None:
-                writer.add_scalar(k, v, rl.iteration)
-        for i, wi in enumerate(record["w"]):
-            writer.add_scalar(f"w/{i}", wi, rl.iteration)
-        bar.set_postfix(r=f"{record['r_mean']:.3g}", fd_ref=f"{record['fd_ref']:.3g}" if record["fd_ref"] is not None else "-")
-        if main and (rl.iteration % int(cfg.checkpoint.every) == 0 or rl.iteration == total):
-            save_checkpoint(ckpt_path, rl.state_dict())
-    bar.close()
-    writer.close()
+    rl = merge_rl(init)
+    train(rl, run, resume, progress)
 
     w = rl.mean_weights()
     same = [k for k, b in base_w.items() if np.array_equal(init, b)]
@@ -473,9 +322,45 @@ def run_merge(cfg, run_dir, *, resume: bool = False, ckpts: CheckpointSet | None
     return result
 
 
-def _with_defaults(cfg):
-    from omegaconf import OmegaConf
+def evaluate_baselines(probe: MergeRL, base_w: dict[str, np.ndarray], evaluator, cfg, run: RunDir, resume: bool,
+                       progress: bool) -> dict[str, dict]:
+    """Every baseline's metrics and weights, cached in baselines.json so that --resume does not redo them; the
+    same dict on every rank."""
+    main = D.is_main()
+    bpath = run.path("baselines.json")
+    results: dict[str, dict] = json.loads(bpath.read_text()) if (resume and main and bpath.is_file()) else {}
+    results = D.broadcast_object(results)
+    for name, w in tqdm(base_w.items(), desc="baselines", disable=not progress, leave=False):
+        if name not in results:
+            # phema at the snapshots' own EMA length is (numerically) the last snapshot: evaluate those weights once
+            twin = next((k for k, r in results.items() if np.allclose(r["w"], w, rtol=0.0, atol=1e-6)), None)
+            metrics = {k: v for k, v in results[twin].items() if k != "w"} if twin else evaluate_weights(probe, w, evaluator, cfg)
+            results[name] = {**metrics, "w": w.tolist()}
+            if main:
+                atomic_save_json(bpath, results)
+    return D.broadcast_object(results)   # the same initial mean on every rank, whatever the float rounding
 
-    out = OmegaConf.merge(OmegaConf.create(DEFAULTS), cfg)
-    OmegaConf.set_struct(out, False)
-    return out
+
+def train(rl: MergeRL, run: RunDir, resume: bool, progress: bool) -> None:
+    """The RL iterations up to rl.iterations, from checkpoints/last.pt with `resume`; logs and checkpoints."""
+    main = D.is_main()
+    ckpt_path = run.checkpoints / "last.pt"
+    if resume and D.broadcast_object(ckpt_path.is_file()):
+        rl.load_state_dict(load_checkpoint(ckpt_path))
+    else:
+        if resume and main:
+            print(f"no checkpoint in {run.checkpoints}; starting from iteration 0")
+        rl.init_reference()
+    log = RunLog(run.root, start=rl.iteration, enabled=main)
+    total, every = int(rl.cfg.rl.iterations), int(rl.cfg.checkpoint.every)
+    bar = tqdm(range(rl.iteration, total), desc="merge RL", unit="it", disable=not progress, initial=rl.iteration, total=total)
+    for _ in bar:
+        record = rl.step()
+        log.log(record)             # numbers only: the vector w goes in as w/<i>
+        log.scalars({str(i): wi for i, wi in enumerate(record["w"])}, rl.iteration, prefix="w/")
+        bar.set_postfix(r=f"{record['r_mean']:.3g}", fd_ref=f"{record['fd_ref']:.3g}" if record["fd_ref"] is not None else "-")
+        if main and (rl.iteration % every == 0 or rl.iteration == total):
+            save_checkpoint(ckpt_path, rl.state_dict())
+    bar.close()
+    log.close()
+

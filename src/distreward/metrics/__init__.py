@@ -1,8 +1,13 @@
-"""Features -> numbers: Gaussian statistics, Frechet distance, KID, precision/recall. float64 numpy only."""
+"""Features -> numbers: Gaussian statistics, Frechet distance, KID, precision/recall. float64 numpy only.
 
+`merge_gaussian_stats` sums GaussianStats over torchrun ranks (metrics owns the all-reduce of its statistics).
+"""
+
+from .distributed import merge_gaussian_stats
 from .gaussian import (GaussianStats, frechet_distance, frechet_distance_sqrtm, sqrtm_psd,
                        trace_sqrt_cholesky, trace_sqrt_product)
 from .kid import kid
 from .prdc import precision_recall
 
-__all__ = ["GaussianStats", "frechet_distance", "frechet_distance_sqrtm", "sqrtm_psd", "trace_sqrt_product", "trace_sqrt_cholesky", "kid", "precision_recall"]
+__all__ = ["GaussianStats", "frechet_distance", "frechet_distance_sqrtm", "sqrtm_psd", "trace_sqrt_product",
+           "trace_sqrt_cholesky", "kid", "precision_recall", "merge_gaussian_stats"]

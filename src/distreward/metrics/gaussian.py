@@ -5,13 +5,18 @@ No torch modules here: features arrive as arrays (torch tensors are converted), 
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 import numpy as np
 
+from ..utils.io import atomic_write_bytes
+from .statfiles import read_reference_pkl
 
-def _as_f64_rows(features) -> np.ndarray:
+
+def as_f64_rows(features) -> np.ndarray:
+    """Features (a numpy array or a torch tensor) as a finite float64 (N, d) array."""
     if hasattr(features, "detach"):
         features = features.detach().cpu().numpy()
     x = np.asarray(features, dtype=np.float64)
@@ -36,16 +41,17 @@ class GaussianStats:
         self.s1 = np.zeros(self.dim, dtype=np.float64)
         self.s2 = np.zeros((self.dim, self.dim), dtype=np.float64)
         self._mu = self._sigma = None
+        self._fixed = False   # True for statistics loaded from (mu, sigma) only: the sums are unknown
 
     @classmethod
     def from_features(cls, features) -> "GaussianStats":
-        x = _as_f64_rows(features)
+        x = as_f64_rows(features)
         st = cls(x.shape[1])
         st.update(x)
         return st
 
     def update(self, features) -> "GaussianStats":
-        x = _as_f64_rows(features)
+        x = as_f64_rows(features)
         if x.shape[1] != self.dim:
             raise ValueError(f"features have dimension {x.shape[1]}, these statistics {self.dim}")
         self.n += x.shape[0]
@@ -57,7 +63,7 @@ class GaussianStats:
     def merge(self, other: "GaussianStats") -> "GaussianStats":
         if other.dim != self.dim:
             raise ValueError(f"cannot merge statistics of dimension {other.dim} into {self.dim}")
-        if other._s_missing():
+        if not other.has_sums:
             raise ValueError("cannot merge statistics loaded from (mu, sigma) only: their sums are unknown")
         self.n += other.n
         self.s1 += other.s1
@@ -65,8 +71,10 @@ class GaussianStats:
         self._mu = self._sigma = None
         return self
 
-    def _s_missing(self) -> bool:
-        return getattr(self, "_fixed", False)
+    @property
+    def has_sums(self) -> bool:
+        """Whether n, S1, S2 are known (False for statistics made from (mu, sigma) only, which cannot be merged)."""
+        return not self._fixed
 
     @property
     def mu(self) -> np.ndarray:
@@ -90,11 +98,7 @@ class GaussianStats:
 
     def save(self, path: str | os.PathLike) -> Path:
         """.npz with 'mu' and 'sigma' (pytorch-fid / ADM format) plus 'n' and the sums when known."""
-        import io
-
-        from ..utils.io import atomic_write_bytes
-
-        extra = {} if self._s_missing() else {"s1": self.s1, "s2": self.s2}
+        extra = {} if not self.has_sums else {"s1": self.s1, "s2": self.s2}
         buf = io.BytesIO()
         np.savez(buf, mu=self.mu, sigma=self.sigma, n=np.int64(self.n), **extra)
         return atomic_write_bytes(path, buf.getvalue())
@@ -118,9 +122,7 @@ class GaussianStats:
         if not path.is_file():
             raise FileNotFoundError(f"reference statistics {path} not found; make them with 'distreward stats DATA --features F -o {path.name}'")
         if path.suffix == ".pkl":
-            from .reference import load_reference_pkl
-
-            return load_reference_pkl(path)
+            return cls.from_mu_sigma(*read_reference_pkl(path))
         with np.load(path, allow_pickle=False) as z:
             if "mu" not in z.files or "sigma" not in z.files:
                 raise ValueError(f"{path}: expected arrays 'mu' and 'sigma', found {z.files}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .gaussian import _as_f64_rows
+from .gaussian import as_f64_rows
 
 
 def polynomial_kernel(a: np.ndarray, b: np.ndarray, degree: int = 3, coef0: float = 1.0) -> np.ndarray:
@@ -34,7 +34,7 @@ def kid(feat_a, feat_b, num_subsets: int = 100, max_subset_size: int = 1000, see
 
     Unscaled; report it x1e3 as is customary (the evaluator does). Can be slightly negative for equal distributions.
     """
-    a, b = _as_f64_rows(feat_a), _as_f64_rows(feat_b)
+    a, b = as_f64_rows(feat_a), as_f64_rows(feat_b)
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"KID: features of different dimensions {a.shape[1]} and {b.shape[1]} (different feature networks?)")
     m = min(a.shape[0], b.shape[0], int(max_subset_size))

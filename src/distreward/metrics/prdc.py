@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .gaussian import _as_f64_rows
+from .gaussian import as_f64_rows
 
 
 def _sq_norms(x: np.ndarray) -> np.ndarray:
@@ -48,7 +48,7 @@ def manifold_coverage(centres: np.ndarray, radii: np.ndarray, queries: np.ndarra
 
 def precision_recall(real, fake, k: int = 3, batch: int = 1000) -> dict[str, float]:
     """{'precision', 'recall'} of `fake` features against `real` features (both (N, d)), k-NN radii with k=3."""
-    r, f = _as_f64_rows(real), _as_f64_rows(fake)
+    r, f = as_f64_rows(real), as_f64_rows(fake)
     if r.shape[1] != f.shape[1]:
         raise ValueError(f"precision/recall: features of different dimensions {r.shape[1]} and {f.shape[1]}")
     if k < 1:

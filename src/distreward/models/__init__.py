@@ -12,6 +12,10 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from ..utils.io import atomic_save_safetensors
 
 # arch -> "module:class"; the class takes **kwargs exactly as saved
 ARCHS = {
@@ -31,8 +35,6 @@ def build_network(arch: str, kwargs: dict) -> torch.nn.Module:
 def save_generator(path: str | os.PathLike, net: torch.nn.Module, arch: str, kwargs: dict, extra: dict | None = None,
                    state_dict: dict | None = None) -> Path:
     """Atomic .safetensors with the metadata needed to rebuild the network (and any extra JSON-able info)."""
-    from ..utils.io import atomic_save_safetensors
-
     meta = {"arch": arch, "kwargs": json.dumps(kwargs)}
     if extra:
         meta["extra"] = json.dumps(extra)
@@ -41,8 +43,6 @@ def save_generator(path: str | os.PathLike, net: torch.nn.Module, arch: str, kwa
 
 
 def read_generator_metadata(path: str | os.PathLike) -> dict:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if "arch" not in meta:
@@ -52,8 +52,6 @@ def read_generator_metadata(path: str | os.PathLike) -> dict:
 
 def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Rebuild and load (strictly) a generator saved by `save_generator`; returned in eval mode."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"generator weights {path} not found")

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..utils.safe_pickle import PersistentObject, module_state_dict, safe_load
+
 __all__ = ["Precond", "UNet", "Block", "MPConv", "MPFourier", "EDM2_CONFIGS", "edm2_config", "load_pkl",
            "precond_from_record"]
 
@@ -316,8 +318,6 @@ class Precond(nn.Module):
 
 def precond_from_record(record) -> Precond:
     """Build our Precond from an official persistence record (init args/kwargs + pickled module state)."""
-    from ..utils.safe_pickle import module_state_dict
-
     with torch.device("meta"):
         net = Precond(*record.init_args, **record.init_kwargs)
     sd = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in module_state_dict(record).items()}
@@ -332,8 +332,6 @@ def load_pkl(path: str | os.PathLike, device: str | torch.device = "cpu", return
     return_dict=True returns the whole pickled dict (`ema` as our Precond; `encoder`, `loss_fn` as
     `PersistentObject` records, `dataset_kwargs` as a dict). `net.init_kwargs` holds the official kwargs.
     """
-    from ..utils.safe_pickle import PersistentObject, safe_load
-
     path = Path(path)
     data = safe_load(path, persistent_classes={"Precond": precond_from_record})
     if isinstance(data, Precond):

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 __all__ = ["SiT", "SIT_CONFIGS", "sit_config", "load_sit", "sit_kwargs_from_state_dict", "get_2d_sincos_pos_embed"]
@@ -272,8 +273,6 @@ class SiT(nn.Module):
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """A plain state_dict (official release), a train.py dict (prefer `ema`), or a .safetensors file."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     with torch.serialization.safe_globals([argparse.Namespace]):  # train.py stores its argparse args
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True)

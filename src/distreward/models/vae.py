@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from ..data import check_images
+
 __all__ = ["LatentCodec", "Convention", "CONVENTIONS", "load_autoencoder", "find_vae_dir", "raw_to_latents",
            "latents_to_raw", "posterior_sample"]
 
@@ -187,8 +189,6 @@ class LatentCodec(torch.nn.Module):
     @torch.no_grad()
     def posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The VAE's raw posterior (mean, std) of images in [-1, 1], float32 on the codec's device."""
-        from ..data import check_images
-
         images = check_images(images, channels=3)
         self.latent_shape(images.shape[1:])
         lo, hi = self.convention.pixel_range

@@ -5,7 +5,8 @@
 `KNNRealismReward` are the sample-wise baselines; `build_reward(cfg, device=...)` makes any of them from a config.
 """
 
-from .reference import ReferenceSet
+from .reference import ReferenceSet, plain_set_rewards
 from .rewards import ClassifierLogProbReward, DistributionReward, KNNRealismReward, Reward, build_reward
 
-__all__ = ["ReferenceSet", "Reward", "DistributionReward", "ClassifierLogProbReward", "KNNRealismReward", "build_reward"]
+__all__ = ["ReferenceSet", "plain_set_rewards", "Reward", "DistributionReward", "ClassifierLogProbReward",
+           "KNNRealismReward", "build_reward"]

@@ -13,7 +13,9 @@ share one description of the replacement (`lowrank.py`: mu' = mu + U^T e/N, Sigm
 Credit (which rows a candidate replaces) is explained in docs/reward.md: "sample" scores each candidate alone,
 replacing the oldest row; "group" scores the k candidates of a group together, replacing the k oldest rows, and
 gives every member the group's reward. Every unit of a call replaces the same (oldest) rows, so rewards of one call
-are comparable across groups, and those are the rows the next `push` overwrites.
+are comparable across groups, and those are the rows the next `push` overwrites. `set_rewards` scores whole
+candidate sets (e.g. the n samples of each merging candidate): r_c = FD(G) - FD(G - S + X_c), S the n oldest rows
+(group credit with one group per set); `plain_set_rewards` is the reference-free case r_c = -FD(X_c).
 
 Rewards are returned as float64 numpy arrays (B,); the reward objects convert to torch.
 """
@@ -21,6 +23,7 @@ Rewards are returned as float64 numpy arrays (B,); the reward objects convert to
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ..metrics import frechet_distance, sqrtm_psd
 from .lowrank import mean_shift, replacement_coupling, trace_sqrt_update, weighted_grams
@@ -163,8 +166,6 @@ class ReferenceSet:
 
     def state_dict(self) -> dict:
         """Plain float64 tensors and ints: loads with torch.load(weights_only=True)."""
-        import torch
-
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a).copy())  # noqa: E731
         return {"rows": t(self.rows), "shift": t(self.shift), "s1": t(self.s1), "s2": t(self.s2),
                 "real_mu": t(self.real_mu), "real_sigma": t(self.real_sigma), "ptr": int(self.ptr),
@@ -288,9 +289,50 @@ class ReferenceSet:
                 out[u] = ru
         return out
 
+    def set_rewards(self, candidates, mode: str = "exact") -> np.ndarray:
+        """r_c = FD(G) - FD(G - S + X_c) for each candidate set X_c (float64 numpy, (P,), higher is better).
+
+        `candidates`: a list of (n, d) feature arrays, the same n for all (1 <= n <= N). Every set replaces the same
+        n rows S, the n oldest (those the next `push` of n rows overwrites). This is group credit with one group per
+        set; mode "exact" (default) forms Sigma' and recomputes the FD, "fast" is exact to about 1e-12 too.
+        """
+        sets = [as_f64_rows(c, f"candidate set {i}", self.dim) for i, c in enumerate(candidates)]
+        if not sets:
+            raise ValueError("no candidate sets to score: pass a list of (n, d) feature arrays")
+        sizes = sorted({s.shape[0] for s in sets})
+        if len(sizes) != 1:
+            raise ValueError(f"every candidate set must have the same number of samples, got {sizes}")
+        m = sizes[0]
+        if not 1 <= m <= self.n:
+            raise ValueError(f"candidate sets of {m} samples cannot replace rows of a reference set of {self.n}: "
+                             "use sets of 1 to N samples (a larger reference set)")
+        groups = np.repeat(np.arange(len(sets)), m)
+        return self.rewards(np.concatenate(sets), groups, mode=mode, credit="group")[::m].copy()
+
     def _exact_one(self, u_rows: np.ndarray, c: np.ndarray, dmu: np.ndarray) -> float:
         st = self._state(False)
         sigma_new = st["sigma"] + u_rows.T @ c @ u_rows
         fd_new = frechet_distance(st["mu"] + dmu, sigma_new, self.real_mu, self.real_sigma,
                                   sigma2_half=self.real_sigma_half)
         return self.fd() - fd_new
+
+
+def plain_set_rewards(candidates, real_mu, real_sigma, real_sigma_half: np.ndarray | None = None) -> np.ndarray:
+    """r_c = -FD(X_c, real) for each candidate set X_c ((n, d), n >= 2): the set reward without a reference set.
+
+    mu and Sigma come from the sums (mu = S1/n, Sigma = (S2 - n mu mu^T)/(n - 1)); the FD uses Sigma_r^{1/2}
+    (`real_sigma_half`, computed once per call when not given).
+    """
+    mu_r = np.asarray(_as_numpy(real_mu), np.float64).reshape(-1)
+    sigma_r = np.asarray(_as_numpy(real_sigma), np.float64)
+    half = sqrtm_psd(sigma_r) if real_sigma_half is None else np.asarray(real_sigma_half, np.float64)
+    out = []
+    for i, c in enumerate(candidates):
+        x = as_f64_rows(c, f"candidate set {i}", mu_r.size)
+        if x.shape[0] < 2:
+            raise ValueError(f"candidate set {i} has {x.shape[0]} samples; a covariance needs at least 2")
+        n = x.shape[0]
+        mu = x.sum(0) / n
+        sigma = (x.T @ x - n * np.outer(mu, mu)) / (n - 1)
+        out.append(-frechet_distance(mu, sigma, mu_r, sigma_r, sigma2_half=half))
+    return np.array(out)

@@ -7,11 +7,15 @@ All return CPU float32 tensors (B,).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
+from ..features import get_feature_network
+from ..metrics import GaussianStats
 from .reference import CREDITS, MODES, ReferenceSet
 
 
@@ -85,9 +89,14 @@ class DistributionReward(Reward):
         r = self.ref.rewards(self.features(images), groups=groups, mode=self.mode, credit=self.credit)
         return torch.from_numpy(r * self.scale).float()
 
-    def after_step(self, images, labels=None) -> None:
-        self.ref.push(self.features(images))
+    def push_features(self, features: np.ndarray) -> None:
+        """Push (B, d) feature rows into the reference set (the oldest rows go) and forget the cached features of
+        the last scored batch. For callers that hold the features already (e.g. gathered over ranks)."""
+        self.ref.push(features)
         self._last = None
+
+    def after_step(self, images, labels=None) -> None:
+        self.push_features(self.features(images))
 
     def fd(self) -> float:
         return self.ref.fd()
@@ -167,8 +176,6 @@ class KNNRealismReward(Reward):
 def _load_array(src, what: str) -> np.ndarray:
     """An array given directly, or a path to .npy / .npz (first array; pickles refused)."""
     if isinstance(src, (str, bytes)) or hasattr(src, "__fspath__"):
-        from pathlib import Path
-
         path = Path(src)
         if not path.is_file():
             raise FileNotFoundError(f"{what} file {path} not found")
@@ -183,8 +190,6 @@ def _load_array(src, what: str) -> np.ndarray:
 
 
 def _real_mu_sigma(real_stats):
-    from ..metrics import GaussianStats
-
     if isinstance(real_stats, (str, bytes)) or hasattr(real_stats, "__fspath__"):
         real_stats = GaussianStats.load(real_stats)
     if isinstance(real_stats, GaussianStats):
@@ -213,8 +218,6 @@ def build_reward(cfg, device="cpu", *, feature_net=None, real_stats=None, init_f
     `init_features` (N, d) for the initial reference set, `real_features` (M, d) for the k-NN reward.
     """
     if hasattr(cfg, "_metadata"):  # an OmegaConf node
-        from omegaconf import OmegaConf
-
         cfg = OmegaConf.to_container(cfg, resolve=True)
     if not isinstance(cfg, Mapping) or "name" not in cfg:
         raise ValueError(f"a reward config is a dict with a 'name' ({', '.join(_KEYS)}), got {cfg!r}")
@@ -226,8 +229,6 @@ def build_reward(cfg, device="cpu", *, feature_net=None, real_stats=None, init_f
         raise ValueError(f"unknown keys {sorted(unknown)} for the {name!r} reward; allowed: {sorted(_KEYS[name])}")
     batch_size = int(cfg.get("batch_size", 500))
     if feature_net is None:
-        from ..features import get_feature_network
-
         feature_net = get_feature_network(cfg.get("features", "fmnist-reward"), weights=cfg.get("weights"), device=device)
 
     if name == "classifier":

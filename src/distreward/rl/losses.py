@@ -87,12 +87,3 @@ def trained_steps(T: int, mode: str, *, fraction: float = 0.5, window: int | lis
         pick = torch.randperm(len(steps), generator=generator)[:int(count)]
         return sorted(steps[i] for i in pick.tolist())
     raise ValueError(f"rl.train_steps.mode must be 'fraction' or 'window', got {mode!r}")
-
-
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
-    """theta_ema <- decay theta_ema + (1 - decay) theta (buffers copied)."""
-    for pe, p in zip(ema.parameters(), net.parameters()):
-        pe.lerp_(p.detach(), 1.0 - decay)
-    for be, b in zip(ema.buffers(), net.buffers()):
-        be.copy_(b)

@@ -1,6 +1,6 @@
 """GRPO across processes (torchrun; NCCL on GPUs, gloo on CPU): what each rank does with its share of a batch.
 
-The rules (docs/scale.md):
+One process is the world-size-1 case of every helper here. The rules (docs/scale.md):
 - every rank draws the *global* labels, noise and SDE step noise from the same generator and keeps its own rows,
   so the union of the ranks' samples is the single-process batch of the same size and seed, and the generators
   of all ranks stay in step;
@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..reward import Reward
+from ..sampling import Trajectory, check_sigmas, noise_levels, sde_step, sigma_vector
 from ..utils import dist as D
 
 
@@ -39,9 +41,6 @@ def rollout_rows(model, noise: torch.Tensor, labels: torch.Tensor | None, sigmas
     Every rank consumes the generator as the single-process rollout does (the start noise is given; one
     global-shape draw per step), so all ranks' generators stay identical. Returns a `Trajectory`.
     """
-    from ..sampling import Trajectory, check_sigmas, sde_step, sigma_vector
-    from ..sampling.samplers import noise_levels
-
     sig_t = check_sigmas(sigmas.cpu())
     sig = sig_t.tolist()
     levels = noise_levels(a, len(sig) - 1)
@@ -86,8 +85,6 @@ def score(reward, images: torch.Tensor, labels: torch.Tensor, groups: torch.Tens
 
 def has_own_after_step(reward) -> bool:
     """Whether the reward keeps state that the new samples update (a reference set), i.e. overrides after_step."""
-    from ..reward.rewards import Reward
-
     fn = getattr(type(reward), "after_step", None)
     return fn is not None and fn is not getattr(Reward, "after_step")
 
@@ -97,8 +94,7 @@ def push(reward, images: torch.Tensor, labels: torch.Tensor, gathered_features, 
     keeps state gets the gathered images (sample-wise rewards keep none, and nothing is gathered). every = G
     keeps the first sample of each group (ranks hold whole groups, so the local stride is the global one)."""
     if gathered_features is not None:
-        reward.ref.push(gathered_features[::every])
-        reward._last = None
+        reward.push_features(gathered_features[::every])
     elif has_own_after_step(reward):
         reward.after_step(D.all_gather_rows(images[::every].detach().cpu()), D.all_gather_rows(labels[::every].cpu()))
 

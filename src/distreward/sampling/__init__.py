@@ -5,7 +5,7 @@ by a velocity adapter (`FlowVelocity`, `SiTVelocity`, `EDMVelocity`, `CFGVelocit
 """
 
 from .adapters import (CFGVelocity, EDMVelocity, FlowVelocity, SiTVelocity, cfg_combine, edm_class_labels, flow_velocity_from_x0,
-                       edm_to_flow_velocity, flow_to_edm_x, flow_to_sit_time, sigma_vector, sit_to_flow_velocity)
+                       edm_to_flow_velocity, flow_to_edm_x, flow_to_sit_time, sigma_vector, sit_to_flow_velocity, velocity_model)
 from .analytic import GaussianDenoiser, GaussianVelocity
 from .samplers import (STEPS, Trajectory, edm_sample, heun_correct, noise_levels, ode_sample, rollout,
                        sit_sde_sample, step_log_prob)
@@ -19,5 +19,5 @@ __all__ = [
     "edm_sigmas", "edm_to_flow_sigma", "edm_to_flow_velocity", "euler_step", "flow_to_edm_sigma", "flow_to_edm_x",
     "flow_to_sit_time", "flow_velocity_from_x0", "GaussianDenoiser", "gaussian_log_prob", "GaussianVelocity", "heun_correct",
     "noise_levels", "ode_sample", "randn_like", "rollout", "sde_step", "sigma_schedule", "sigma_vector",
-    "sit_sde_sample", "sit_to_flow_velocity", "step_log_prob", "time_shift",
+    "sit_sde_sample", "sit_to_flow_velocity", "step_log_prob", "time_shift", "velocity_model",
 ]

@@ -175,3 +175,26 @@ class CFGVelocity(nn.Module):
         v = self.model(torch.cat([x, x]), torch.cat([s, s]), torch.cat([labels, null])).float()
         v_cond, v_uncond = v.chunk(2)
         return cfg_combine(v_cond, v_uncond, self.scale)
+
+
+ADAPTERS = {"unet": FlowVelocity, "sit": SiTVelocity, "edm2": EDMVelocity}
+
+
+def velocity_model(net: nn.Module, arch: str | None = "unet", cfg_scale: float = 1.0,
+                   null_label: int | None = None) -> nn.Module:
+    """The sampler's view v = model(x, sigma, labels) of a generator of architecture `arch` (unet, sit, edm2),
+    guided when cfg_scale != 1 (null label: `null_label`, else the network's `null_label` / `num_classes`)."""
+    arch = "unet" if arch is None else str(arch)
+    if arch not in ADAPTERS:
+        raise ValueError(f"no velocity adapter for architecture {arch!r}; known: {', '.join(ADAPTERS)} (model.arch)")
+    model = ADAPTERS[arch](net)
+    if float(cfg_scale) != 1.0:
+        if null_label is None:
+            null_label = getattr(net, "null_label", None)
+        if null_label is None:
+            null_label = getattr(net, "num_classes", None)
+        if null_label is None:
+            raise ValueError(f"classifier-free guidance (scale {cfg_scale}) needs the null label: set model.num_classes "
+                             "or use a class-conditional network")
+        model = CFGVelocity(model, float(cfg_scale), int(null_label))
+    return model

@@ -46,12 +46,8 @@ class GaussianVelocity(nn.Module):
         return gaussian_flow_velocity(x.float(), sigma_vector(sigma, x), self.m, self.s)
 
 
-class GaussianDenoiser(nn.Module):
+class GaussianDenoiser(GaussianVelocity):
     """D = net(x, sigma, class_labels): the exact EDM denoiser of N(m, s^2) data (labels are ignored)."""
-
-    def __init__(self, m, s):
-        super().__init__()
-        self.m, self.s = m, s
 
     def forward(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
         return gaussian_edm_denoiser(x.float(), sigma_vector(sigma, x), self.m, self.s)

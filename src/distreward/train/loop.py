@@ -15,12 +15,17 @@ import functools
 import math
 import os
 import time
-from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
 
-from ..config import to_dict
-from ..utils.io import RunDir, atomic_torch_save, atomic_write_bytes
+from ..config import save_config, to_dict
+from ..data import check_images, load_images
+from ..models import build_network, save_generator
+from ..utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..utils.io import RunDir
+from ..utils.runlog import RunLog
 from .ema import PowerEMA
 from .flow import drop_labels, flow_interpolate, flow_loss, flow_target, learning_rate, sample_sigma
 from .phema import list_snapshots, save_phema, snapshot_extra, snapshot_filename
@@ -76,14 +81,10 @@ class BatchOrder:
 
 @functools.lru_cache(maxsize=1)
 def _load_images(spec: str):
-    from ..data import load_images
-
     return load_images(spec)
 
 
 def _load_data(cfg: dict):
-    from ..data import check_images
-
     images, labels = _load_images(str(cfg["data"]["images"]))
     limit = int(cfg["data"].get("limit") or 0)
     if limit > 0:
@@ -117,38 +118,10 @@ def _check_resumable(saved: dict, cfg: dict) -> None:
                              "resume with the original config or start a new --run-dir")
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log records written after the checkpoint we resume from, so the log reads like an uninterrupted run."""
-    import json
-
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
-
-
-def _rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 def train_base(cfg, run_dir: str | os.PathLike, *, device: str | torch.device = "cpu", resume: bool = False,
                progress: bool = True, stop_after_step: int | None = None) -> dict:
     """Train a base generator; returns a summary dict. `stop_after_step` ends the run early without any final
     writes, exactly as a kill would (used to test resuming)."""
-    from omegaconf import OmegaConf
-
-    from ..config import save_config
-    from ..models import build_network, save_generator
-
     cfg = to_dict(OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.create(to_dict(cfg or {}))))
     tc, ec = cfg["train"], cfg["ema"]
     device = torch.device(device)
@@ -183,16 +156,15 @@ def train_base(cfg, run_dir: str | os.PathLike, *, device: str | torch.device = 
                             weight_decay=float(tc["weight_decay"]))
     step = 0
     if resume:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        state = load_checkpoint(state_path)
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"{state_path} has state version {state.get('version')}, expected {STATE_VERSION}")
         _check_resumable(state["config"], cfg)
         net.load_state_dict(state["net"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"], device)
+        set_rng_state(None, state["rng"], device)
         step = int(state["step"])
-        _truncate_metrics(run.root / "metrics.jsonl", step)
     save_config(cfg, run.path("config.yaml"))
 
     data = images.to(device)
@@ -200,23 +172,18 @@ def train_base(cfg, run_dir: str | os.PathLike, *, device: str | torch.device = 
     order = BatchOrder(len(images), batch, seed)
     n_params = sum(p.numel() for p in net.parameters())
 
-    writer = None
-    if cfg.get("tensorboard", True):
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run.path("tb")), purge_step=step if resume else None)
+    log = RunLog(run.root, start=step, key="step", tensorboard=bool(cfg.get("tensorboard", True)),
+                 purge_step=step if resume else None)
 
     def save_state(at_step: int) -> None:
-        atomic_torch_save(state_path, {
+        save_checkpoint(state_path, {
             "version": STATE_VERSION, "step": at_step, "config": cfg, "net": net.state_dict(), "ema": ema.state_dict(),
-            "optimizer": opt.state_dict(), "rng": _rng_state(device)})
+            "optimizer": opt.state_dict(), "rng": rng_state(None, device)})
 
     def save_snapshots(at_step: int) -> None:
         for std, gamma, e in zip(ema.stds, ema.gammas, ema.emas):
             save_generator(run.path("snapshots", snapshot_filename(std, at_step)), e, arch, kwargs,
                            extra=snapshot_extra(std, at_step, batch, gamma) | {"config": cfg["name"]})
-
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=step, unit="step", desc=f"train-base {cfg['name']}", disable=not progress,
                dynamic_ncols=True)
@@ -253,10 +220,8 @@ def train_base(cfg, run_dir: str | os.PathLike, *, device: str | torch.device = 
             now = time.perf_counter()
             rec = {"step": step, "kimg": round(kimg, 4), "loss": float(loss_sum) / n_acc, "grad_norm": grad_sum / n_acc,
                    "lr": lr, "sec_per_step": (now - t_last) / n_acc}
-            run.log_jsonl(rec)
-            if writer is not None:
-                for k in ("loss", "grad_norm", "lr", "sec_per_step"):
-                    writer.add_scalar(f"train/{k}", rec[k], step)
+            log.write(rec)
+            log.scalars({k: rec[k] for k in ("loss", "grad_norm", "lr", "sec_per_step")}, step, prefix="train/")
             bar.set_postfix(loss=f"{rec['loss']:.4f}", kimg=f"{kimg:.1f}")
             loss_sum.zero_()
             grad_sum, n_acc, t_last = 0.0, 0, now
@@ -267,8 +232,7 @@ def train_base(cfg, run_dir: str | os.PathLike, *, device: str | torch.device = 
         if stop_after_step is not None and step >= stop_after_step:
             break
     bar.close()
-    if writer is not None:
-        writer.close()
+    log.close()
     summary = {"run_dir": str(run.root), "step": step, "total_steps": total_steps, "kimg": step * batch / 1000,
                "params": n_params, "steps_this_session": step - start_step}
     if step >= total_steps and ec.get("export_std"):

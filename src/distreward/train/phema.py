@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
+from ..models import build_network, read_generator_metadata, save_generator
 from .ema import power_weights, sigma_rel_to_gamma
 
 
@@ -88,8 +90,6 @@ def snapshot_filename(std: float, step: int) -> str:
 
 def list_snapshots(directory: str | os.PathLike) -> list[Snapshot]:
     """Every power-EMA snapshot in `directory` (or its snapshots/ subfolder), sorted by (step, std)."""
-    from ..models import read_generator_metadata
-
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"snapshot folder {d} not found; pass the run's snapshots/ folder (written by train-base)")
@@ -127,10 +127,6 @@ def phema_coefficients(snapshots: list[Snapshot], std: float, step: int | None =
 @torch.no_grad()
 def reconstruct(snapshots: list[Snapshot], std: float, step: int | None = None, method: str = "continuous") -> tuple[dict, dict]:
     """The post-hoc EMA state dict sum_i x_i theta_i (accumulated in float64) and its metadata."""
-    from safetensors.torch import load_file
-
-    from ..models import read_generator_metadata
-
     used, x = phema_coefficients(snapshots, std, step, method)
     acc: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
@@ -155,8 +151,6 @@ def reconstruct(snapshots: list[Snapshot], std: float, step: int | None = None, 
 def save_phema(path: str | os.PathLike, snapshots: list[Snapshot], std: float, step: int | None = None,
                method: str = "continuous") -> Path:
     """Reconstruct EMA `std` and write it as a generator file (loadable with distreward.models.load_generator)."""
-    from ..models import build_network, save_generator
-
     sd, info = reconstruct(snapshots, std, step, method)
     net = build_network(info["arch"], info["kwargs"])
     net.load_state_dict(sd, strict=True)

@@ -4,8 +4,9 @@
 
 Conventions: rank 0 is the main process and the only one that writes files (`main_only`, `main_first`); work is
 split into contiguous blocks (`shard_indices`), so gathering the blocks in rank order (`all_gather_rows`) restores
-the original order; feature statistics are merged by summing their float64 sums (`merge_gaussian_stats`), so every
-rank scores with the same global statistics. Collectives on a NCCL group move CPU tensors to the GPU and back.
+the original order; sums are added over ranks with `all_reduce_sum_` (`distreward.metrics.merge_gaussian_stats` merges
+feature statistics that way, so every rank scores with the same global statistics). Collectives on a NCCL group move
+CPU tensors to the GPU and back. Nothing here depends on the rest of distreward.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["init_distributed", "destroy_distributed", "is_distributed", "rank", "world_size", "local_rank", "is_main",
-           "barrier", "all_reduce_sum_", "all_gather_rows", "broadcast_object", "merge_gaussian_stats",
-           "all_reduce_max_", "shard_indices", "shard_rows", "shard_blocks", "main_only", "main_first", "seed_for_rank"]
+           "barrier", "all_reduce_sum_", "all_gather_rows", "broadcast_object", "all_reduce_max_", "shard_indices",
+           "shard_rows", "shard_blocks", "main_only", "main_first", "seed_for_rank"]
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _MAX_DIMS = 8   # trailing dimensions checked by all_gather_rows
@@ -169,29 +170,6 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     dist.broadcast_object_list(box, src=src, device=dev)
     return box[0]
-
-
-def merge_gaussian_stats(stats):
-    """Global GaussianStats: every rank's n, S1, S2 summed in float64 (a new object; the input is unchanged)."""
-    from ..metrics import GaussianStats
-
-    if stats._s_missing():
-        raise ValueError("cannot merge statistics loaded from (mu, sigma) only: their sums are unknown; "
-                         "accumulate features with GaussianStats.update on every rank")
-    d = stats.dim
-    if is_distributed():
-        dims = torch.tensor([d, -d], dtype=torch.int64)
-        dist_dims = all_reduce_max_(dims)
-        if int(dist_dims[0]) != d or int(-dist_dims[1]) != d:
-            raise ValueError(f"ranks hold statistics of different dimensions ({int(-dist_dims[1])}..{int(dist_dims[0])})")
-    flat = torch.from_numpy(np.concatenate([[float(stats.n)], stats.s1, stats.s2.reshape(-1)]).astype(np.float64))
-    all_reduce_sum_(flat)
-    out = GaussianStats(d)
-    arr = flat.numpy()
-    out.n = int(round(arr[0]))
-    out.s1 = arr[1:1 + d].copy()
-    out.s2 = arr[1 + d:].reshape(d, d).copy()
-    return out
 
 
 def all_reduce_max_(tensor: torch.Tensor) -> torch.Tensor:

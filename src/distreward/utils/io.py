@@ -9,6 +9,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from safetensors.torch import save
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write to a temporary file in the same folder, fsync, then rename over `path`."""
@@ -36,12 +40,10 @@ def _umask() -> int:
 
 
 def atomic_save_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
-    return atomic_write_bytes(path, (json.dumps(obj, indent=indent, sort_keys=False, default=_json_default) + "\n").encode())
+    return atomic_write_bytes(path, (json.dumps(obj, indent=indent, sort_keys=False, default=json_default) + "\n").encode())
 
 
-def _json_default(o: Any):
-    import numpy as np
-
+def json_default(o: Any):
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     if isinstance(o, np.ndarray):
@@ -52,15 +54,12 @@ def _json_default(o: Any):
 
 
 def atomic_save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
-    from safetensors.torch import save
-
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     return atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
     """torch.save atomically. Load these files with torch.load(weights_only=True)."""
-    import torch
 
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -100,5 +99,5 @@ class RunDir:
 
     def log_jsonl(self, record: dict, name: str = "metrics.jsonl") -> None:
         with open(self.path(name), "a") as f:
-            f.write(json.dumps(record, default=_json_default) + "\n")
+            f.write(json.dumps(record, default=json_default) + "\n")
             f.flush()

@@ -180,12 +180,7 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
 _CONTAINERS = ("ModuleDict", "ModuleList", "Sequential")
 _BASE_ALLOWED: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    ("builtins", "slice"): slice,
-    ("builtins", "complex"): complex,
-    ("builtins", "range"): range,
-    ("builtins", "bytearray"): bytearray,
+    **{("builtins", t.__name__): t for t in (set, frozenset, slice, complex, range, bytearray)},
     ("_codecs", "encode"): _codecs_encode,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,

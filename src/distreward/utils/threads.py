@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 
+import torch
+from threadpoolctl import threadpool_limits
+
 _limiter = None
 
 
@@ -32,9 +35,6 @@ def set_threads(n: int | None = None) -> int:
         raise ValueError(f"thread count must be >= 1, got {n}")
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(n)
-    import torch
-    from threadpoolctl import threadpool_limits
-
     torch.set_num_threads(n)
     _limiter = threadpool_limits(limits=n)
     return n

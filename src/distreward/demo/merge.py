@@ -1,61 +1,68 @@
-"""The merging stages of the demo (`make demo`): `merge_ema` and `merge_rl`, registered on demo.py's stage hook.
+"""The merging stages of the demo: `merge_ema` and `merge_rl` (RL over merging coefficients, docs/merge.md).
 
 - merge_ema: the base model's power-EMA snapshots; RL-merged vs the best post-hoc EMA length of the grid.
 - merge_rl: the GRPO run's checkpoints plus the base; RL-merged vs the last GRPO checkpoint (its EMA weights),
   both sampled with the inference ODE sampler.
 Each stage's result (a row of the report's table: the merged model's metrics) carries `baseline`,
-`baseline_fd_eval` and `merged_fd_eval`, so metrics.json holds both figures. Sizes are the demo presets' (small).
+`baseline_fd_eval` and `merged_fd_eval`, so metrics.json holds both figures. Sizes are the presets' `demo`
+sections (small).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
-METRIC_KEYS = ("fd_reward", "fd_eval", "precision", "recall", "kid", "n")
+from omegaconf import OmegaConf
+
+from ..config import find_file, load_config
+from ..merge import resolve, run_merge
+from .stages import DemoContext, metrics_only
+
+EMA_PRESET = "fmnist_merge_ema"
+GRPO_PRESET = "fmnist_merge_grpo"
 
 
-def _cfg(preset: str, ctx, overrides=()):
-    from ..config import load_config
-    from .trainer import _with_defaults
-
-    cfg = _with_defaults(load_config(preset, list(overrides)))
+def merge_config(preset: str, ctx: DemoContext, overrides=()):
+    """A merge preset at the demo's evaluation settings (device, eval.n, eval.seed, the served ODE sampler), then
+    the preset's own `demo` section (any section: rl, eval, baselines) over them."""
+    cfg = resolve(load_config(preset, list(overrides)))
     cfg.device = ctx.cfg.device
     cfg.eval.n, cfg.eval.seed = int(ctx.cfg.eval.n), int(ctx.cfg.eval.seed)
     ev = ctx.cfg.eval     # the demo's evaluation sampler, so the merge rows compare with the table's other rows
     cfg.sampler.steps, cfg.sampler.method, cfg.sampler.shift = int(ev.steps), str(ev.method), float(ctx.cfg.rl.shift)
     demo = cfg.get("demo")
-    if demo:   # the preset's demo-size settings (any section: rl, eval, baselines) win over the above
-        from omegaconf import OmegaConf
-
+    if demo:
         cfg = OmegaConf.merge(cfg, demo)
     return cfg
 
 
-def _summary(res: dict, baseline: str) -> dict:
+def summary(res: dict, baseline: str) -> dict:
+    """A stage result from run_merge's: the merged model's metrics, the baseline's and every baseline's FD."""
     merged, base = res["merged"], res["baselines"][baseline]
-    return {**{k: merged[k] for k in METRIC_KEYS if k in merged}, "baseline": baseline,
+    return {**metrics_only(merged), "baseline": baseline,
             "baseline_fd_eval": base["fd_eval"], "merged_fd_eval": merged["fd_eval"],
             "baseline_fd_reward": base.get("fd_reward"), "weights": merged["w"], "checkpoints": res["checkpoints"],
             "all_baselines": {k: {m: v[m] for m in ("fd_eval", "fd_reward") if m in v} for k, v in res["baselines"].items()}}
 
 
-def snapshot_folder(ctx) -> Path | None:
-    from ..config import load_config
-    from .trainer import _find
-
-    folder = _find(load_config("fmnist_merge_ema").merge.snapshots)
+def snapshot_folder(ctx: DemoContext) -> Path | None:
+    """The merge_ema preset's snapshot folder (the base model's power-EMA snapshots), None when it is missing."""
+    folder = find_file(load_config(EMA_PRESET).merge.snapshots)
     return folder if folder.is_dir() else None
 
 
-def stage_merge_ema(ctx) -> dict:
-    from .trainer import run_merge
+def has_snapshots(ctx: DemoContext) -> bool:
+    return snapshot_folder(ctx) is not None
 
-    cfg = _cfg("fmnist_merge_ema", ctx)
+
+def stage_merge_ema(ctx: DemoContext) -> dict:
+    cfg = merge_config(EMA_PRESET, ctx)
     res = run_merge(cfg, ctx.stage_dir("merge_ema"), resume=not ctx.fresh, evaluator=ctx.evaluator, progress=ctx.progress)
-    return _summary(res, res["best_ema"] or "last")
+    return summary(res, res["best_ema"] or "last")
 
 
-def grpo_inputs(ctx) -> list[Path]:
+def grpo_inputs(ctx: DemoContext) -> list[Path]:
     """The GRPO stage's weight files in training order: its periodic .safetensors checkpoints, then the final raw
     and EMA weights (the EMA, what GRPO reports, is last: the `last` baseline)."""
     d = ctx.run_dir / "distribution"
@@ -64,17 +71,16 @@ def grpo_inputs(ctx) -> list[Path]:
     return files
 
 
-def stage_merge_rl(ctx) -> dict:
-    from .trainer import run_merge, _find
-
-    cfg = _cfg("fmnist_merge_grpo", ctx)
-    cfg.merge.checkpoints = [str(_find(ctx.cfg.model.path))] + [str(p) for p in grpo_inputs(ctx)]
+def stage_merge_rl(ctx: DemoContext) -> dict:
+    cfg = merge_config(GRPO_PRESET, ctx)
+    cfg.merge.checkpoints = [str(find_file(ctx.cfg.model.path))] + [str(p) for p in grpo_inputs(ctx)]
     res = run_merge(cfg, ctx.stage_dir("merge_rl"), resume=not ctx.fresh, evaluator=ctx.evaluator, progress=ctx.progress)
-    return _summary(res, "last")
+    return summary(res, "last")
 
 
-def section(title: str, what: str):
-    def render(result: dict, ctx) -> str:
+def section(title: str, what: str) -> Callable[[dict, DemoContext], str]:
+    """A merging stage's report section: every baseline's FD, the merged model's, the verdict, the coefficients."""
+    def render(result: dict, ctx: DemoContext) -> str:
         b, m = result["baseline_fd_eval"], result["merged_fd_eval"]
         verdict = "beats" if m < b else "does not beat"
         lines = [f"## {title}", "", what, "",
@@ -89,25 +95,9 @@ def section(title: str, what: str):
     return render
 
 
-def demo_stages() -> list:
-    """The Stage objects of the merging part of the demo (demo.py registers them on its hook)."""
-    from ..demo import Stage
-
-    return [
-        Stage("merge_ema", stage_merge_ema, enabled=lambda ctx: snapshot_folder(ctx) is not None,
-              section=section("RL merging of the base model's EMA snapshots (merge_ema)",
-                              "RL over the coefficients of the power-EMA snapshots vs the best post-hoc EMA length "
-                              "(grid, selected on the same held-out FD: a strong baseline). Same ODE sampler and seeds.")),
-        Stage("merge_rl", stage_merge_rl,
-              section=section("RL merging of the GRPO checkpoints plus the base (merge_rl)",
-                              "RL over the coefficients of base + GRPO weights vs the last GRPO checkpoint (its EMA), "
-                              "all sampled with the deterministic inference ODE sampler and the same seeds.")),
-    ]
-
-
-def register(demo_module=None) -> None:
-    """Add both stages to the demo (idempotent)."""
-    from .. import demo
-
-    for s in demo_stages():
-        (demo_module or demo).register_stage(s)
+merge_ema_section = section("RL merging of the base model's EMA snapshots (merge_ema)",
+                            "RL over the coefficients of the power-EMA snapshots vs the best post-hoc EMA length "
+                            "(grid, selected on the same held-out FD: a strong baseline). Same ODE sampler and seeds.")
+merge_rl_section = section("RL merging of the GRPO checkpoints plus the base (merge_rl)",
+                           "RL over the coefficients of base + GRPO weights vs the last GRPO checkpoint (its EMA), "
+                           "all sampled with the deterministic inference ODE sampler and the same seeds.")

@@ -1,4 +1,5 @@
-"""Checkpoint plumbing of the GRPO loop: everything needed to resume to the same result, in one atomic file.
+"""Checkpoints of every trainer (GRPO, merging, base training): everything needed to resume to the same result,
+in one atomic file.
 
 Files are written with torch.save and read with `torch.load(weights_only=True)`, so numpy arrays (the reward's
 float64 reference set) are stored as tagged tensors and restored as arrays.
@@ -6,6 +7,7 @@ float64 reference set) are stored as tagged tensors and restored as arrays.
 
 from __future__ import annotations
 
+import ast
 import os
 import random
 from pathlib import Path
@@ -13,6 +15,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .io import atomic_torch_save
 
 _ND = "__ndarray__"
 
@@ -40,26 +44,33 @@ def from_storable(obj: Any) -> Any:
     return obj
 
 
-def rng_state(generator: torch.Generator) -> dict:
-    """The trainer's generator plus the global torch / numpy / python RNGs."""
+def rng_state(generator: torch.Generator | None = None, device: torch.device | str | None = None) -> dict:
+    """The trainer's generator (if any) plus the global torch / numpy / python RNGs (and CUDA's on a GPU device)."""
     np_state = np.random.get_state()
-    return {"generator": generator.get_state(), "torch": torch.get_rng_state(),
-            "numpy": [np_state[0], np_state[1], *np_state[2:]], "python": repr(random.getstate())}
+    state = {"torch": torch.get_rng_state(), "numpy": [np_state[0], np_state[1], *np_state[2:]],
+             "python": repr(random.getstate())}
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    if device is not None and torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
+    return state
 
 
-def set_rng_state(generator: torch.Generator, state: dict) -> None:
-    import ast
-
-    generator.set_state(state["generator"])
+def set_rng_state(generator: torch.Generator | None, state: dict, device: torch.device | str | None = None) -> None:
+    """Restore what `rng_state` saved (states saved without some generator leave that one as it is)."""
+    if generator is not None:
+        generator.set_state(state["generator"])
     torch.set_rng_state(state["torch"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
-    random.setstate(ast.literal_eval(state["python"]))
+    if "numpy" in state:
+        name, keys, *rest = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    if "python" in state:
+        random.setstate(ast.literal_eval(state["python"]))
+    if "cuda" in state and device is not None and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], torch.device(device))
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
-    from ..utils.io import atomic_torch_save
-
     return atomic_torch_save(path, to_storable(state))
 
 

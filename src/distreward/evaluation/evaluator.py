@@ -22,9 +22,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .data import check_images
-from .features import compute_features, get_feature_network
-from .metrics import GaussianStats, frechet_distance, kid, precision_recall, sqrtm_psd
+from ..data import check_images, load_fmnist, pad_to
+from ..features import compute_features, get_feature_network
+from ..metrics import GaussianStats, frechet_distance, kid, precision_recall, sqrtm_psd
+from ..utils.io import atomic_write_bytes
 
 KID_SCALE = 1e3
 DEFAULT_CACHE = "runs/.cache"
@@ -95,8 +96,6 @@ def fit_images(images: torch.Tensor, input_shape: tuple[int, int, int] | None, n
         return images
     c, h, w = input_shape
     if images.shape[1] == c and images.shape[-2] <= h and images.shape[-1] <= w and (h, w) == (32, 32):
-        from .data import pad_to
-
         return pad_to(images, h)
     raise ValueError(f"{name} have shape {tuple(images.shape[1:])} (C, H, W) but the feature network expects {tuple(input_shape)}; "
                      + ("convert them to grayscale" if images.shape[1] != c else f"resize them to {h}x{w}"))
@@ -161,15 +160,20 @@ class Evaluator:
                 raise ValueError(f"reference statistics for {label!r} have dimension {st.dim} but the network gives "
                                  f"{self.nets[i].dim}-d features; were they made with another feature network?")
             self.real_stats[i] = st
-        self._sigma_half = [sqrtm_psd(st.sigma) if st is not None else None for st in self.real_stats]
+        self.real_sigma_half = [sqrtm_psd(st.sigma) if st is not None else None for st in self.real_stats]
 
     @classmethod
     def for_fmnist(cls, device: str | torch.device = "cpu", split: str = "train", max_real: int = 10000, **kwargs) -> "Evaluator":
         """Fashion-MNIST `split` as the reference, with the two embedded feature networks."""
-        from .data import load_fmnist
-
         images, _ = load_fmnist(split)
         return cls(images, device=device, max_real=max_real, **kwargs)
+
+    def network(self, name: str) -> tuple[torch.nn.Module | None, GaussianStats | None, np.ndarray | None]:
+        """The feature network of that label and its real side (statistics, features), or Nones if it has none."""
+        if name not in self.labels:
+            return None, None, None
+        i = self.labels.index(name)
+        return self.nets[i], self.real_stats[i], self.real_feats[i]
 
     @property
     def has_real_features(self) -> bool:
@@ -200,8 +204,6 @@ class Evaluator:
         if keep is not None:
             feats = feats[keep]
         if path is not None:
-            from .utils.io import atomic_write_bytes
-
             buf = io.BytesIO()
             np.savez(buf, s1=st.s1, s2=st.s2, n=np.int64(st.n), feats=feats)
             atomic_write_bytes(path, buf.getvalue())
@@ -227,7 +229,7 @@ class Evaluator:
             raise ValueError(f"expected features for {len(self.nets)} networks, got {len(feats)}")
         n = int(feats[0].shape[0])
         fds = {}
-        for label, f, st, half in zip(self.labels, feats, self.real_stats, self._sigma_half):
+        for label, f, st, half in zip(self.labels, feats, self.real_stats, self.real_sigma_half):
             if st is None:
                 fds[label] = None
                 continue

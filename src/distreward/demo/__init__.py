@@ -1,0 +1,66 @@
+"""The main job (`make demo`): base model -> distribution-wise GRPO (-> sample-wise baseline) -> cross-check ->
+RL merging -> report.
+
+`run_demo` runs the stages of BUILTIN_STAGES, then the registered ones. Each stage writes its result to
+<run_dir>/<stage>/stage.json when it finishes, so re-running the demo skips finished stages (and a killed GRPO
+stage resumes from its checkpoint). The report (report.md, metrics.json) is rebuilt from the stage results every
+time.
+
+    from distreward import demo
+    demo.run_demo("runs/demo", compare=True, overrides=["rl.iterations=10"])
+
+More stages: `register_stage(Stage("my_stage", fn, enabled=..., section=...))` adds a stage that runs after the
+built-in ones; `fn(ctx) -> dict` gets the `DemoContext` (run directory, configs, evaluator, base model, earlier
+results); its result becomes a row of the table and a key of metrics.json, and an optional
+`section(result, ctx) -> markdown` adds its own part of the report.
+
+Modules: stages.py (Stage, DemoContext, running stages, register_stage), grpo.py (base, distribution, sample,
+crosscheck), merge.py (merge_ema, merge_rl), report.py (report.md, metrics.json).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from ..utils.threads import set_threads
+from .grpo import (classifier_logp, crosscheck_section, crosscheck_steps, evaluate_model, stage_base,
+                   stage_crosscheck, stage_distribution, stage_sample)
+from .merge import has_snapshots, merge_ema_section, merge_rl_section, stage_merge_ema, stage_merge_rl
+from .report import write_report
+from .stages import (DISTRIBUTION_PRESET, EXTRA_STAGES, METRIC_KEYS, SAMPLE_PRESET, DemoContext, Stage, make_context,
+                     register_stage, run_stages, with_extra_stages)
+
+# The demo's stages, in order (a stage that is not enabled is skipped).
+BUILTIN_STAGES = [
+    Stage("base", stage_base),
+    Stage("distribution", stage_distribution),
+    Stage("sample", stage_sample, enabled=lambda ctx: ctx.compare),
+    Stage("crosscheck", stage_crosscheck, enabled=lambda ctx: crosscheck_steps(ctx) is not None,
+          section=crosscheck_section, row=False),
+    Stage("merge_ema", stage_merge_ema, enabled=has_snapshots, section=merge_ema_section),
+    Stage("merge_rl", stage_merge_rl, section=merge_rl_section),
+]
+
+
+def run_demo(run_dir="runs/demo", *, compare: bool = False, threads: int | None = None, overrides=(),
+             fresh: bool = False, progress: bool = True, evaluator=None) -> dict:
+    """Run (or finish) the demo; returns metrics.json's content. `overrides`: key=value for both GRPO presets;
+    `compare`: also the sample-wise baseline; `fresh`: run every stage again; `evaluator`: instead of the
+    Fashion-MNIST one."""
+    if threads is not None:
+        set_threads(threads)
+    t0 = time.perf_counter()
+    ctx = make_context(run_dir, compare=compare, overrides=overrides, progress=progress, evaluator=evaluator)
+    ctx.fresh = fresh
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    selected = [s for s in with_extra_stages(BUILTIN_STAGES) if s.enabled(ctx)]
+    run_stages(ctx, selected)
+    write_report(ctx, selected, time.perf_counter() - t0)
+    print(f"[demo] report: {ctx.run_dir / 'report.md'}")
+    return json.loads((ctx.run_dir / "metrics.json").read_text())
+
+
+__all__ = ["BUILTIN_STAGES", "DISTRIBUTION_PRESET", "EXTRA_STAGES", "METRIC_KEYS", "SAMPLE_PRESET", "DemoContext", "Stage",
+           "classifier_logp", "crosscheck_steps", "evaluate_model", "make_context", "register_stage", "run_demo",
+           "run_stages", "write_report"]

@@ -1,0 +1,226 @@
+"""What a merge run is built from: its K inputs, the post-hoc EMA coefficients over them, the ODE sampler and the
+reward's features and real statistics.
+
+- checkpoint lists: `merge.snapshots` (a folder of power-EMA snapshots) or `merge.checkpoints` (files), plus
+  `merge.include`; `phema_weights` (the train package's least-squares solve over the snapshots' metadata);
+- the paper presets' parts (`merge_parts`): random generator files for a dry run (`merge.random_checkpoints`), EDM2
+  pickles converted once to our .safetensors (`merge.format: edm2-pkl`), the ODE sampler with the preset's
+  schedule, guidance and latent decoding, and feature networks / real statistics by name or file;
+- the embedded default's parts: `make_ode_sampler`, `make_feature_fn`, `real_statistics` (Fashion-MNIST train).
+
+Every sampler here is `sampling.generate` on `sampling.velocity_model`: deterministic, no randomness beyond the
+noise it is given.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..build import build_codec, build_evaluator, build_generator, feature_network, jsonable, real_stats_for
+from ..config import find_file, get, plain
+from ..data import load_fmnist
+from ..features import compute_features, get_feature_network
+from ..metrics import GaussianStats
+from ..models import save_generator
+from ..models.edm2 import load_pkl
+from ..sampling import edm_flow_sigmas, sigma_schedule, velocity_model
+from ..sampling.generate import generate
+from ..train.phema import Snapshot, list_snapshots as list_phema, phema_coefficients
+from ..utils import dist as D
+from .streaming import CheckpointSet, folder_files, list_snapshots
+
+Sampler = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoint lists
+
+def open_checkpoints(merge_cfg) -> CheckpointSet:
+    """The K inputs: merge.snapshots (a folder) or merge.checkpoints (files), plus merge.include."""
+    snaps = merge_cfg.get("snapshots")
+    ckpts = list(merge_cfg.get("checkpoints") or [])
+    if snaps and ckpts:
+        raise ValueError("give either merge.snapshots (a folder) or merge.checkpoints (files), not both")
+    paths = snapshot_paths(find_file(snaps)) if snaps else [find_file(p) for p in ckpts]
+    paths += include_paths(merge_cfg)
+    if not paths:
+        raise ValueError("nothing to merge: pass --checkpoints A B ... or --snapshots DIR (merge.checkpoints / merge.snapshots)")
+    return CheckpointSet.open(paths)
+
+
+def include_paths(merge_cfg) -> list[Path]:
+    """merge.include: extra files appended to the inputs (e.g. the base model next to GRPO checkpoints)."""
+    return [find_file(p) for p in (plain(get(merge_cfg, "include", [])) or [])]
+
+
+def snapshot_paths(folder: Path) -> list[Path]:
+    """A folder's power-EMA snapshots in (step, std) order (train.phema), else its .safetensors by training step."""
+    try:
+        return [s.path for s in list_phema(folder)]
+    except FileNotFoundError:
+        return list_snapshots(folder)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Post-hoc EMA coefficients (the train package's least-squares solve)
+
+def phema_weights(ckpts: CheckpointSet, sigma_rel: float) -> np.ndarray:
+    """Coefficients over the K inputs that emulate an EMA of relative std `sigma_rel` at the latest snapshot step
+    (the train package's least-squares solve; inputs without power-EMA metadata get 0)."""
+    snaps = snapshots_of(ckpts)
+    used, x = phema_coefficients([s for s in snaps if s is not None], float(sigma_rel))
+    coef = dict(zip([u.path for u in used], np.asarray(x, np.float64)))
+    return np.array([coef.get(p, 0.0) for p in ckpts.paths])
+
+
+def snapshots_of(ckpts: CheckpointSet) -> list:
+    """A `train.phema.Snapshot` per input (None where the file carries no power-EMA metadata)."""
+    out = []
+    for path, meta in zip(ckpts.paths, ckpts.meta):
+        p = (meta.get("extra") or {}).get("phema") if isinstance(meta.get("extra"), dict) else None
+        out.append(None if not p else Snapshot(path, float(p["std"]), int(p["step"]), float(p.get("kimg", 0.0)),
+                                               int(p.get("batch", 0))))
+    return out
+
+
+def has_phema(ckpts: CheckpointSet) -> bool:
+    """True when the inputs include power-EMA snapshots of at least two EMA profiles (the solve needs them)."""
+    return len({s.std for s in snapshots_of(ckpts) if s is not None}) >= 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The deterministic inference sampler, the reward's features and the real statistics (embedded default)
+
+def ode_sampler(arch: str | None, sigmas: torch.Tensor, *, method: str = "heun", batch_size: int = 500, device="cpu",
+                cfg_scale: float = 1.0, null_label: int | None = None, decode: Callable | None = None) -> Sampler:
+    """sample(net, noise, labels) -> images in [-1, 1]: `sampling.generate` (decoded, then clamped) on the
+    network's velocity adapter (`sampling.velocity_model`)."""
+    def sample(net, noise, labels):
+        return generate(velocity_model(net, arch, cfg_scale, null_label), noise, labels, sigmas, method=method,
+                        batch_size=batch_size, device=device, decode=decode)
+
+    return sample
+
+
+def make_ode_sampler(arch: str | None, steps: int, method: str = "heun", shift: float = 1.0, batch_size: int = 500,
+                     device="cpu") -> Sampler:
+    """The flow ODE sampler of `steps` steps (shifted schedule), clamped to [-1, 1]."""
+    return ode_sampler(arch, sigma_schedule(int(steps), shift=float(shift)).to(device), method=method,
+                       batch_size=int(batch_size), device=device)
+
+
+def make_feature_fn(name: str, device="cpu") -> Callable[[torch.Tensor], np.ndarray]:
+    net = get_feature_network(name, device=device)
+    return lambda images: compute_features(net, images)
+
+
+def real_statistics(cfg, feature_fn, cache: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(mu_r, Sigma_r) of the reward's features on the real training set (reward.real_stats file, else computed)."""
+    path = cfg.reward.get("real_stats")
+    if path:
+        st = GaussianStats.load(find_file(path))
+        return st.mu, st.sigma
+    if cache is not None and cache.is_file():
+        st = GaussianStats.load(cache)
+        return st.mu, st.sigma
+    images, _ = load_fmnist("train")
+    st = GaussianStats.from_features(feature_fn(images))
+    if cache is not None:
+        st.save(cache)
+    return st.mu, st.sigma
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The paper presets (EDM2-XS): random inputs for dry runs, EDM2 pickles, the preset's sampler and features
+
+def random_checkpoints(cfg, folder: Path, k: int) -> list[Path]:
+    """k random generator files (model.arch / model.kwargs, seeds 0..k-1) for a dry run of the merge trainer."""
+    paths = []
+    for i in range(int(k)):
+        net = build_generator(cfg.model, "cpu", seed=i)
+        meta = net.generator_meta
+        paths.append(save_generator(Path(folder) / f"random_{i}.safetensors", net, meta["arch"], meta["kwargs"],
+                                    extra={"dry_run": True}))
+    return paths
+
+
+def edm2_pkl_paths(merge_cfg) -> list[Path]:
+    """The EDM2 pickles to merge: merge.snapshots (a folder of *.pkl) or merge.checkpoints (files)."""
+    snaps = get(merge_cfg, "snapshots")
+    if snaps:
+        return folder_files(find_file(snaps), "*.pkl", "merge.snapshots {folder} not found (EDM2 raw snapshots, docs/scale.md)",
+                            "no EDM2 .pkl snapshots in {folder}")
+    return [find_file(p) for p in (plain(get(merge_cfg, "checkpoints", [])) or [])]
+
+
+def edm2_phema(path: Path) -> dict | None:
+    """EDM2 snapshot names <prefix>-<kimg, 7 digits>-<std>.pkl -> power-EMA metadata for the post-hoc solve."""
+    parts = path.stem.split("-")
+    try:
+        kimg, std = int(parts[-2]), float(parts[-1])
+    except (IndexError, ValueError):
+        return None
+    return {"std": std, "step": kimg, "kimg": float(kimg), "batch": 0}
+
+
+def convert_edm2_pkls(paths: list[Path], folder: Path) -> list[Path]:
+    """EDM2 pickles (read without executing them) -> our generator .safetensors, once (kept in `folder`)."""
+    out = []
+    for p in paths:
+        target = Path(folder) / (p.stem + ".safetensors")
+        if not target.is_file():
+            net = load_pkl(p)
+            extra = {"source": str(p)}
+            ph = edm2_phema(p)
+            if ph is not None:
+                extra["phema"] = ph
+            save_generator(target, net, "edm2", jsonable(net.init_kwargs), extra=extra)
+        out.append(target)
+    return out
+
+
+def preset_inputs(cfg, run_dir: Path) -> CheckpointSet:
+    """The K inputs of a preset: random files (dry run), converted EDM2 pickles, or `open_checkpoints`."""
+    k_random = get(cfg.merge, "random_checkpoints")
+    if k_random:
+        folder = run_dir / "dry_run_inputs"
+        with D.main_first() as first:
+            paths = random_checkpoints(cfg, folder, int(k_random)) if first else \
+                sorted(folder.glob("random_*.safetensors"))
+        return CheckpointSet.open(paths)
+    if get(cfg.merge, "format") == "edm2-pkl":
+        with D.main_first():
+            paths = convert_edm2_pkls(edm2_pkl_paths(cfg.merge), run_dir / "inputs")
+        return CheckpointSet.open(paths + include_paths(cfg.merge))
+    return open_checkpoints(cfg.merge)
+
+
+def preset_sigmas(sampler_cfg) -> torch.Tensor:
+    """sampler.schedule: `edm` (EDM's rho schedule as flow sigmas) or `flow` (the shifted flow schedule)."""
+    s = sampler_cfg
+    if str(get(s, "schedule", "flow")) == "edm":
+        return edm_flow_sigmas(int(s.steps), float(get(s, "sigma_min", 0.002)), float(get(s, "sigma_max", 80.0)),
+                               float(get(s, "rho", 7.0)))
+    return sigma_schedule(int(s.steps), shift=float(get(s, "shift", 1.0)))
+
+
+def merge_parts(cfg, run_dir: Path, device="cpu") -> dict:
+    """ckpts, sample_fn, feature_fn, real_stats, evaluator for `merge.run_merge` from a preset."""
+    run_dir = Path(run_dir)
+    ckpts = preset_inputs(cfg, run_dir)
+    codec = build_codec(cfg.model, device, seed=int(cfg.get("seed", 0)))
+    s = cfg.sampler
+    bs = int(get(s, "batch_size", 64))
+    sample_fn = ode_sampler(ckpts.arch, preset_sigmas(s).to(device), method=str(get(s, "method", "heun")),
+                            batch_size=bs, device=device, cfg_scale=float(get(cfg.model, "cfg_scale", 1.0)),
+                            null_label=get(cfg.model, "num_classes"), decode=None if codec is None else codec.decode)
+    rc = cfg.reward
+    fnet = feature_network(rc.features, get(rc, "weights"), device)
+    real = real_stats_for(str(rc.features), get(rc, "real_stats"), int(fnet.dim))
+    evaluator = build_evaluator(cfg, device, reuse={str(rc.features): fnet})
+    return {"ckpts": ckpts, "sample_fn": sample_fn, "feature_fn": lambda im: compute_features(fnet, im, batch_size=bs),
+            "real_stats": (real.mu, real.sigma), "evaluator": evaluator}

@@ -1,0 +1,123 @@
+"""The reward of a GRPO run and its reference set's initial rows (METHOD.md §3; docs/reward.md).
+
+A distribution-wise reward starts from N = reward.reference_size samples of the base policy drawn with the
+reference set's sampler (rl.reference: the rollouts' SDE, or the ODE on the rollout grid). Their features are
+cached in the run directory under a key of everything they depend on (N, the sampler, the seed, the base and
+feature networks' weights), so a changed setting never reuses a stale set.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..build import feature_network, real_stats_for
+from ..evaluation import evaluator_network, network_hash
+from ..features import compute_features
+from ..reward import build_reward
+from ..sampling import sigma_schedule
+from ..sampling.generate import balanced_labels
+from ..utils import dist as D
+from ..utils.io import atomic_save_json, atomic_write_bytes
+from .parallel import rollout_rows
+from .rollout import reference_noise_levels
+
+REFERENCE_CACHE = "base_reference_features.npy"
+
+
+def reward_state(reward) -> dict | None:
+    """The reward's resumable state (the reference set of a distribution-wise reward; None for sample-wise)."""
+    return reward.state_dict() if hasattr(reward, "state_dict") else None
+
+
+def load_reward_state(reward, state: dict | None) -> None:
+    if state is not None and hasattr(reward, "load_state_dict"):
+        reward.load_state_dict(state)
+
+
+@torch.no_grad()
+def reference_features(model, decode, feature_net, n: int, cfg, *, progress: bool = False) -> np.ndarray:
+    """Features of n class-balanced samples of the base policy with the reference set's sampler, batch by batch
+    (images are never all held); each batch's rows are spread over the ranks and gathered back in order."""
+    rl, device = cfg["rl"], cfg["device"]
+    shape, bs = tuple(cfg["model"]["image_shape"]), int(rl["batch_size"])
+    sigmas = sigma_schedule(int(rl["steps"]), shift=float(rl["shift"]))
+    gen = torch.Generator().manual_seed(int(cfg["seed"]) + 7919)
+    labels = balanced_labels(n, int(cfg["model"]["num_classes"]))
+    out, index = [], []
+    for i in tqdm(range(0, n, bs), desc="reference set: base samples", disable=not progress, unit="batch", leave=False):
+        lab = labels[i:i + bs]
+        noise = torch.randn((lab.shape[0], *shape), generator=gen)
+        rows = D.shard_indices(lab.shape[0])
+        traj = rollout_rows(model, noise, lab, sigmas, reference_noise_levels(rl), gen, rows, device)
+        if len(rows):
+            out.append(compute_features(feature_net, decode(traj.xs[-1]).cpu(), batch_size=bs))
+            index.append(np.arange(i + rows.start, i + rows.stop))
+    dim = int(feature_net.dim)
+    feats = D.all_gather_rows(np.concatenate(out) if out else np.zeros((0, dim)))
+    order = np.argsort(D.all_gather_rows(np.concatenate(index) if index else np.zeros(0, np.int64)), kind="stable")
+    return feats[order]
+
+
+def reference_key(cfg, n: int, net, feature_net) -> dict:
+    """Everything the initial rows depend on (written beside the cache and compared before reusing it)."""
+    rl = cfg["rl"]
+    return {"n": int(n), "seed": int(cfg["seed"]), "steps": int(rl["steps"]), "shift": float(rl["shift"]),
+            "noise_levels": reference_noise_levels(rl), "batch_size": int(rl["batch_size"]),
+            "image_shape": list(cfg["model"]["image_shape"]), "num_classes": int(cfg["model"]["num_classes"]),
+            "base": network_hash(net), "features": network_hash(feature_net)}
+
+
+def cache_matches(run_dir: Path, key: dict) -> bool:
+    """Whether run_dir holds initial rows computed from `key`."""
+    path, meta = run_dir / REFERENCE_CACHE, run_dir / (REFERENCE_CACHE + ".json")
+    try:
+        return path.is_file() and json.loads(meta.read_text()) == json.loads(json.dumps(key))
+    except (OSError, ValueError):
+        return False
+
+
+def save_reference(run_dir: Path, key: dict, feats: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(feats, dtype=np.float64))
+    atomic_write_bytes(run_dir / REFERENCE_CACHE, buf.getvalue())
+    atomic_save_json(run_dir / (REFERENCE_CACHE + ".json"), key)
+
+
+def build_reward_for_run(cfg, net, run_dir: Path, evaluator=None, *, model, decode, progress: bool = False):
+    """The reward named by cfg.reward. Real statistics (and features, for k-NN) come from cfg.reward.real_stats
+    (.npz, or an EDM2 .pkl) or from the evaluator's cache of the same feature network; a distribution-wise reward
+    gets its reference set from N = cfg.reward.reference_size base samples (`reference_features`), cached in the
+    run directory. `model` is the base policy's velocity adapter, `decode` maps samples to images."""
+    rcfg = dict(cfg["reward"])
+    n = int(rcfg.pop("reference_size", 1000))
+    name = rcfg.get("name", "distribution")
+    features_name = str(rcfg.get("features", "fmnist-reward"))
+    feature_net, real_stats, real_feats = evaluator_network(evaluator, features_name)
+    if rcfg.get("weights") is not None:
+        feature_net = real_stats = real_feats = None    # another network than the evaluator's
+    if name == "classifier":
+        return build_reward(rcfg, device=cfg["device"], feature_net=feature_net)
+    if name == "knn":
+        return build_reward(rcfg, device=cfg["device"], feature_net=feature_net,
+                            real_features=None if rcfg.get("real_features") else real_feats)
+    if feature_net is None:
+        feature_net = feature_network(features_name, weights=rcfg.get("weights"), device=cfg["device"])
+    if rcfg.get("real_stats") is not None:
+        real_stats = real_stats_for(features_name, rcfg["real_stats"], int(feature_net.dim))
+    elif real_stats is None and features_name == "random":
+        real_stats = real_stats_for("random", None, int(feature_net.dim))
+    key = reference_key(cfg, n, net, feature_net)
+    if D.broadcast_object(cache_matches(Path(run_dir), key)):      # rank 0's answer: every rank reads the same file
+        feats = np.load(Path(run_dir) / REFERENCE_CACHE, allow_pickle=False)
+    else:
+        feats = reference_features(model, decode, feature_net, n, cfg, progress=progress and D.is_main())
+        if D.is_main():
+            save_reference(Path(run_dir), key, feats)
+    return build_reward(rcfg, device=cfg["device"], feature_net=feature_net, real_stats=real_stats,
+                        init_features=feats)
