@@ -472,5 +472,5 @@ def test_ode_reference_set_holds_ode_samples_of_the_policy(tmp_path, monkeypatch
 def test_bad_reference_sampler_is_named(tmp_path):
     from distreward.rl.grpo import finetune
 
-    with pytest.raises(ValueError, match="rl.reference must be 'rollout' or 'ode'"):
+    with pytest.raises(ValueError, match=r"rl.reference: 'sde' is not allowed \(one of: rollout, ode"):
         finetune(tiny_cfg(reference="sde"), tmp_path, net=make_net(), reward=BrightnessReward(), progress=False)

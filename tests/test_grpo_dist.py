@@ -133,7 +133,8 @@ def _worker(r: int, port: int, outdir: str) -> None:
     out["full"] = snapshot(res)
     finetune(tiny_cfg(1, every=2, **GROUPED), os.path.join(outdir, "cut"), net=make_net(), reward=make_reward(),
              evaluator=make_evaluator(False), progress=False)
-    res = finetune(tiny_cfg(2, every=2, **GROUPED), os.path.join(outdir, "cut"), resume=True, net=make_net(), reward=make_reward(),
+    res = finetune(tiny_cfg(2, every=2, **GROUPED), os.path.join(outdir, "cut"), resume=True,
+                   allow_changes=["rl.iterations"], net=make_net(), reward=make_reward(),
                    evaluator=make_evaluator(False), progress=False)
     out["resumed"] = snapshot(res)
     # the reference set takes ODE samples of the policy (drawn alike on every rank) instead of the rollouts

@@ -252,7 +252,7 @@ def test_run_merge_outputs_and_resume(tmp_path):
               evaluator=StubEvaluator(), real_stats=real_stats(), progress=False)
     full = run_merge(tiny_cfg(), tmp_path / "full", **kw)
     run_merge(tiny_cfg(iterations=2), tmp_path / "split", **kw)
-    resumed = run_merge(tiny_cfg(), tmp_path / "split", resume=True, **kw)
+    resumed = run_merge(tiny_cfg(), tmp_path / "split", resume=True, allow_changes=["rl.iterations"], **kw)
     assert resumed["merged"]["w"] == full["merged"]["w"]
     assert full["merged"]["w"] != full["init"]["w"]  # the policy moved
     assert sum(full["merged"]["w"]) == pytest.approx(1.0)

@@ -116,7 +116,8 @@ def _worker(r: int, port: int, outdir: str) -> None:
     out = {"world": D.world_size(), "direct": two_steps(root)}
     out["two"] = run_merge(tiny_cfg(2), root / "two", **parts(root))
     run_merge(tiny_cfg(1), root / "cut", **parts(root, real_images=False))
-    out["resumed"] = run_merge(tiny_cfg(2), root / "cut", resume=True, **parts(root, real_images=False))
+    out["resumed"] = run_merge(tiny_cfg(2), root / "cut", resume=True, allow_changes=["rl.iterations"],
+                               **parts(root, real_images=False))
     torch.save(out, root / f"rank{r}.pt")
     D.destroy_distributed()
 

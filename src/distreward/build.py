@@ -268,9 +268,12 @@ def sampler_spec(eval_cfg, model_cfg, shift: float = 1.0, steps: int | None = No
 
 def eval_plan(cfg, *, noise: str = "batch", shift: float | None = None, steps: int | None = None,
               method: str | None = None) -> EvalPlan:
-    """The evaluation plan of a run config (eval.n, eval.seed, eval.batch_size, eval.grid, model shape/classes)."""
+    """The evaluation plan of a run config (eval.n, eval.seed, eval.batch_size, eval.grid, model shape/classes;
+    the evidence options eval.uncertainty (bootstrap resamples, 0 = off), eval.fd_infinity, eval.per_class)."""
     ev, model = cfg.eval, cfg.model
     shift = float(cfg.rl.shift) if shift is None else float(shift)
     return EvalPlan(n=int(ev.n), seed=int(ev.seed), batch_size=int(ev.batch_size), grid=int(get(ev, "grid", 0)),
                     num_classes=int(model.num_classes), image_shape=tuple(model.image_shape),
-                    sampler=sampler_spec(ev, model, shift, steps, method), noise=noise)
+                    sampler=sampler_spec(ev, model, shift, steps, method), noise=noise,
+                    uncertainty=int(get(ev, "uncertainty", 0) or 0), fd_infinity=bool(get(ev, "fd_infinity", False)),
+                    per_class=bool(get(ev, "per_class", False)))

@@ -1,4 +1,5 @@
-"""YAML presets with key=value overrides (OmegaConf), resolved once and saved with the run."""
+"""YAML presets with key=value overrides (OmegaConf), resolved once and saved with the run; every key is
+declared and checked by `distreward.schema` (`validate(command, cfg)`, docs/configs.md)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any, Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from .utils.errors import InputFileError, describe, reading
 from .utils.io import atomic_write_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -44,13 +46,24 @@ def load_config(name_or_path: str | os.PathLike | None, overrides: Iterable[str]
     """Merge defaults <- preset file <- key=value overrides (dotted keys, YAML values)."""
     parts = [OmegaConf.create(defaults or {})]
     if name_or_path is not None:
-        parts.append(OmegaConf.load(resolve_preset(name_or_path)))
+        path = resolve_preset(name_or_path)
+        with reading(path, "YAML config", "fix the YAML (indentation, brackets, 'key: value' lines) or use a preset "
+                     "from configs/"):
+            preset = OmegaConf.load(path)
+        if not isinstance(preset, DictConfig):
+            raise InputFileError(f"{path}: a config must be a mapping of 'key: value' lines, this file holds a "
+                                 f"{type(preset).__name__}; fix the YAML or use a preset from configs/")
+        parts.append(preset)
     overrides = list(overrides)
-    bad = [o for o in overrides if "=" not in o]
+    bad = [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]
     if bad:
         raise ValueError(f"overrides must look like key=value (e.g. rl.iterations=10); got {bad}")
-    if overrides:
-        parts.append(OmegaConf.from_dotlist(overrides))
+    for o in overrides:
+        try:
+            parts.append(OmegaConf.from_dotlist([o]))
+        except Exception as e:
+            raise ValueError(f"override {o!r}: the value is not valid YAML ({describe(e)}); "
+                             "quote it, e.g. key='[1, 2]'") from None
     cfg = OmegaConf.merge(*parts)
     OmegaConf.set_struct(cfg, False)
     return cfg

@@ -5,19 +5,20 @@ from __future__ import annotations
 import argparse
 
 from ..demo import run_demo
+from . import new_output
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", action="store_true", help="also run the sample-wise baseline on the same budget")
     p.add_argument("--run-dir", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--fresh", action="store_true", help="recompute every stage instead of reusing finished ones")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="overrides for both GRPO presets, e.g. model.path=my-base.safetensors rl.iterations=10")
+                   help="overrides for both GRPO presets, anywhere among the options, e.g. "
+                        "model.path=my-base.safetensors rl.iterations=10")
 
 
 def run(args) -> int:
-    metrics = run_demo(args.run_dir, compare=args.compare, overrides=args.overrides, fresh=args.fresh,
+    metrics = run_demo(new_output(args.run_dir), compare=args.compare, overrides=args.overrides, fresh=args.fresh,
                        progress=not args.no_progress)
     rows = dict(metrics)
     cross = rows.pop("crosscheck", None)

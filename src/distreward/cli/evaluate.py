@@ -21,7 +21,10 @@ from distreward.data import check_images, load_images
 from distreward.evaluation import Evaluator, fit_images, format_metrics, perturb_images, sample_rows
 from distreward.features import get_feature_network
 from distreward.metrics import GaussianStats
+from distreward.utils.errors import reading
 from distreward.utils.io import atomic_save_json
+
+STATS_FIX = "give statistics from 'distreward stats DATA --features F -o X.npz', or reference images"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,8 +53,9 @@ def _is_stats_file(spec: str) -> bool:
     if p.suffix != ".npz":
         return False
     if not p.is_file():
-        raise FileNotFoundError(f"--ref {spec}: no such file")
-    with np.load(p, allow_pickle=False) as z:
+        raise FileNotFoundError(f"--ref {spec}: no such file; check the path, or make statistics with "
+                                "'distreward stats DATA --features F -o X.npz'")
+    with reading(p, "statistics or image .npz", STATS_FIX), np.load(p, allow_pickle=False) as z:
         return "mu" in z.files and "sigma" in z.files
 
 
@@ -60,7 +64,7 @@ def match_stats(paths: list[str], labels: list[str], dims: list[int]) -> dict:
     out = {}
     for path in paths:
         st = GaussianStats.load(path)
-        with np.load(path, allow_pickle=False) as z:
+        with reading(path, "statistics .npz", STATS_FIX), np.load(path, allow_pickle=False) as z:
             named = str(z["features"]) if "features" in z.files else None
         if named is not None and named in labels:
             label = named
@@ -110,7 +114,7 @@ def run(args) -> int:
 
     ev = Evaluator(ref_images, feature_nets=nets, device=args.device, k=args.k, max_real=args.max_real,
                    cache_dir=None if args.no_cache else args.cache_dir, ref_stats=ref_stats,
-                   batch_size=args.batch_size, progress=True, seed=args.seed, kid_subsets=args.kid_subsets, labels=[str(f) for f in args.features])
+                   batch_size=args.batch_size, progress=not args.no_progress, seed=args.seed, kid_subsets=args.kid_subsets, labels=[str(f) for f in args.features])
     metrics = ev.evaluate(images)
     metrics = {**metrics, "images": args.images, "ref": args.ref,
                "features": list(ev.labels), "perturb": args.perturb, "strength": args.strength, "kid_scale": 1e3, "k": args.k}

@@ -6,7 +6,7 @@ import argparse
 
 from ..rl import finetune
 from ..utils.dist import is_main
-from .run_args import add_run_arguments, run_config, run_dir
+from .run_args import add_run_arguments, run_config, run_dir, run_options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -14,9 +14,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    cfg = run_config(args)
+    cfg = run_config(args, command="finetune")
     out = run_dir(args, cfg)
-    res = finetune(cfg, out, resume=args.resume, progress=not args.no_progress)
+    res = finetune(cfg, out, **run_options(args))
     if not is_main():
         return 0
     final = res["final"] or {}

@@ -10,7 +10,7 @@ import argparse
 
 from ..merge import merge_parts, run_merge
 from ..utils import dist as D
-from .run_args import add_run_arguments, run_config, run_dir
+from .run_args import add_run_arguments, run_config, run_dir, run_options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    cfg = run_config(args)
+    cfg = run_config(args, command="merge")
     if args.checkpoints is not None:
         cfg.merge.checkpoints, cfg.merge.snapshots = list(args.checkpoints), None
     if args.snapshots is not None:
@@ -34,7 +34,7 @@ def run(args) -> int:
     out = run_dir(args, cfg)
     device = D.init_distributed(cfg.get("device", "cpu"))   # joins torchrun's group; one process: the device as given
     parts = merge_parts(cfg, out, str(device)) if args.dry_run or is_preset(cfg) else {}
-    res = run_merge(cfg, out, resume=args.resume, progress=not args.no_progress, **parts)
+    res = run_merge(cfg, out, **run_options(args), **parts)
     if not D.is_main():
         return 0
     rows = [(k, v) for k, v in res["baselines"].items()] + [("init", res["init"]), ("merged", res["merged"])]

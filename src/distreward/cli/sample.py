@@ -48,7 +48,8 @@ def run(args) -> int:
             raise ValueError(f"--class {args.class_label} is outside [0, {num_classes - 1}] for this network")
         labels = torch.full((args.num,), args.class_label, dtype=torch.long)
     x = sample_images(net, arch, labels, args.num, steps=args.steps, method=args.sampler, shift=args.shift,
-                      cfg_scale=args.cfg, seed=args.seed, batch_size=args.batch_size, device=args.device, progress=True)
+                      cfg_scale=args.cfg, seed=args.seed, batch_size=args.batch_size, device=args.device,
+                      progress=not args.no_progress)
     if out.suffix == ".png":
         save_image_grid(x, out, nrow=args.nrow or (num_classes if num_classes and args.class_label is None else None))
     else:

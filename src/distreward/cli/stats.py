@@ -53,7 +53,7 @@ def run(args) -> int:
     images = fit_images(check_images(images, name=args.data), getattr(net, "input_shape", None), name=args.data)
     if images.shape[0] < 2:
         raise ValueError(f"{args.data}: need at least 2 images for a covariance, got {images.shape[0]}")
-    feats = compute_features(net, images, batch_size=args.batch_size, progress=True, desc=f"features ({args.features})")
+    feats = compute_features(net, images, batch_size=args.batch_size, progress=not args.no_progress, desc=f"features ({args.features})")
     stats = GaussianStats.from_features(feats)
     save_stats_npz(out, stats, str(args.features))
     print(f"{args.data}: {stats.n} images, {args.features} d={stats.dim} -> {out}")

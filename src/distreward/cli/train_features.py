@@ -25,7 +25,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--max-train", type=int, default=None, help="train on the first N training images only (quick checks)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _out_path(out: str, name: str, single: bool) -> Path:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..utils.errors import reading
 from .common import pad_to, to_float_images
 
 FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -49,7 +50,8 @@ def find_fmnist_dir() -> Path:
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
+    with reading(path, "gzipped IDX file", "reinstall Fashion-MNIST ('apt-get install --reinstall dataset-fashion-mnist') "
+                 "or fix $DISTREWARD_FMNIST"), gzip.open(path, "rb") as f:
         data = f.read()
     if data[:2] != b"\x00\x00":
         raise ValueError(f"{path} is not an IDX file (bad magic number)")
@@ -61,6 +63,14 @@ def _read_idx(path: Path) -> np.ndarray:
     if arr.size != int(np.prod(shape)):
         raise ValueError(f"{path}: truncated IDX file ({arr.size} bytes for shape {shape})")
     return arr.reshape(shape)
+
+
+def fmnist_files(split: str = "train") -> list[Path]:
+    """The two IDX files (images, labels) of a split, where `load_fmnist` reads them (for provenance)."""
+    if split not in _FILES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    d = find_fmnist_dir()
+    return [d / f for f in _FILES[split]]
 
 
 def load_fmnist(split: str = "train", *, pad: bool = True, as_uint8: bool = False, directory: str | os.PathLike | None = None):

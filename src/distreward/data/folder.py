@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..utils.errors import reading
 from .common import to_float_images
 from .fmnist import load_fmnist
 
@@ -20,7 +21,7 @@ def load_image_folder(path: str | os.PathLike, *, channels: int | None = None):
 
     root = Path(path)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist")
+        raise FileNotFoundError(f"image folder {root} does not exist; check the path")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise ValueError(f"image folder {root} holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -29,7 +30,7 @@ def load_image_folder(path: str | os.PathLike, *, channels: int | None = None):
     mode = {1: "L", 3: "RGB", None: None}[channels]
     arrays = []
     for p in files:
-        with Image.open(p) as im:
+        with reading(p, "image", f"remove or replace it, or point to another folder than {root}"), Image.open(p) as im:
             if mode is None:
                 mode = "L" if im.mode in ("L", "1", "I;16") else "RGB"
             arrays.append(np.asarray(im.convert(mode)))
@@ -48,11 +49,12 @@ def load_npz_images(path: str | os.PathLike):
     """An .npz with uint8 images under 'images' (or 'arr_0', as ADM/EDM sample batches) and optional 'labels'."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    with np.load(path, allow_pickle=False) as z:
+        raise FileNotFoundError(f"{path} does not exist; check the path (an .npz of uint8 images)")
+    fix = "give an .npz of uint8 images under 'images' (as 'distreward sample -o X.npz' writes), or an image folder"
+    with reading(path, "image .npz", fix), np.load(path, allow_pickle=False) as z:
         key = next((k for k in ("images", "arr_0", "x") if k in z.files), None)
         if key is None:
-            raise ValueError(f"{path}: no image array (expected key 'images' or 'arr_0'; found {z.files})")
+            raise ValueError(f"{path}: no image array (expected key 'images' or 'arr_0'; found {z.files}); {fix}")
         imgs = z[key]
         labels = next((z[k] for k in ("labels", "arr_1", "y") if k in z.files), None)
     if imgs.dtype != np.uint8:

@@ -2,8 +2,10 @@
 RL merging -> report.
 
 `run_demo` runs the stages of BUILTIN_STAGES, then the registered ones. Each stage writes its result to
-<run_dir>/<stage>/stage.json when it finishes, so re-running the demo skips finished stages (and a killed GRPO
-stage resumes from its checkpoint). The report (report.md, metrics.json) is rebuilt from the stage results every
+<run_dir>/<stage>/stage.json when it finishes, so re-running the demo skips finished stages computed from the same
+settings (a stage's key, STAGE_KEYS, recorded in <run_dir>/stages.json), reruns from a clean directory a stage
+whose settings changed, and resumes a killed stage started with the same settings (docs/runs.md). The demo holds
+the lock of <run_dir> while it runs and appends its invocation to <run_dir>/provenance.json. The report (report.md, metrics.json) is rebuilt from the stage results every
 time.
 
     from distreward import demo
@@ -23,10 +25,13 @@ from __future__ import annotations
 import json
 import time
 
+from ..config import find_file
+from ..utils.rundir import RunLock, append_provenance, hash_inputs, plain_config, provenance_entry
 from ..utils.threads import set_threads
-from .grpo import (classifier_logp, crosscheck_section, crosscheck_steps, evaluate_model, stage_base,
-                   stage_crosscheck, stage_distribution, stage_sample)
-from .merge import has_snapshots, merge_ema_section, merge_rl_section, stage_merge_ema, stage_merge_rl
+from .grpo import (base_key, classifier_logp, crosscheck_key, crosscheck_section, crosscheck_steps, evaluate_model,
+                   grpo_key, stage_base, stage_crosscheck, stage_distribution, stage_sample)
+from .merge import (check_merge_configs, has_snapshots, merge_ema_key, merge_ema_section, merge_rl_key,
+                    merge_rl_section, stage_merge_ema, stage_merge_rl)
 from .report import write_report
 from .stages import (DISTRIBUTION_PRESET, EXTRA_STAGES, METRIC_KEYS, SAMPLE_PRESET, DemoContext, Stage, make_context,
                      register_stage, run_stages, with_extra_stages)
@@ -41,6 +46,9 @@ BUILTIN_STAGES = [
     Stage("merge_ema", stage_merge_ema, enabled=has_snapshots, section=merge_ema_section),
     Stage("merge_rl", stage_merge_rl, section=merge_rl_section),
 ]
+# What each built-in stage's result depends on (by name, so a stage replaced in BUILTIN_STAGES keeps its key).
+STAGE_KEYS = {"base": base_key, "distribution": grpo_key("cfg"), "sample": grpo_key("sample_cfg"),
+              "crosscheck": crosscheck_key, "merge_ema": merge_ema_key, "merge_rl": merge_rl_key}
 
 
 def run_demo(run_dir="runs/demo", *, compare: bool = False, threads: int | None = None, overrides=(),
@@ -52,15 +60,22 @@ def run_demo(run_dir="runs/demo", *, compare: bool = False, threads: int | None 
         set_threads(threads)
     t0 = time.perf_counter()
     ctx = make_context(run_dir, compare=compare, overrides=overrides, progress=progress, evaluator=evaluator)
+    check_merge_configs(ctx)        # every config is checked before the first stage (the GRPO ones by make_context)
     ctx.fresh = fresh
-    ctx.run_dir.mkdir(parents=True, exist_ok=True)
-    selected = [s for s in with_extra_stages(BUILTIN_STAGES) if s.enabled(ctx)]
-    run_stages(ctx, selected)
-    write_report(ctx, selected, time.perf_counter() - t0)
+    with RunLock(ctx.run_dir, "demo"):      # one demo per run directory at a time
+        append_provenance(ctx.run_dir, provenance_entry(
+            "demo", ctx.cfg, inputs=hash_inputs([find_file(ctx.cfg.model.path)]), compare=compare, fresh=fresh,
+            overrides=list(overrides), config=plain_config(ctx.cfg), sample_config=plain_config(ctx.sample_cfg)))
+        selected = [s for s in with_extra_stages(BUILTIN_STAGES) if s.enabled(ctx)]
+        extra = {s.name for s in with_extra_stages([])}          # the registered stages use their own keys
+        keys = {n: f for n, f in STAGE_KEYS.items() if n in {s.name for s in BUILTIN_STAGES} - extra}
+        run_stages(ctx, selected, keys)
+        write_report(ctx, selected, time.perf_counter() - t0)
     print(f"[demo] report: {ctx.run_dir / 'report.md'}")
     return json.loads((ctx.run_dir / "metrics.json").read_text())
 
 
-__all__ = ["BUILTIN_STAGES", "DISTRIBUTION_PRESET", "EXTRA_STAGES", "METRIC_KEYS", "SAMPLE_PRESET", "DemoContext", "Stage",
+__all__ = ["BUILTIN_STAGES", "DISTRIBUTION_PRESET", "EXTRA_STAGES", "METRIC_KEYS", "SAMPLE_PRESET", "STAGE_KEYS",
+           "DemoContext", "Stage",
            "classifier_logp", "crosscheck_steps", "evaluate_model", "make_context", "register_stage", "run_demo",
            "run_stages", "write_report"]

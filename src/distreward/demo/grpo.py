@@ -17,6 +17,7 @@ from ..report import metrics_table, relative_change, save_image_grid
 from ..reward import ClassifierLogProbReward
 from ..rl import finetune
 from ..sampling.generate import balanced_labels, ode_images
+from ..utils.rundir import hash_inputs, plain_config
 from .stages import DemoContext, metrics_only
 
 
@@ -53,7 +54,7 @@ def grpo_stage(name: str, cfg_attr: str) -> Callable[[DemoContext], dict]:
     def run(ctx: DemoContext) -> dict:
         cfg = getattr(ctx, cfg_attr)
         base_eval = ctx.results.get("base")
-        res = finetune(cfg, ctx.stage_dir(name), resume=not ctx.fresh, net=copy.deepcopy(ctx.base_net),
+        res = finetune(cfg, ctx.stage_dir(name), **ctx.trainer_args(), net=copy.deepcopy(ctx.base_net),
                        evaluator=ctx.evaluator, progress=ctx.progress, initial_eval=base_eval)
         images = res["final_images"]
         if images is None or images.shape[0] != int(cfg.eval.n):     # a resumed, finished run: draw them again
@@ -73,6 +74,33 @@ def grpo_stage(name: str, cfg_attr: str) -> Callable[[DemoContext], dict]:
 
 stage_distribution = grpo_stage("distribution", "cfg")
 stage_sample = grpo_stage("sample", "sample_cfg")
+
+
+# The stages' keys (demo.stages.run_stages): what each result depends on.
+
+def evaluation_key(ctx: DemoContext) -> dict:
+    """What an evaluation of a model with the demo's sampler depends on (besides the model)."""
+    cfg = ctx.cfg
+    return {"model": plain_config(cfg.model), "eval": plain_config(cfg.eval), "shift": float(cfg.rl.shift),
+            "device": str(cfg.device), "classifier": str(ctx.sample_cfg.reward.get("features", "fmnist-reward")),
+            "base": ctx.base_sha256(), "evaluator": ctx.evaluator_key}
+
+
+def base_key(ctx: DemoContext) -> dict:
+    return evaluation_key(ctx)
+
+
+def grpo_key(cfg_attr: str) -> Callable[[DemoContext], dict]:
+    """A GRPO stage's key: its whole config, the base model, the evaluator, the base stage (its initial eval)."""
+    def key(ctx: DemoContext) -> dict:
+        return {**evaluation_key(ctx), "cfg": plain_config(getattr(ctx, cfg_attr)), "base_stage": ctx.digests.get("base")}
+    return key
+
+
+def crosscheck_key(ctx: DemoContext) -> dict:
+    """The cross-check's key: the evaluation settings, its step count and the fine-tuned models it reads."""
+    files = [ctx.run_dir / n / "model_ema.safetensors" for n in ("distribution", "sample") if n in ctx.results]
+    return {**evaluation_key(ctx), "steps": crosscheck_steps(ctx), "models": hash_inputs(f for f in files if f.is_file())}
 
 
 def crosscheck_steps(ctx: DemoContext) -> int | None:

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from ..config import find_file, load_config
 from ..merge import resolve, run_merge
+from ..utils.rundir import hash_inputs, plain_config
 from .stages import DemoContext, metrics_only
 
 EMA_PRESET = "fmnist_merge_ema"
@@ -35,6 +36,13 @@ def merge_config(preset: str, ctx: DemoContext, overrides=()):
     if demo:
         cfg = OmegaConf.merge(cfg, demo)
     return cfg
+
+
+def check_merge_configs(ctx: DemoContext) -> None:
+    """The merge stages' configs (presets, demo blocks, the demo's evaluation settings), checked in full before any
+    stage runs (`merge.resolve`: the merge schema)."""
+    for preset in (EMA_PRESET, GRPO_PRESET):
+        resolve(merge_config(preset, ctx))
 
 
 def summary(res: dict, baseline: str) -> dict:
@@ -58,8 +66,23 @@ def has_snapshots(ctx: DemoContext) -> bool:
 
 def stage_merge_ema(ctx: DemoContext) -> dict:
     cfg = merge_config(EMA_PRESET, ctx)
-    res = run_merge(cfg, ctx.stage_dir("merge_ema"), resume=not ctx.fresh, evaluator=ctx.evaluator, progress=ctx.progress)
+    res = run_merge(cfg, ctx.stage_dir("merge_ema"), **ctx.trainer_args(), evaluator=ctx.evaluator,
+                    progress=ctx.progress)
     return summary(res, res["best_ema"] or "last")
+
+
+def merge_key(cfg, inputs: list[Path], ctx: DemoContext) -> dict:
+    """A merging stage's key: its resolved config, the content of its input files and the evaluator."""
+    return {"cfg": plain_config(cfg), "inputs": hash_inputs(inputs), "evaluator": ctx.evaluator_key}
+
+
+def merge_ema_key(ctx: DemoContext) -> dict:
+    return merge_key(merge_config(EMA_PRESET, ctx), [snapshot_folder(ctx)], ctx)
+
+
+def merge_rl_key(ctx: DemoContext) -> dict:
+    cfg = merge_rl_config(ctx)
+    return merge_key(cfg, [Path(p) for p in cfg.merge.checkpoints], ctx)
 
 
 def grpo_inputs(ctx: DemoContext) -> list[Path]:
@@ -71,10 +94,16 @@ def grpo_inputs(ctx: DemoContext) -> list[Path]:
     return files
 
 
-def stage_merge_rl(ctx: DemoContext) -> dict:
+def merge_rl_config(ctx: DemoContext):
+    """The merge_rl stage's config: the GRPO merge preset over the base model and the distribution stage's files."""
     cfg = merge_config(GRPO_PRESET, ctx)
     cfg.merge.checkpoints = [str(find_file(ctx.cfg.model.path))] + [str(p) for p in grpo_inputs(ctx)]
-    res = run_merge(cfg, ctx.stage_dir("merge_rl"), resume=not ctx.fresh, evaluator=ctx.evaluator, progress=ctx.progress)
+    return cfg
+
+
+def stage_merge_rl(ctx: DemoContext) -> dict:
+    res = run_merge(merge_rl_config(ctx), ctx.stage_dir("merge_rl"), **ctx.trainer_args(), evaluator=ctx.evaluator,
+                    progress=ctx.progress)
     return summary(res, "last")
 
 

@@ -1,23 +1,30 @@
 """Stages of the demo: what a stage is, what stages share (`DemoContext`), running them, and the user hook.
 
 A stage is a named function `fn(ctx) -> dict` (JSON-able). Its result is written to <run_dir>/<stage>/stage.json
-when it finishes, so a later run reuses it instead of running the stage again (`run_stages`).
+when it finishes, so a later run reuses it instead of running the stage again (`run_stages`) -- but only when it
+was computed from the same settings: each stage has a key (what it depends on: its config, the base model's and
+its other inputs' sha256, the evaluator, the earlier stages it reads), recorded in <run_dir>/stages.json. A stage
+whose key changed is run again from a clean stage directory (its trainer with overwrite=True: `ctx.clean`); a
+stage started with the same key and not finished (killed) resumes (its trainer with resume=True).
 `register_stage(Stage(...))` adds a stage after the built-in ones.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from ..build import load_base
-from ..config import load_config
+from ..config import find_file, load_config
 from ..evaluation import Evaluator
+from ..evaluation.evaluator import evaluator_key
 from ..rl.settings import resolve
 from ..utils.io import atomic_save_json
+from ..utils.rundir import changed_keys, file_sha256, plain_config
 
 DISTRIBUTION_PRESET = "fmnist_grpo"
 SAMPLE_PRESET = "fmnist_grpo_sample"
@@ -29,12 +36,15 @@ class Stage:
     """A named step of the demo: fn(ctx) -> result dict (JSON-able).
 
     `enabled(ctx)`: whether the stage runs in this demo; `section(result, ctx) -> markdown`: its own part of the
-    report; `row`: the result is a row of the report's table (and a key of metrics.json either way)."""
+    report; `row`: the result is a row of the report's table (and a key of metrics.json either way); `key(ctx)
+    -> JSON-able`: what its result depends on (default `default_key`: both configs, the base model, the
+    evaluator and every earlier stage)."""
     name: str
     fn: Callable[["DemoContext"], dict]
     enabled: Callable[["DemoContext"], bool] = lambda ctx: True
     section: Callable[[dict, "DemoContext"], str] | None = None
     row: bool = True
+    key: Callable[["DemoContext"], Any] | None = None
 
 
 @dataclass
@@ -47,8 +57,25 @@ class DemoContext:
     progress: bool
     fresh: bool = False
     results: dict = field(default_factory=dict)
+    clean: bool = False           # set by run_stages for the running stage: start its run directory afresh
+    digests: dict = field(default_factory=dict)   # stage name -> digest of its key (finished or reused stages)
     _evaluator: Any = None
     _base: Any = None
+    _evaluator_key: Any = None
+
+    @property
+    def evaluator_key(self) -> dict:
+        """`evaluation.evaluator.evaluator_key` of the evaluator (computed once)."""
+        if self._evaluator_key is None:
+            self._evaluator_key = evaluator_key(self.evaluator)
+        return self._evaluator_key
+
+    def base_sha256(self) -> str:
+        return file_sha256(find_file(self.cfg.model.path))
+
+    def trainer_args(self) -> dict:
+        """resume / overwrite for the running stage's trainer: a clean start or a resume of the same settings."""
+        return {"resume": not self.clean, "overwrite": self.clean}
 
     @property
     def evaluator(self):
@@ -101,18 +128,59 @@ def with_extra_stages(builtin: list[Stage]) -> list[Stage]:
     return [s for s in builtin if s.name not in names] + list(EXTRA_STAGES)
 
 
-def run_stages(ctx: DemoContext, stages: list[Stage]) -> None:
-    """Run each stage in order into ctx.results; a stage with a stage.json from an earlier run is reused (unless
-    ctx.fresh)."""
+STAGES_FILE = "stages.json"     # <run_dir>/stages.json: {stage: {"digest", "key", "done"}}
+
+
+def default_key(ctx: DemoContext) -> dict:
+    """The key of a stage without its own: both GRPO configs, --compare, the base model, the evaluator and the
+    digests of every stage before it."""
+    return {"cfg": plain_config(ctx.cfg), "sample_cfg": plain_config(ctx.sample_cfg), "compare": ctx.compare,
+            "base": ctx.base_sha256(), "evaluator": ctx.evaluator_key, "earlier": dict(ctx.digests)}
+
+
+def key_digest(key: Any) -> str:
+    return hashlib.sha256(json.dumps(plain_config(key), sort_keys=True).encode()).hexdigest()
+
+
+def run_stages(ctx: DemoContext, stages: list[Stage], keys: Mapping[str, Callable[[DemoContext], Any]] | None = None) -> None:
+    """Run each stage in order into ctx.results. A stage whose stage.json was computed from the same key (recorded
+    in stages.json) is reused; one whose key changed is run again from a clean directory (`ctx.clean`), naming
+    what changed; one started with the same key but not finished resumes; `ctx.fresh` runs every stage afresh.
+    `keys`: key functions by stage name (the built-in stages'), else the stage's own `key`, else `default_key`."""
+    registry_path = ctx.run_dir / STAGES_FILE
+    try:
+        registry = json.loads(registry_path.read_text()) if registry_path.is_file() else {}
+    except ValueError:
+        registry = {}
     for s in stages:
+        key = plain_config((s.key or (keys or {}).get(s.name) or default_key)(ctx))
+        digest = key_digest(key)
+        rec = registry.get(s.name) or {}
         done = ctx.run_dir / s.name / "stage.json"
-        if done.is_file() and not ctx.fresh:
+        same = rec.get("digest") == digest and not ctx.fresh
+        if same and rec.get("done") and done.is_file():
             ctx.results[s.name] = json.loads(done.read_text())
-            print(f"[demo] {s.name}: done before, reusing {done}")
+            ctx.digests[s.name] = digest
+            print(f"[demo] {s.name}: done before with the same settings, reusing {done}")
             continue
-        print(f"[demo] stage {s.name} ...")
+        if rec and not same and not ctx.fresh:
+            what = list(changed_keys(rec.get("key") or {}, key)) or ["its key"]
+            print(f"[demo] {s.name}: settings changed since it ran ({', '.join(what[:6])}"
+                  f"{' ...' if len(what) > 6 else ''}); running it again from a clean directory")
+        elif done.is_file() and not rec and not ctx.fresh:
+            print(f"[demo] {s.name}: {done} has no recorded settings; running it again from a clean directory")
+        ctx.clean = not same
+        registry[s.name] = {"digest": digest, "key": key, "done": False}
+        atomic_save_json(registry_path, registry)
+        print(f"[demo] stage {s.name} ..." + ("" if ctx.clean else " (resuming)"))
         ts = time.perf_counter()
-        result = s.fn(ctx)
+        try:
+            result = s.fn(ctx)
+        finally:
+            ctx.clean = False
         result["seconds"] = round(time.perf_counter() - ts, 1)
         ctx.results[s.name] = result
+        ctx.digests[s.name] = digest
         atomic_save_json(ctx.stage_dir(s.name) / "stage.json", result)
+        registry[s.name]["done"] = True
+        atomic_save_json(registry_path, registry)

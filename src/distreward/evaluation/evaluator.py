@@ -25,6 +25,7 @@ import torch
 from ..data import check_images, load_fmnist, pad_to
 from ..features import compute_features, get_feature_network
 from ..metrics import GaussianStats, frechet_distance, kid, precision_recall, sqrtm_psd
+from ..metrics.evidence import class_stats_arrays, class_stats_from_arrays, labels_key, per_class_stats
 from ..utils.io import atomic_write_bytes
 
 KID_SCALE = 1e3
@@ -54,6 +55,19 @@ def network_hash(net: torch.nn.Module) -> str:
 
 def images_hash(images: torch.Tensor) -> str:
     return _hash_tensors([images]).hexdigest()
+
+
+def evaluator_key(evaluator) -> dict:
+    """What an evaluator's numbers depend on (the cache key of results computed with it): for an `Evaluator`, its
+    inputs (the networks' weights, labels, the reference images' hash, the given statistics' hashes, settings),
+    not the real features computed from them (those may differ in the last bits with the thread count); for
+    another object, its type."""
+    if not isinstance(evaluator, Evaluator):
+        return {"type": f"{type(evaluator).__module__}.{type(evaluator).__qualname__}"}
+    return {"nets": [network_hash(n) for n in evaluator.nets], "labels": list(evaluator.labels),
+            "reference_images": evaluator.ref_key, "reference_stats": dict(sorted(evaluator.ref_stats_key.items())),
+            "k": evaluator.k, "max_real": evaluator.max_real, "seed": evaluator.seed,
+            "kid": [evaluator.kid_subsets, evaluator.kid_subset_size]}
 
 
 def _net_label(spec, net) -> str:
@@ -119,13 +133,16 @@ class Evaluator:
     real features). ref_stats: {network label: GaussianStats} for networks whose real statistics are given.
     feature_nets: registry names, .safetensors paths or modules (the first is the reward's, the last the held-out);
     labels: their names in results (default: the names given, or the module's `feature_name`).
+    ref_labels: the reference images' class labels (optional): then `real_class_stats[i]` holds each class's real
+    statistics on network i (for per-class FD), cached with the features.
     """
 
     def __init__(self, ref_images: torch.Tensor | None = None, *, feature_nets: Sequence = ("fmnist-reward", "fmnist-eval"),
                  device: str | torch.device = "cpu", k: int = 3, max_real: int = 10000,
                  cache_dir: str | os.PathLike | None = DEFAULT_CACHE, ref_stats: dict[str, GaussianStats] | None = None,
                  batch_size: int = 500, progress: bool = False, seed: int = 0,
-                 kid_subsets: int = 100, kid_subset_size: int = 1000, labels: Sequence[str] | None = None):
+                 kid_subsets: int = 100, kid_subset_size: int = 1000, labels: Sequence[str] | None = None,
+                 ref_labels=None):
         if not feature_nets:
             raise ValueError("feature_nets is empty: give at least one feature network")
         if ref_images is None and not ref_stats:
@@ -145,13 +162,19 @@ class Evaluator:
             self.labels = [str(x) for x in labels]
         self.real_stats: list[GaussianStats | None] = [None] * len(self.nets)
         self.real_feats: list[np.ndarray | None] = [None] * len(self.nets)
+        self.ref_key: str | None = None           # the reference images' hash (see evaluator_key)
+        self.ref_stats_key: dict[str, str] = {}   # the given statistics' hashes
+        self.real_class_stats: list[dict[int, GaussianStats] | None] = [None] * len(self.nets)  # with ref_labels
         if ref_images is not None:
             ref_images = check_images(ref_images, name="reference images")
             if ref_images.shape[0] < 2:
                 raise ValueError(f"need at least 2 reference images, got {ref_images.shape[0]}")
-            img_key = images_hash(ref_images)
+            img_key = self.ref_key = images_hash(ref_images)
+            if ref_labels is not None and len(ref_labels) != ref_images.shape[0]:
+                raise ValueError(f"{len(ref_labels)} reference labels for {ref_images.shape[0]} reference images")
             for i, net in enumerate(self.nets):
-                self.real_stats[i], self.real_feats[i] = self._real_features(net, self.labels[i], ref_images, img_key)
+                self.real_stats[i], self.real_feats[i], self.real_class_stats[i] = self._real_features(
+                    net, self.labels[i], ref_images, img_key, ref_labels)
         for label, st in (ref_stats or {}).items():
             if label not in self.labels:
                 raise ValueError(f"reference statistics given for {label!r}, which is not one of the feature networks {self.labels}")
@@ -160,13 +183,17 @@ class Evaluator:
                 raise ValueError(f"reference statistics for {label!r} have dimension {st.dim} but the network gives "
                                  f"{self.nets[i].dim}-d features; were they made with another feature network?")
             self.real_stats[i] = st
+            arrays = [torch.from_numpy(np.ascontiguousarray(a)) for a in (st.mu, st.sigma)]
+            self.ref_stats_key[label] = _hash_tensors(arrays).hexdigest()
         self.real_sigma_half = [sqrtm_psd(st.sigma) if st is not None else None for st in self.real_stats]
 
     @classmethod
-    def for_fmnist(cls, device: str | torch.device = "cpu", split: str = "train", max_real: int = 10000, **kwargs) -> "Evaluator":
-        """Fashion-MNIST `split` as the reference, with the two embedded feature networks."""
-        images, _ = load_fmnist(split)
-        return cls(images, device=device, max_real=max_real, **kwargs)
+    def for_fmnist(cls, device: str | torch.device = "cpu", split: str = "train", max_real: int = 10000,
+                   per_class: bool = True, **kwargs) -> "Evaluator":
+        """Fashion-MNIST `split` as the reference, with the two embedded feature networks (and, with per_class,
+        the real statistics of each class, from the dataset's labels)."""
+        images, labels = load_fmnist(split)
+        return cls(images, device=device, max_real=max_real, ref_labels=labels if per_class else None, **kwargs)
 
     def network(self, name: str) -> tuple[torch.nn.Module | None, GaussianStats | None, np.ndarray | None]:
         """The feature network of that label and its real side (statistics, features), or Nones if it has none."""
@@ -188,26 +215,30 @@ class Evaluator:
                               digest_size=12).hexdigest()
         return self.cache_dir / f"real-features-{key}.npz"
 
-    def _real_features(self, net, label: str, images: torch.Tensor, img_key: str):
+    def _real_features(self, net, label: str, images: torch.Tensor, img_key: str, ref_labels=None):
         path = self._cache_file(net, img_key)
+        lab_key = None if ref_labels is None else labels_key(ref_labels)
         if path is not None and path.is_file():
             try:
                 with np.load(path, allow_pickle=False) as z:
                     st = GaussianStats(int(z["s1"].size))
                     st.n, st.s1, st.s2 = int(z["n"]), z["s1"].copy(), z["s2"].copy()
-                    return st, z["feats"].copy()
-            except (OSError, KeyError, ValueError):
+                    classes = None if lab_key is None else class_stats_from_arrays(z, lab_key)
+                    return st, z["feats"].copy(), classes
+            except (OSError, KeyError, ValueError):  # also: no per-class sums for these labels in the file
                 pass  # an unreadable cache entry is recomputed and overwritten
         feats = compute_features(net, images, batch_size=self.batch_size, progress=self.progress, desc=f"real features ({label})")
         st = GaussianStats.from_features(feats)
+        classes = None if lab_key is None else per_class_stats(feats, ref_labels)
         keep = sample_rows(feats.shape[0], self.max_real, self.seed)
         if keep is not None:
             feats = feats[keep]
         if path is not None:
             buf = io.BytesIO()
-            np.savez(buf, s1=st.s1, s2=st.s2, n=np.int64(st.n), feats=feats)
+            extra = {} if classes is None else class_stats_arrays(classes, lab_key)
+            np.savez(buf, s1=st.s1, s2=st.s2, n=np.int64(st.n), feats=feats, **extra)
             atomic_write_bytes(path, buf.getvalue())
-        return st, feats
+        return st, feats, classes
 
     # ---- generated side
 

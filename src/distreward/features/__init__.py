@@ -14,8 +14,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from ..utils.progress import progress as tqdm
 from .fmnist import load_fmnist_classifier
 
 # name -> "module:factory"; factory(weights: str | None, device) -> nn.Module with .dim and forward(images)->(B, d)

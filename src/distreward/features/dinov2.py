@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..data import as_rgb
 from ..models.sit import Attention
+from ..utils.errors import reading
 from .inception import find_weights, load_strict
 
 PATCH = 14
@@ -197,7 +198,8 @@ class DinoV2Features(nn.Module):
 
 def build_dinov2(weights: str | os.PathLike, size: str = "l", device: str | torch.device = "cpu") -> DinoV2:
     """DinoV2(size) with an official `dinov2_vit{size}14_pretrain.pth` (torch.load weights_only, strict)."""
-    sd = torch.load(weights, map_location="cpu", weights_only=True)
+    with reading(weights, "DINOv2 checkpoint", f"give the official {weight_file(size)}"):
+        sd = torch.load(weights, map_location="cpu", weights_only=True)
     if not isinstance(sd, dict):
         raise ValueError(f"{weights}: expected a state_dict, got {type(sd).__name__}")
     return load_strict(lambda: DinoV2(size), sd, device,

@@ -22,11 +22,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..config import repo_path
 from ..data import load_fmnist
+from ..utils.errors import InputFileError, reading
 from ..utils.io import atomic_save_safetensors
+from ..utils.progress import progress as tqdm
 
 INPUT_SHAPE = (1, 32, 32)
 NUM_CLASSES = 10
@@ -126,11 +127,16 @@ def save_classifier(path: str | os.PathLike, net: nn.Module, arch: str, kwargs: 
     return atomic_save_safetensors(path, net.state_dict(), metadata=meta)
 
 
+FEATURES_FIX = "give a .safetensors written by 'distreward train-features' (or the shipped weights/ files)"
+
+
 def read_classifier_metadata(path: str | os.PathLike) -> dict:
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
+    with reading(path, "safetensors file", FEATURES_FIX):
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
     if "arch" not in meta:
-        raise ValueError(f"{path} has no 'arch' metadata: it was not written by 'distreward train-features'")
+        raise InputFileError(f"{path} has no 'arch' metadata: it was not written by 'distreward train-features'; "
+                             f"{FEATURES_FIX}")
     out = {}
     for k, v in meta.items():
         try:
@@ -146,8 +152,9 @@ def load_fmnist_classifier(path: str | os.PathLike, device: str | torch.device =
     if not path.is_file():
         raise FileNotFoundError(f"feature-network weights {path} not found; train them with 'distreward train-features'")
     meta = read_classifier_metadata(path)
-    net = build_classifier(meta["arch"], meta.get("kwargs") or {})
-    net.load_state_dict(load_file(str(path)), strict=True)
+    with reading(path, f"{meta['arch']} feature network (its tensors do not match its metadata)", FEATURES_FIX):
+        net = build_classifier(meta["arch"], meta.get("kwargs") or {})
+        net.load_state_dict(load_file(str(path)), strict=True)
     net.meta = meta
     net.weights_path = str(path)
     return net.eval().requires_grad_(False).to(device)

@@ -31,6 +31,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..data import as_rgb
+from ..utils.errors import reading
 from ..utils.safe_pickle import UnsafePickleError, safe_load
 
 PTH_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -504,11 +505,12 @@ def read_stylegan_inception(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def read_inception_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """torchvision-named Inception state_dict from a pytorch-fid .pth (weights_only) or a StyleGAN/EDM2 .pkl/.pt."""
     path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if path.suffix == ".pkl" or (path.suffix == ".pt" and head == b"PK\x03\x04" and _is_torchscript(path)):
-        return read_stylegan_inception(path)
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    with reading(path, "Inception weight file", f"give pytorch-fid's {PTH_NAME} ({PTH_URL}) or {PKL_NAME}"):
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if path.suffix == ".pkl" or (path.suffix == ".pt" and head == b"PK\x03\x04" and _is_torchscript(path)):
+            return read_stylegan_inception(path)
+        sd = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):

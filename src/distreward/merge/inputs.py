@@ -23,6 +23,7 @@ import torch
 from ..build import build_codec, build_evaluator, build_generator, feature_network, jsonable, real_stats_for
 from ..config import find_file, get, plain
 from ..data import load_fmnist
+from ..evaluation import images_hash, network_hash
 from ..features import compute_features, get_feature_network
 from ..metrics import GaussianStats
 from ..models import save_generator
@@ -31,6 +32,7 @@ from ..sampling import edm_flow_sigmas, sigma_schedule, velocity_model
 from ..sampling.generate import generate
 from ..train.phema import Snapshot, list_snapshots as list_phema, phema_coefficients
 from ..utils import dist as D
+from ..utils.rundir import cache_valid, file_sha256, save_cache_key
 from .streaming import CheckpointSet, folder_files, list_snapshots
 
 Sampler = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -115,22 +117,38 @@ def make_ode_sampler(arch: str | None, steps: int, method: str = "heun", shift: 
 
 def make_feature_fn(name: str, device="cpu") -> Callable[[torch.Tensor], np.ndarray]:
     net = get_feature_network(name, device=device)
-    return lambda images: compute_features(net, images)
+
+    def features(images):
+        return compute_features(net, images)
+
+    features.dim = int(net.dim)         # checked against the real statistics
+    features.network = net              # the key of the real-statistics cache
+    return features
 
 
 def real_statistics(cfg, feature_fn, cache: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(mu_r, Sigma_r) of the reward's features on the real training set (reward.real_stats file, else computed)."""
+    """(mu_r, Sigma_r) of the reward's features on the real training set (reward.real_stats file, else computed;
+    `cache`: a file reused only when its key, `<cache>.json`, names the same feature network and images)."""
     path = cfg.reward.get("real_stats")
     if path:
         st = GaussianStats.load(find_file(path))
-        return st.mu, st.sigma
-    if cache is not None and cache.is_file():
-        st = GaussianStats.load(cache)
+        dim = getattr(feature_fn, "dim", None)
+        if dim is not None and st.dim != dim:
+            raise ValueError(f"{path}: statistics of dimension {st.dim}, but {cfg.reward.features!r} gives {dim}-d "
+                             f"features; make them with 'distreward stats fmnist-train --features "
+                             f"{cfg.reward.features} -o X.npz' (reward.real_stats)")
         return st.mu, st.sigma
     images, _ = load_fmnist("train")
+    net = getattr(feature_fn, "network", None)      # a feature function of unknown weights is never cached
+    key = None if net is None else {"data": "fmnist-train", "images": images_hash(images),
+                                    "features": str(cfg.reward.features), "network": network_hash(net)}
+    if cache is not None and key is not None and cache_valid(cache, key):
+        st = GaussianStats.load(cache)
+        return st.mu, st.sigma
     st = GaussianStats.from_features(feature_fn(images))
-    if cache is not None:
+    if cache is not None and key is not None:
         st.save(cache)
+        save_cache_key(cache, key)
     return st.mu, st.sigma
 
 
@@ -168,17 +186,20 @@ def edm2_phema(path: Path) -> dict | None:
 
 
 def convert_edm2_pkls(paths: list[Path], folder: Path) -> list[Path]:
-    """EDM2 pickles (read without executing them) -> our generator .safetensors, once (kept in `folder`)."""
+    """EDM2 pickles (read without executing them) -> our generator .safetensors, kept in `folder` and reused
+    while the key beside each (`<file>.json`: the source's path and sha256) matches."""
     out = []
     for p in paths:
         target = Path(folder) / (p.stem + ".safetensors")
-        if not target.is_file():
+        key = {"source": str(p), "sha256": file_sha256(p)}
+        if not cache_valid(target, key):
             net = load_pkl(p)
             extra = {"source": str(p)}
             ph = edm2_phema(p)
             if ph is not None:
                 extra["phema"] = ph
             save_generator(target, net, "edm2", jsonable(net.init_kwargs), extra=extra)
+            save_cache_key(target, key)
         out.append(target)
     return out
 

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..models import build_network, save_generator
+from ..models import GENERATOR_FIX, build_network, save_generator
+from ..utils.errors import reading
 
 
 @dataclass
@@ -54,13 +55,14 @@ class CheckpointSet:
             raise ValueError("no checkpoints to merge: pass at least one .safetensors file (--checkpoints A B ... or --snapshots DIR)")
         for p in paths:
             if not p.is_file():
-                raise FileNotFoundError(f"checkpoint {p} not found")
+                raise FileNotFoundError(f"checkpoint {p} not found; check the path (--checkpoints / merge.checkpoints, "
+                                        "--snapshots / merge.snapshots, merge.include)")
             if p.suffix != ".safetensors":
                 raise ValueError(f"checkpoint {p} is not a .safetensors file; convert it with distreward.models.save_generator")
         tensors: dict[str, TensorInfo] | None = None
         metas = []
         for p in paths:
-            with safe_open(str(p), framework="pt") as f:
+            with reading(p, "safetensors file", GENERATOR_FIX), safe_open(str(p), framework="pt") as f:
                 meta = dict(f.metadata() or {})
                 info = {}
                 for name in f.keys():
@@ -196,7 +198,7 @@ def list_snapshots(folder: str | os.PathLike) -> list[Path]:
 
 
 def _snapshot_step(path: Path) -> int:
-    with safe_open(str(path), framework="pt") as f:
+    with reading(path, "safetensors file", GENERATOR_FIX), safe_open(str(path), framework="pt") as f:
         meta = _decode_meta(dict(f.metadata() or {}))
     extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
     for src in (meta, extra, extra.get("phema", {})):

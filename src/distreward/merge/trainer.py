@@ -18,55 +18,38 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from ..config import save_config, with_defaults
+from ..config import find_file
 from ..evaluation import Evaluator
+from ..evaluation.evaluator import evaluator_key
 from ..evaluation.generator import plain_metrics, sharded_metrics
 from ..metrics import sqrtm_psd
 from ..reward import ReferenceSet, plain_set_rewards
+from ..schema import defaults, validate
 from ..sampling.generate import shared_noise
 from ..utils import dist as D
-from ..utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..utils.checkpoint import checkpoint_exists, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..utils.io import RunDir, atomic_save_json
+from ..utils.rundir import (add_inputs, cache_valid, hash_inputs, input_files, only_raise, plain_config, prepare_run,
+                            save_cache_key, weight_files)
+from ..utils.progress import phase, progress as tqdm
 from ..utils.runlog import RunLog
 from .inputs import has_phema, make_feature_fn, make_ode_sampler, open_checkpoints, phema_weights, real_statistics
 from .policy import GaussianPolicy, normalise_rewards, policy_update, project_sum_one
 from .streaming import CheckpointSet
 
-DEFAULTS: dict[str, Any] = {
-    "name": "merge",
-    "seed": 0,
-    "device": "cpu",
-    "merge": {
-        "checkpoints": [],          # K .safetensors files, in training order (the last one is the "last" baseline)
-        "snapshots": None,          # or a folder of EMA snapshots (train-base)
-        "include": [],              # extra files appended to the list (e.g. the base model next to GRPO checkpoints)
-        "init": "phema",            # phema (best EMA length of the grid) | uniform | last | [w_1, ..., w_K]
-        "constraint": "sum1",       # sum1: candidates projected onto sum(w) = 1 | none
-    },
-    "policy": {"init_std": 0.05, "learn_std": True, "min_std": 1e-3},
-    "rl": {
-        "iterations": 20,
-        "candidates": 8,            # P
-        "samples": 200,             # n per candidate (shared noise and labels)
-        "algorithm": "ppo",         # ppo | reinforce
-        "epochs": 4,                # PPO epochs per iteration
-        "clip": 0.2,
-        "lr": 0.01,
-        "entropy": 0.0,
-    },
-    "reward": {"features": "fmnist-reward", "reference_size": 1000, "real_stats": None},
-    "sampler": {"steps": 16, "method": "heun", "shift": 1.0, "batch_size": 500},
-    "model": {"num_classes": 10, "image_shape": [1, 32, 32]},
-    "baselines": {"ema_grid": [0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25]},
-    "eval": {"n": 2000, "seed": 1234},
-    "checkpoint": {"every": 5},
-}
+# Defaults under every preset (configs/fmnist_merge_*.yaml override them), derived from the merge schema
+# (distreward.schema; docs/configs.md lists every key).
+DEFAULTS: dict[str, Any] = defaults("merge")
+
+# Settings a resumed run can take new values of (with allow_changes / --allow-change KEY); docs/runs.md.
+CHANGEABLE = {"rl.iterations": only_raise, "checkpoint.every": None, "name": None}
+# Entries of a run directory that are inputs written before the run (merge_parts), not a previous run.
+INPUT_FOLDERS = ("dry_run_inputs", "inputs")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -257,40 +240,68 @@ def initial_mean(init, ckpts: CheckpointSet, baselines: dict[str, np.ndarray], r
 # The run
 
 def resolve(cfg):
-    """A merge config (DictConfig, dict or None) over the trainer's DEFAULTS: what run_merge runs."""
-    return with_defaults(DEFAULTS, cfg)
+    """A merge config (DictConfig, dict or None) over the trainer's DEFAULTS, checked in full (`schema.validate`):
+    what run_merge runs."""
+    return validate("merge", cfg)
 
 
-def run_merge(cfg, run_dir, *, resume: bool = False, ckpts: CheckpointSet | None = None, sample_fn=None,
-              feature_fn=None, evaluator=None, real_stats=None, progress: bool = True) -> dict:
+def run_merge(cfg, run_dir, *, resume: bool = False, overwrite: bool = False, allow_changes: Sequence[str] = (),
+              ckpts: CheckpointSet | None = None, sample_fn=None, feature_fn=None, evaluator=None, real_stats=None,
+              progress: bool = True) -> dict:
     """Baselines, then RL over w, then the merged model. Writes into run_dir:
 
-    config.yaml, metrics.jsonl, tb/, checkpoints/last.pt (resumable), baselines.json, coefficients.json,
-    merged.safetensors (a generator file for every command), result.json. Returns the result dict.
+    config.yaml, provenance.json, metrics.jsonl, tb/, checkpoints/last.pt (resumable; last.pt.prev the one
+    before), baselines.json (+ its key), real_stats_reward.npz (+ its key), coefficients.json, merged.safetensors
+    (a generator file for every command), result.json. Returns the result dict.
+
+    With resume=True the run continues from its checkpoint; a setting that differs from the saved config.yaml is
+    refused unless named in `allow_changes` and in CHANGEABLE. Without resume, a run_dir holding a previous run is
+    refused unless `overwrite` (then emptied, except the inputs merge_parts wrote: INPUT_FOLDERS). The directory is
+    locked while the run lives (`utils.rundir.prepare_run`, docs/runs.md).
 
     Under torchrun every rank calls this with the same cfg: sampling is split over the ranks, the policy and the
     reference set are replicas, and only rank 0 writes (the run directory must be shared for --resume).
     """
     cfg = resolve(cfg)
     device = str(D.init_distributed(cfg.device))      # cuda:LOCAL_RANK under torchrun; as given in one process
+    ckpts = open_checkpoints(cfg.merge) if ckpts is None else ckpts
+    run = prepare_run(run_dir, cfg, command="merge", resume=resume, overwrite=overwrite, allow_changes=allow_changes,
+                      changeable=CHANGEABLE, main=D.is_main(), keep=INPUT_FOLDERS,
+                      inputs=input_files(cfg, find_file) + list(ckpts.paths))
+    try:
+        return merge_run(cfg, run, device, resume=resume, ckpts=ckpts, sample_fn=sample_fn, feature_fn=feature_fn,
+                         evaluator=evaluator, real_stats=real_stats, progress=progress)
+    finally:
+        run.close()
+
+
+def merge_run(cfg, run: RunDir, device: str, *, resume: bool, ckpts: CheckpointSet, sample_fn, feature_fn, evaluator,
+              real_stats, progress: bool) -> dict:
+    """The merge run of `run_merge` in its prepared (locked, checked) run directory."""
     main = D.is_main()
     progress = progress and main
-    run = RunDir(run_dir)
-    if main:
-        save_config(cfg, run.path("config.yaml"))
     torch.manual_seed(int(cfg.seed))
-    ckpts = open_checkpoints(cfg.merge) if ckpts is None else ckpts
+    if main:
+        phase(f"merge: {ckpts.k} inputs from {describe_inputs(ckpts.paths)} ({ckpts.arch or 'unknown arch'}, "
+              f"{len(ckpts.tensors)} tensors); run directory {run.root}")
     if sample_fn is None:
         s = cfg.sampler
         sample_fn = make_ode_sampler(ckpts.arch, int(s.steps), s.method, float(s.shift), int(s.batch_size), device)
     if feature_fn is None:
         feature_fn = make_feature_fn(cfg.reward.features, device)
+    if real_stats is None and main:
+        cache, given = run.root / "real_stats_reward.npz", cfg.reward.get("real_stats")
+        phase(f"real statistics ({cfg.reward.features}): " + (f"reading {given}" if given else f"from {cache}"
+              if cache.is_file() else f"computing on Fashion-MNIST train, cached in {cache}"))
     if real_stats is None:      # rank 0's statistics on every rank (the others wait for them)
         real_stats = D.broadcast_object(real_statistics(cfg, feature_fn, cache=run.path("real_stats_reward.npz"))
                                         if main else None)
     if evaluator is None:
+        if main:
+            phase("evaluator: Fashion-MNIST train features of fmnist-reward and fmnist-eval (cached after the first run)")
         with D.main_first():    # rank 0 fills the real-feature cache, the others read it
             evaluator = Evaluator.for_fmnist(device=device)
+    add_inputs(run, weight_files(evaluator, getattr(feature_fn, "network", None)), main=main)
 
     def merge_rl(init_mean) -> MergeRL:
         return MergeRL(cfg, ckpts, init_mean, sample_fn=sample_fn, feature_fn=feature_fn, real_mu=real_stats[0],
@@ -304,6 +315,9 @@ def run_merge(cfg, run_dir, *, resume: bool = False, ckpts: CheckpointSet | None
 
     w = rl.mean_weights()
     same = [k for k, b in base_w.items() if np.array_equal(init, b)]
+    if main:
+        phase(f"final evaluation: {'the merged weights' if same else 'the initial and the merged weights'}, "
+              f"{int(cfg.eval.n)} samples each")
     results["init"] = {**(results[same[0]] if same else evaluate_weights(rl, init, evaluator, cfg)), "w": init.tolist()}
     results["merged"] = {**evaluate_weights(rl, w, evaluator, cfg), "w": w.tolist()}
     ph = [k for k in results if k.startswith("phema@")]
@@ -322,14 +336,29 @@ def run_merge(cfg, run_dir, *, resume: bool = False, ckpts: CheckpointSet | None
     return result
 
 
+def describe_inputs(paths) -> str:
+    """The folder of the inputs when they share one, else their names (shortened)."""
+    folders = {str(p.parent) for p in paths}
+    if len(folders) == 1:
+        return next(iter(folders)) + "/"
+    names = ", ".join(str(p) for p in paths[:3])
+    return names + (f", ... ({len(paths)} files)" if len(paths) > 3 else "")
+
+
 def evaluate_baselines(probe: MergeRL, base_w: dict[str, np.ndarray], evaluator, cfg, run: RunDir, resume: bool,
                        progress: bool) -> dict[str, dict]:
-    """Every baseline's metrics and weights, cached in baselines.json so that --resume does not redo them; the
-    same dict on every rank."""
+    """Every baseline's metrics and weights, cached in baselines.json so that --resume does not redo them (reused
+    only while its key, baselines.json.json, names the same inputs, evaluation, sampler and evaluator); the same
+    dict on every rank."""
     main = D.is_main()
     bpath = run.path("baselines.json")
-    results: dict[str, dict] = json.loads(bpath.read_text()) if (resume and main and bpath.is_file()) else {}
+    key = baselines_key(probe.ckpts, evaluator, cfg) if main else None
+    results: dict[str, dict] = json.loads(bpath.read_text()) if (resume and main and cache_valid(bpath, key)) else {}
     results = D.broadcast_object(results)
+    todo = [name for name in base_w if name not in results]
+    if main:
+        phase(f"baselines: {len(todo)} to evaluate ({', '.join(todo) or 'all cached in ' + str(bpath)}), "
+              f"{int(cfg.eval.n)} samples each")
     for name, w in tqdm(base_w.items(), desc="baselines", disable=not progress, leave=False):
         if name not in results:
             # phema at the snapshots' own EMA length is (numerically) the last snapshot: evaluate those weights once
@@ -338,21 +367,37 @@ def evaluate_baselines(probe: MergeRL, base_w: dict[str, np.ndarray], evaluator,
             results[name] = {**metrics, "w": w.tolist()}
             if main:
                 atomic_save_json(bpath, results)
+                save_cache_key(bpath, key)
     return D.broadcast_object(results)   # the same initial mean on every rank, whatever the float rounding
+
+
+def baselines_key(ckpts: CheckpointSet, evaluator, cfg) -> dict:
+    """What the baselines' metrics depend on: the inputs' content, the evaluation and sampler settings, the model
+    shape, the EMA grid and the evaluator."""
+    return {"inputs": list(hash_inputs(ckpts.paths).values()),
+            **{k: plain_config({k: cfg.get(k)})[k] for k in ("eval", "sampler", "model", "baselines", "seed")},
+            "evaluator": evaluator_key(evaluator)}
 
 
 def train(rl: MergeRL, run: RunDir, resume: bool, progress: bool) -> None:
     """The RL iterations up to rl.iterations, from checkpoints/last.pt with `resume`; logs and checkpoints."""
     main = D.is_main()
     ckpt_path = run.checkpoints / "last.pt"
-    if resume and D.broadcast_object(ckpt_path.is_file()):
+    if resume and D.broadcast_object(checkpoint_exists(ckpt_path)):
         rl.load_state_dict(load_checkpoint(ckpt_path))
+        if main:
+            phase(f"resumed from {ckpt_path} at iteration {rl.iteration}")
     else:
         if resume and main:
             print(f"no checkpoint in {run.checkpoints}; starting from iteration 0")
+        if main and int(rl.cfg.reward.reference_size) > 0:
+            phase(f"reference set: {int(rl.cfg.reward.reference_size)} samples of the initial merged model")
         rl.init_reference()
     log = RunLog(run.root, start=rl.iteration, enabled=main)
     total, every = int(rl.cfg.rl.iterations), int(rl.cfg.checkpoint.every)
+    if main:
+        phase(f"RL: iterations {rl.iteration + 1}..{total}, {int(rl.cfg.rl.candidates)} candidates x "
+              f"{int(rl.cfg.rl.samples)} samples each" if rl.iteration < total else f"RL: all {total} iterations done")
     bar = tqdm(range(rl.iteration, total), desc="merge RL", unit="it", disable=not progress, initial=rl.iteration, total=total)
     for _ in bar:
         record = rl.step()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..utils.errors import reading
 from ..utils.io import atomic_write_bytes
 from .statfiles import read_reference_pkl
 
@@ -123,12 +124,15 @@ class GaussianStats:
             raise FileNotFoundError(f"reference statistics {path} not found; make them with 'distreward stats DATA --features F -o {path.name}'")
         if path.suffix == ".pkl":
             return cls.from_mu_sigma(*read_reference_pkl(path))
-        with np.load(path, allow_pickle=False) as z:
+        fix = f"make them with 'distreward stats DATA --features F -o {path.name}' (or give a .npz with 'mu' and 'sigma')"
+        with reading(path, "statistics .npz", fix), np.load(path, allow_pickle=False) as z:
             if "mu" not in z.files or "sigma" not in z.files:
-                raise ValueError(f"{path}: expected arrays 'mu' and 'sigma', found {z.files}")
+                raise ValueError(f"{path}: expected arrays 'mu' and 'sigma', found {z.files}; {fix}")
             if "s1" in z.files and "s2" in z.files and "n" in z.files:
                 st = cls(z["s1"].size)
                 st.n, st.s1, st.s2 = int(z["n"]), z["s1"].astype(np.float64), z["s2"].astype(np.float64)
+                if st.s2.shape != (st.dim, st.dim):
+                    raise ValueError(f"{path}: s2 has shape {st.s2.shape}, expected ({st.dim}, {st.dim}); {fix}")
                 return st
             return cls.from_mu_sigma(z["mu"], z["sigma"], int(z["n"]) if "n" in z.files else 0)
 

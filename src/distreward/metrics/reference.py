@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..utils.errors import reading
 from .gaussian import GaussianStats
 from .statfiles import read_reference_pkl
 
@@ -38,7 +39,8 @@ def load_reference(path: str | os.PathLike, metric: str = "fid") -> GaussianStat
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics {path} not found; make them with "
                                 f"'distreward stats DATA --features F -o {path.name}'")
-    with np.load(path, allow_pickle=False) as z:
+    with reading(path, "statistics .npz", f"make them with 'distreward stats DATA --features F -o {path.name}'"), \
+            np.load(path, allow_pickle=False) as z:
         files = set(z.files)
     if metric != "fid" and "mu_s" in files:
         raise ValueError(f"{path} is an ADM reference batch (Inception features); it has no {metric!r} statistics. "

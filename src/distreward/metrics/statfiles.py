@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..utils.errors import reading
 from ..utils.safe_pickle import safe_load
 
 
@@ -35,7 +36,9 @@ def read_reference_pkl(path: str | os.PathLike, metric: str = "fid") -> tuple[np
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics {path} not found (EDM2 references: "
                                 "https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/)")
-    data = safe_load(path)
+    with reading(path, "EDM2 reference .pkl", "give an EDM2 reference .pkl (calculate_metrics.py ref) or a .npz "
+                 "with 'mu' and 'sigma' ('distreward stats')"):
+        data = safe_load(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected an EDM2 reference dict {{'fid': {{'mu', 'sigma'}}, ...}}, "
                          f"got {type(data).__name__}")

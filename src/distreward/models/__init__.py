@@ -15,7 +15,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from ..utils.errors import InputFileError, reading
 from ..utils.io import atomic_save_safetensors
+
+GENERATOR_FIX = ("give a generator .safetensors written by distreward (train-base, phema, finetune, merge) or "
+                 "re-create it; check model.path / --model")
 
 # arch -> "module:class"; the class takes **kwargs exactly as saved
 ARCHS = {
@@ -43,20 +47,27 @@ def save_generator(path: str | os.PathLike, net: torch.nn.Module, arch: str, kwa
 
 
 def read_generator_metadata(path: str | os.PathLike) -> dict:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"generator weights {path} not found; check model.path / --model")
+    with reading(path, "safetensors file", GENERATOR_FIX):
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
     if "arch" not in meta:
-        raise ValueError(f"{path} has no 'arch' metadata: it was not written by distreward.models.save_generator")
-    return {"arch": meta["arch"], "kwargs": json.loads(meta.get("kwargs", "{}")), "extra": json.loads(meta.get("extra", "{}"))}
+        raise InputFileError(f"{path} has no 'arch' metadata: it was not written by distreward.models.save_generator; "
+                             f"{GENERATOR_FIX}")
+    with reading(path, "generator file (its metadata is not valid JSON)", GENERATOR_FIX):
+        return {"arch": meta["arch"], "kwargs": json.loads(meta.get("kwargs", "{}")),
+                "extra": json.loads(meta.get("extra", "{}"))}
 
 
 def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Rebuild and load (strictly) a generator saved by `save_generator`; returned in eval mode."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"generator weights {path} not found")
+        raise FileNotFoundError(f"generator weights {path} not found; check the path (--model / model.path)")
     meta = read_generator_metadata(path)
-    net = build_network(meta["arch"], meta["kwargs"])
-    net.load_state_dict(load_file(str(path)), strict=True)
+    with reading(path, f"{meta['arch']} generator file (its tensors do not match its metadata)", GENERATOR_FIX):
+        net = build_network(meta["arch"], meta["kwargs"])
+        net.load_state_dict(load_file(str(path)), strict=True)
     net.generator_meta = meta
     return net.eval().to(device)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..utils.errors import reading
 from ..utils.safe_pickle import PersistentObject, module_state_dict, safe_load
 
 __all__ = ["Precond", "UNet", "Block", "MPConv", "MPFourier", "EDM2_CONFIGS", "edm2_config", "load_pkl",
@@ -333,7 +334,8 @@ def load_pkl(path: str | os.PathLike, device: str | torch.device = "cpu", return
     `PersistentObject` records, `dataset_kwargs` as a dict). `net.init_kwargs` holds the official kwargs.
     """
     path = Path(path)
-    data = safe_load(path, persistent_classes={"Precond": precond_from_record})
+    with reading(path, "EDM2 network pickle", "give an official EDM2 network-snapshot-*.pkl / edm2-img512-*.pkl"):
+        data = safe_load(path, persistent_classes={"Precond": precond_from_record})
     if isinstance(data, Precond):
         data = {"ema": data}
     if not isinstance(data, dict) or "ema" not in data:

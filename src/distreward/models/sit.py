@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from ..utils.errors import reading
+
 __all__ = ["SiT", "SIT_CONFIGS", "sit_config", "load_sit", "sit_kwargs_from_state_dict", "get_2d_sincos_pos_embed"]
 
 # Named presets of the official release: depth, width, patch, heads (input_size / classes stay at their defaults).
@@ -272,10 +274,12 @@ class SiT(nn.Module):
 
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """A plain state_dict (official release), a train.py dict (prefer `ema`), or a .safetensors file."""
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    with torch.serialization.safe_globals([argparse.Namespace]):  # train.py stores its argparse args
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    fix = "give the official SiT-XL-2-256x256.pt, a SiT train.py checkpoint or a .safetensors state dict (model.checkpoint)"
+    with reading(path, "SiT checkpoint", fix):
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        with torch.serialization.safe_globals([argparse.Namespace]):  # train.py stores its argparse args
+            ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: expected a state_dict or a dict with 'ema'/'model', got {type(ckpt).__name__}")
     for key in ("ema", "model", "state_dict"):
@@ -337,7 +341,8 @@ def load_sit(path: str | os.PathLike, config: str | None = None, device: str | t
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"SiT checkpoint {path} not found")
+        raise FileNotFoundError(f"SiT checkpoint {path} not found; check model.checkpoint (docs/scale.md lists where "
+                                "to get the official files)")
     sd = _read_checkpoint(path)
     kwargs = sit_kwargs_from_state_dict(sd, config, num_heads)
     with torch.device("meta"):

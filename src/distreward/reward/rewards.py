@@ -16,6 +16,8 @@ from omegaconf import OmegaConf
 
 from ..features import get_feature_network
 from ..metrics import GaussianStats
+from ..schema import REWARD_KEYS
+from ..utils.errors import reading
 from .reference import CREDITS, MODES, ReferenceSet
 
 
@@ -178,12 +180,13 @@ def _load_array(src, what: str) -> np.ndarray:
     if isinstance(src, (str, bytes)) or hasattr(src, "__fspath__"):
         path = Path(src)
         if not path.is_file():
-            raise FileNotFoundError(f"{what} file {path} not found")
-        z = np.load(path, allow_pickle=False)
-        if isinstance(z, np.ndarray):
-            return z.astype(np.float64)
-        with z:
-            return np.asarray(z[z.files[0]], dtype=np.float64)
+            raise FileNotFoundError(f"{what} file {path} not found; check the path in the reward config")
+        with reading(path, f"{what} .npy/.npz", f"give a .npy or .npz holding the {what} as a float array"):
+            z = np.load(path, allow_pickle=False)
+            if isinstance(z, np.ndarray):
+                return z.astype(np.float64)
+            with z:
+                return np.asarray(z[z.files[0]], dtype=np.float64)
     if torch.is_tensor(src):
         return src.detach().cpu().double().numpy()
     return np.asarray(src, dtype=np.float64)
@@ -202,12 +205,8 @@ def _real_mu_sigma(real_stats):
                     f"got {type(real_stats).__name__}")
 
 
-_KEYS = {
-    "distribution": {"name", "features", "weights", "mode", "credit", "scale", "eps", "quad_step", "batch_size",
-                     "real_stats", "init_features", "refresh_every"},
-    "classifier": {"name", "features", "weights", "batch_size"},
-    "knn": {"name", "features", "weights", "k", "reduce", "batch_size", "real_features"},
-}
+# The keys of each reward: the schema's table (distreward.schema.REWARD_KEYS, docs/configs.md).
+_KEYS = REWARD_KEYS
 
 
 def build_reward(cfg, device="cpu", *, feature_net=None, real_stats=None, init_features=None,

@@ -19,34 +19,40 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..build import (build_codec, build_evaluator, build_generator, eval_plan, is_preset_model, load_base, make_decoder,
                      net_arch)
-from ..config import save_config, to_dict
+from ..config import find_file, to_dict
 from ..evaluation import Evaluator, evaluate_generator
 from ..models import save_generator
 from ..report import save_image_grid
 from ..sampling import sigma_schedule, velocity_model
 from ..utils import dist as D
-from ..utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..utils.checkpoint import checkpoint_exists, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..utils.io import RunDir, atomic_save_json
+from ..utils.progress import progress as tqdm
+from ..utils.rundir import add_inputs, input_files, only_raise, prepare_run, weight_files
 from ..utils.runlog import RunLog
 from . import parallel
 from .losses import group_advantages, trained_steps
 from .rollout import collect, draw_labels, ode_rows, rollout_noise_levels
-from .settings import DEFAULTS, check_config, resolve, window
+from .settings import DEFAULTS, check_world, resolve, window
 from .setup import build_reward_for_run, load_reward_state, reward_state
 from .update import update
 
-__all__ = ["DEFAULTS", "finetune"]
+__all__ = ["CHANGEABLE", "DEFAULTS", "finetune"]
+
+# Settings a resumed run can take new values of (with allow_changes / --allow-change KEY); docs/runs.md.
+CHANGEABLE = {"rl.iterations": only_raise, "eval.every": None, "eval.grid": None, "checkpoint.every": None,
+              "name": None}
 
 
-def finetune(cfg, run_dir, *, resume: bool = False, net: torch.nn.Module | None = None, reward=None, evaluator=None,
+def finetune(cfg, run_dir, *, resume: bool = False, overwrite: bool = False, allow_changes: Sequence[str] = (),
+             net: torch.nn.Module | None = None, reward=None, evaluator=None,
              progress: bool = True, on_iteration: Callable[[int, dict], None] | None = None,
              initial_eval: dict | None = None) -> dict:
     """Run GRPO for cfg.rl.iterations; returns {"final": eval metrics of the EMA model, "evals", "history", ...,
@@ -55,15 +61,31 @@ def finetune(cfg, run_dir, *, resume: bool = False, net: torch.nn.Module | None 
 
     `net`, `reward` and `evaluator` may be given directly (tests, the demo); otherwise they are built from cfg
     (cfg.model: model.path, or the preset keys arch/checkpoint/kwargs/vae; cfg.reward; cfg.eval.features, else the
-    Fashion-MNIST evaluator). With resume=True the run continues from run_dir/checkpoints/last.pt and ends where
-    an uninterrupted run would. `initial_eval`: the base model's evaluation when the caller already has it (it is
-    the EMA model's at iteration 0).
+    Fashion-MNIST evaluator). With resume=True the run continues from run_dir/checkpoints/last.pt (or its .prev
+    when last.pt is damaged) and ends where an uninterrupted run would; a setting that differs from the saved
+    config.yaml is refused unless named in `allow_changes` and in CHANGEABLE. Without resume, a run_dir holding a
+    previous run is refused unless `overwrite` (then emptied). The directory is locked while the run lives
+    (`utils.rundir.prepare_run`, docs/runs.md). `initial_eval`: the base model's evaluation when the caller
+    already has it (it is the EMA model's at iteration 0).
     """
-    cfg = resolve(cfg)
+    cfg = resolve(cfg, own_reward=reward is not None)      # checked in full before any work (schema.validate)
     device = D.init_distributed(cfg.device)
     cfg.device = str(device)
+    check_world(cfg, D.world_size())
+    run = prepare_run(run_dir, cfg, command="finetune", resume=resume, overwrite=overwrite,
+                      allow_changes=allow_changes, changeable=CHANGEABLE, main=D.is_main(),
+                      inputs=input_files(cfg, find_file))
+    try:
+        return grpo_run(cfg, run, device, resume=resume, net=net, reward=reward, evaluator=evaluator,
+                        progress=progress, on_iteration=on_iteration, initial_eval=initial_eval)
+    finally:
+        run.close()
+
+
+def grpo_run(cfg, run: RunDir, device, *, resume: bool, net, reward, evaluator, progress: bool,
+             on_iteration: Callable[[int, dict], None] | None, initial_eval: dict | None) -> dict:
+    """The GRPO run of `finetune` in its prepared (locked, checked) run directory."""
     world, main = D.world_size(), D.is_main()
-    check_config(cfg, world)
 
     # The config as plain values, named like the method's symbols.
     rl = cfg.rl
@@ -85,9 +107,6 @@ def finetune(cfg, run_dir, *, resume: bool = False, net: torch.nn.Module | None 
     arch = net_arch(net, cfg.model)
     codec = build_codec(cfg.model, device, seed=seed)
     decode = make_decoder(codec)
-    run = RunDir(run_dir)
-    if main:
-        save_config(cfg, run.path("config.yaml"))
     torch.manual_seed(seed)
     np.random.seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -111,10 +130,11 @@ def finetune(cfg, run_dir, *, resume: bool = False, net: torch.nn.Module | None 
     sigmas = sigma_schedule(T, shift=float(rl.shift))
     ode_reference = rl.get("reference", "rollout") == "ode" and parallel.has_own_after_step(reward)
     rows = parallel.group_rows(P, G)             # this rank's rows of the P x G batch: whole groups
+    add_inputs(run, weight_files(evaluator, reward), main=main)     # the feature networks' weight files
 
     ckpt_path = run.checkpoints / "last.pt"
     start, history, evals = 0, [], []
-    if resume and ckpt_path.is_file():
+    if resume and checkpoint_exists(ckpt_path):
         st = load_checkpoint(ckpt_path)
         net.load_state_dict(st["net"])
         ema.load_state_dict(st["ema"])

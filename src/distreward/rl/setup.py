@@ -2,19 +2,18 @@
 
 A distribution-wise reward starts from N = reward.reference_size samples of the base policy drawn with the
 reference set's sampler (rl.reference: the rollouts' SDE, or the ODE on the rollout grid). Their features are
-cached in the run directory under a key of everything they depend on (N, the sampler, the seed, the base and
-feature networks' weights), so a changed setting never reuses a stale set.
+cached in the run directory (`base_reference_features.npy`) under a key of everything they depend on (N, the
+sampler, the seed, guidance, the latent decoder, the base and feature networks' weights), written beside it
+(`base_reference_features.npy.json`), so a changed setting never reuses a stale set (docs/runs.md).
 """
 
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..build import feature_network, real_stats_for
 from ..evaluation import evaluator_network, network_hash
@@ -23,7 +22,9 @@ from ..reward import build_reward
 from ..sampling import sigma_schedule
 from ..sampling.generate import balanced_labels
 from ..utils import dist as D
-from ..utils.io import atomic_save_json, atomic_write_bytes
+from ..utils.io import atomic_write_bytes
+from ..utils.rundir import cache_valid, plain_config, save_cache_key
+from ..utils.progress import progress as tqdm
 from .parallel import rollout_rows
 from .rollout import reference_noise_levels
 
@@ -66,27 +67,24 @@ def reference_features(model, decode, feature_net, n: int, cfg, *, progress: boo
 
 def reference_key(cfg, n: int, net, feature_net) -> dict:
     """Everything the initial rows depend on (written beside the cache and compared before reusing it)."""
-    rl = cfg["rl"]
+    rl, model = cfg["rl"], cfg["model"]
     return {"n": int(n), "seed": int(cfg["seed"]), "steps": int(rl["steps"]), "shift": float(rl["shift"]),
             "noise_levels": reference_noise_levels(rl), "batch_size": int(rl["batch_size"]),
-            "image_shape": list(cfg["model"]["image_shape"]), "num_classes": int(cfg["model"]["num_classes"]),
+            "image_shape": list(model["image_shape"]), "num_classes": int(model["num_classes"]),
+            "cfg_scale": float(model.get("cfg_scale") or 1.0), "vae": plain_config({"v": model.get("vae")})["v"],
             "base": network_hash(net), "features": network_hash(feature_net)}
 
 
 def cache_matches(run_dir: Path, key: dict) -> bool:
     """Whether run_dir holds initial rows computed from `key`."""
-    path, meta = run_dir / REFERENCE_CACHE, run_dir / (REFERENCE_CACHE + ".json")
-    try:
-        return path.is_file() and json.loads(meta.read_text()) == json.loads(json.dumps(key))
-    except (OSError, ValueError):
-        return False
+    return cache_valid(Path(run_dir) / REFERENCE_CACHE, key)
 
 
 def save_reference(run_dir: Path, key: dict, feats: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, np.asarray(feats, dtype=np.float64))
-    atomic_write_bytes(run_dir / REFERENCE_CACHE, buf.getvalue())
-    atomic_save_json(run_dir / (REFERENCE_CACHE + ".json"), key)
+    atomic_write_bytes(Path(run_dir) / REFERENCE_CACHE, buf.getvalue())
+    save_cache_key(Path(run_dir) / REFERENCE_CACHE, key)
 
 
 def build_reward_for_run(cfg, net, run_dir: Path, evaluator=None, *, model, decode, progress: bool = False):

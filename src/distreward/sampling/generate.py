@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
-from tqdm.auto import tqdm
 
+from ..utils.progress import progress as tqdm
 from .adapters import velocity_model
 from .samplers import ode_sample, rollout, sit_sde_sample
 from .schedules import sigma_schedule

@@ -15,16 +15,20 @@ import functools
 import math
 import os
 import time
+from pathlib import Path
+from typing import Sequence
 
 import torch
-from omegaconf import OmegaConf
-from tqdm.auto import tqdm
 
-from ..config import save_config, to_dict
+from ..config import find_file, to_dict
 from ..data import check_images, load_images
+from ..data.fmnist import fmnist_files
 from ..models import build_network, save_generator
-from ..utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..schema import defaults, validate
+from ..utils.checkpoint import checkpoint_exists, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..utils.io import RunDir
+from ..utils.rundir import input_files, only_raise, prepare_run
+from ..utils.progress import progress as tqdm
 from ..utils.runlog import RunLog
 from .ema import PowerEMA
 from .flow import drop_labels, flow_interpolate, flow_loss, flow_target, learning_rate, sample_sigma
@@ -33,22 +37,14 @@ from .phema import list_snapshots, save_phema, snapshot_extra, snapshot_filename
 STATE_FILE = "checkpoints/training-state.pt"
 STATE_VERSION = 1
 
-# Every key train-base reads, with its default; presets in configs/fmnist_base*.yaml override these.
-DEFAULTS: dict = {
-    "name": "base",
-    "seed": 0,
-    "data": {"images": "fmnist-train", "limit": 0},
-    "network": {"arch": "unet", "kwargs": {}},
-    "train": {
-        "total_kimg": 256.0, "batch": 128, "lr": 2e-3, "lr_rampup_kimg": 12.8, "lr_decay_kimg": 0.0,
-        "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.0, "grad_clip": 1.0, "label_dropout": 0.1,
-        "sigma_sampling": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "channels_last": True,
-    },
-    "ema": {"stds": [0.050, 0.100], "snapshot_kimg": 25.6, "export_std": 0.100, "export_method": "continuous"},
-    "log_kimg": 1.28,
-    "checkpoint_kimg": 12.8,
-    "tensorboard": True,
-}
+# Every key train-base reads, with its default (presets in configs/fmnist_base*.yaml override these), derived from
+# the train-base schema (distreward.schema; docs/configs.md lists every key).
+DEFAULTS: dict = defaults("train-base")
+
+# Settings a resumed run can take new values of (with allow_changes / --allow-change KEY); docs/runs.md.
+CHANGEABLE = {"train.total_kimg": only_raise, "checkpoint_kimg": None, "log_kimg": None, "ema.snapshot_kimg": None,
+              "ema.export_std": None, "ema.export_method": None, "tensorboard": None, "name": None}
+FMNIST_SPECS = {"fmnist-train": "train", "fmnist:train": "train", "fmnist-test": "test", "fmnist:test": "test"}
 
 
 def _every(kimg: float, batch: int, what: str) -> int:
@@ -119,32 +115,52 @@ def _check_resumable(saved: dict, cfg: dict) -> None:
 
 
 def train_base(cfg, run_dir: str | os.PathLike, *, device: str | torch.device = "cpu", resume: bool = False,
-               progress: bool = True, stop_after_step: int | None = None) -> dict:
+               overwrite: bool = False, allow_changes: Sequence[str] = (), progress: bool = True,
+               stop_after_step: int | None = None) -> dict:
     """Train a base generator; returns a summary dict. `stop_after_step` ends the run early without any final
-    writes, exactly as a kill would (used to test resuming)."""
-    cfg = to_dict(OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.create(to_dict(cfg or {}))))
+    writes, exactly as a kill would (used to test resuming).
+
+    resume=True continues from checkpoints/training-state.pt (or its .prev when it is damaged) and needs one; a
+    setting that differs from the saved config.yaml is refused unless named in `allow_changes` and in CHANGEABLE.
+    Without resume, a run_dir holding a previous run is refused unless `overwrite` (then emptied). The directory
+    is locked while the run lives (`utils.rundir.prepare_run`, docs/runs.md)."""
+    cfg = to_dict(validate("train-base", cfg))      # checked in full before any work
     tc, ec = cfg["train"], cfg["ema"]
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
-    run = RunDir(run_dir)
-    state_path = run.root / STATE_FILE
-    if resume and not state_path.is_file():
+    state_path = Path(run_dir) / STATE_FILE
+    if resume and not checkpoint_exists(state_path):
         raise FileNotFoundError(f"--resume: no training state at {state_path}; start without --resume")
-    if not resume and state_path.is_file():
-        raise ValueError(f"{run.root} already holds a training run ({state_path}); pass --resume to continue it "
-                         "or choose a new --run-dir")
 
     batch = int(tc["batch"])
-    total_steps = max(1, math.ceil(float(tc["total_kimg"]) * 1000 / batch))
-    snapshot_every = _every(float(ec["snapshot_kimg"]), batch, "ema.snapshot_kimg")
-    checkpoint_every = _every(float(cfg["checkpoint_kimg"]), batch, "checkpoint_kimg")
-    log_every = _every(float(cfg["log_kimg"]), batch, "log_kimg")
-    seed = int(cfg["seed"])
+    sched = {"total_steps": max(1, math.ceil(float(tc["total_kimg"]) * 1000 / batch)),
+             "snapshot_every": _every(float(ec["snapshot_kimg"]), batch, "ema.snapshot_kimg"),
+             "checkpoint_every": _every(float(cfg["checkpoint_kimg"]), batch, "checkpoint_kimg"),
+             "log_every": _every(float(cfg["log_kimg"]), batch, "log_kimg")}
 
     images, labels = _load_data(cfg)
     kwargs = _network_kwargs(cfg, images, labels)
     cfg["network"]["kwargs"] = kwargs
+    spec = str(cfg["data"]["images"])
+    data_files = fmnist_files(FMNIST_SPECS[spec]) if spec in FMNIST_SPECS else []
+    run = prepare_run(run_dir, cfg, command="train-base", resume=resume, overwrite=overwrite,
+                      allow_changes=allow_changes, changeable=CHANGEABLE,
+                      inputs=input_files(cfg, find_file) + data_files)
+    try:
+        return base_run(cfg, run, device, images, labels, sched, resume=resume, progress=progress,
+                        stop_after_step=stop_after_step)
+    finally:
+        run.close()
+
+
+def base_run(cfg: dict, run: RunDir, device: torch.device, images, labels, sched: dict, *, resume: bool,
+             progress: bool, stop_after_step: int | None) -> dict:
+    """The training of `train_base` in its prepared (locked, checked) run directory."""
+    tc, ec, kwargs = cfg["train"], cfg["ema"], cfg["network"]["kwargs"]
+    batch, seed, state_path = int(tc["batch"]), int(cfg["seed"]), run.root / STATE_FILE
+    total_steps, snapshot_every = sched["total_steps"], sched["snapshot_every"]
+    checkpoint_every, log_every = sched["checkpoint_every"], sched["log_every"]
     arch = cfg["network"]["arch"]
     torch.manual_seed(seed)
     net = build_network(arch, kwargs).to(device).train()
@@ -165,7 +181,6 @@ def train_base(cfg, run_dir: str | os.PathLike, *, device: str | torch.device = 
         opt.load_state_dict(state["optimizer"])
         set_rng_state(None, state["rng"], device)
         step = int(state["step"])
-    save_config(cfg, run.path("config.yaml"))
 
     data = images.to(device)
     targets = labels.to(device) if labels is not None else None

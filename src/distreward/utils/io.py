@@ -69,12 +69,30 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
 class RunDir:
     """Everything a run writes lives under one folder: runs/<name>/ by default.
 
-    config.yaml, metrics.jsonl, tb/ (TensorBoard), checkpoints/, samples/, report.md, metrics.json.
+    config.yaml, provenance.json, .lock, metrics.jsonl, tb/ (TensorBoard), checkpoints/, samples/, report.md,
+    metrics.json. A trainer gets its RunDir from `utils.rundir.prepare_run` (the lock, the checks, provenance);
+    `close()` (or leaving a `with` block) releases the lock. `changes`: the settings changed on this resume
+    ({key, from, to}); `provenance`: this invocation's entry of provenance.json.
     """
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.lock = None            # a utils.rundir.RunLock while the run holds the directory
+        self.changes: list[dict] = []
+        self.provenance: dict = {}
+
+    def close(self) -> None:
+        """Release the run directory's lock (if this process holds it); idempotent."""
+        lock, self.lock = getattr(self, "lock", None), None
+        if lock is not None:
+            lock.release()
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @classmethod
     def from_name(cls, name: str, base: str | os.PathLike = "runs") -> "RunDir":
