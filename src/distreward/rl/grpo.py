@@ -41,7 +41,7 @@ from . import parallel
 from .losses import group_advantages, trained_steps
 from .rollout import collect, draw_labels, ode_rows, rollout_noise_levels
 from .settings import DEFAULTS, check_world, resolve, window
-from .setup import build_reward_for_run, load_reward_state, reward_state
+from .setup import ReferenceSampler, build_reward_for_run, load_reward_state, reward_state
 from .update import update
 
 __all__ = ["CHANGEABLE", "DEFAULTS", "finetune"]
@@ -103,7 +103,8 @@ def grpo_run(cfg, run: RunDir, device, *, resume: bool, net, reward, evaluator, 
 
     # Policy (trained), frozen reference (the base policy of the KL term) and EMA weights (evaluated, saved).
     if net is None:
-        net = build_generator(cfg.model, device, seed=seed) if is_preset_model(cfg.model) else load_base(cfg.model, device)
+        preset = is_preset_model(cfg.model)
+        net = build_generator(cfg.model, device, seed=seed) if preset else load_base(cfg.model, device)
     arch = net_arch(net, cfg.model)
     codec = build_codec(cfg.model, device, seed=seed)
     decode = make_decoder(codec)
@@ -113,7 +114,8 @@ def grpo_run(cfg, run: RunDir, device, *, resume: bool, net, reward, evaluator, 
     net = net.to(device).eval()                 # eval mode: no dropout, so log p_old and log p_theta agree
     ref_net = copy.deepcopy(net).requires_grad_(False)
     ema = copy.deepcopy(net).requires_grad_(False)
-    model, ref_model = velocity_model(net, arch, cfg_scale, null_label), velocity_model(ref_net, arch, cfg_scale, null_label)
+    model = velocity_model(net, arch, cfg_scale, null_label)              # the policy p_theta
+    ref_model = velocity_model(ref_net, arch, cfg_scale, null_label)      # p_ref, the KL term's base policy
     optimizer = torch.optim.AdamW(net.parameters(), lr=float(rl.lr), betas=tuple(rl.adam_betas),
                                   weight_decay=float(rl.weight_decay))
 
@@ -125,8 +127,9 @@ def grpo_run(cfg, run: RunDir, device, *, resume: bool, net, reward, evaluator, 
     one_draw = world == 1 and codec is None and arch == "unet" and not cfg.eval.get("sampler")
     plan = eval_plan(cfg, noise="seed" if one_draw else "batch")
     if reward is None:
-        reward = build_reward_for_run(to_dict(cfg), net, run.root, evaluator, model=model, decode=decode,
-                                      progress=progress)
+        sampler = ReferenceSampler.of_run(cfg, int(cfg.reward.get("reference_size", 1000)))
+        reward = build_reward_for_run(to_dict(cfg)["reward"], sampler, net, run.root, evaluator, model=model,
+                                      decode=decode, progress=progress)
     sigmas = sigma_schedule(T, shift=float(rl.shift))
     ode_reference = rl.get("reference", "rollout") == "ode" and parallel.has_own_after_step(reward)
     rows = parallel.group_rows(P, G)             # this rank's rows of the P x G batch: whole groups

@@ -10,6 +10,8 @@ sampler, the seed, guidance, the latent decoder, the base and feature networks' 
 from __future__ import annotations
 
 import io
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,21 +43,56 @@ def load_reward_state(reward, state: dict | None) -> None:
         reward.load_state_dict(state)
 
 
+@dataclass(frozen=True)
+class ReferenceSampler:
+    """How the reference set's initial rows are drawn: n class-balanced samples of the base policy from `seed`, on
+    the rollout grid (steps, shift) with the reference set's noise levels, in batches; `extra` holds what else the
+    samples depend on (guidance scale, latent decoder) for the cache key."""
+    n: int
+    seed: int
+    steps: int
+    shift: float
+    noise_levels: float | tuple
+    batch_size: int
+    image_shape: tuple
+    num_classes: int
+    device: str = "cpu"
+    extra: str = "{}"
+
+    @classmethod
+    def of_run(cls, cfg, n: int) -> "ReferenceSampler":
+        """The sampler of a GRPO run's config (rl.reference decides the noise levels)."""
+        rl, model = cfg.rl, cfg.model
+        levels = reference_noise_levels(rl)
+        extra = {"cfg_scale": float(model.get("cfg_scale") or 1.0), "vae": plain_config({"v": model.get("vae")})["v"]}
+        return cls(n=int(n), seed=int(cfg.seed), steps=int(rl.steps), shift=float(rl.shift),
+                   noise_levels=tuple(levels) if isinstance(levels, list) else float(levels),
+                   batch_size=int(rl.batch_size), image_shape=tuple(model.image_shape),
+                   num_classes=int(model.num_classes), device=str(cfg.device), extra=json.dumps(extra, sort_keys=True))
+
+    def key(self, net, feature_net) -> dict:
+        """Everything the initial rows depend on (written beside the cache and compared before reusing it)."""
+        levels = list(self.noise_levels) if isinstance(self.noise_levels, tuple) else self.noise_levels
+        return {"n": self.n, "seed": self.seed, "steps": self.steps, "shift": self.shift, "noise_levels": levels,
+                "batch_size": self.batch_size, "image_shape": list(self.image_shape), "num_classes": self.num_classes,
+                **json.loads(self.extra), "base": network_hash(net), "features": network_hash(feature_net)}
+
+
 @torch.no_grad()
-def reference_features(model, decode, feature_net, n: int, cfg, *, progress: bool = False) -> np.ndarray:
-    """Features of n class-balanced samples of the base policy with the reference set's sampler, batch by batch
-    (images are never all held); each batch's rows are spread over the ranks and gathered back in order."""
-    rl, device = cfg["rl"], cfg["device"]
-    shape, bs = tuple(cfg["model"]["image_shape"]), int(rl["batch_size"])
-    sigmas = sigma_schedule(int(rl["steps"]), shift=float(rl["shift"]))
-    gen = torch.Generator().manual_seed(int(cfg["seed"]) + 7919)
-    labels = balanced_labels(n, int(cfg["model"]["num_classes"]))
+def reference_features(model, decode, feature_net, sampler: ReferenceSampler, *, progress: bool = False) -> np.ndarray:
+    """Features of the sampler's n samples of the base policy, batch by batch (images are never all held); each
+    batch's rows are spread over the ranks and gathered back in order."""
+    n, bs, shape = sampler.n, sampler.batch_size, sampler.image_shape
+    levels = list(sampler.noise_levels) if isinstance(sampler.noise_levels, tuple) else sampler.noise_levels
+    sigmas = sigma_schedule(sampler.steps, shift=sampler.shift)
+    gen = torch.Generator().manual_seed(sampler.seed + 7919)
+    labels = balanced_labels(n, sampler.num_classes)
     out, index = [], []
     for i in tqdm(range(0, n, bs), desc="reference set: base samples", disable=not progress, unit="batch", leave=False):
         lab = labels[i:i + bs]
         noise = torch.randn((lab.shape[0], *shape), generator=gen)
         rows = D.shard_indices(lab.shape[0])
-        traj = rollout_rows(model, noise, lab, sigmas, reference_noise_levels(rl), gen, rows, device)
+        traj = rollout_rows(model, noise, lab, sigmas, levels, gen, rows, sampler.device)
         if len(rows):
             out.append(compute_features(feature_net, decode(traj.xs[-1]).cpu(), batch_size=bs))
             index.append(np.arange(i + rows.start, i + rows.stop))
@@ -63,16 +100,6 @@ def reference_features(model, decode, feature_net, n: int, cfg, *, progress: boo
     feats = D.all_gather_rows(np.concatenate(out) if out else np.zeros((0, dim)))
     order = np.argsort(D.all_gather_rows(np.concatenate(index) if index else np.zeros(0, np.int64)), kind="stable")
     return feats[order]
-
-
-def reference_key(cfg, n: int, net, feature_net) -> dict:
-    """Everything the initial rows depend on (written beside the cache and compared before reusing it)."""
-    rl, model = cfg["rl"], cfg["model"]
-    return {"n": int(n), "seed": int(cfg["seed"]), "steps": int(rl["steps"]), "shift": float(rl["shift"]),
-            "noise_levels": reference_noise_levels(rl), "batch_size": int(rl["batch_size"]),
-            "image_shape": list(model["image_shape"]), "num_classes": int(model["num_classes"]),
-            "cfg_scale": float(model.get("cfg_scale") or 1.0), "vae": plain_config({"v": model.get("vae")})["v"],
-            "base": network_hash(net), "features": network_hash(feature_net)}
 
 
 def cache_matches(run_dir: Path, key: dict) -> bool:
@@ -87,35 +114,36 @@ def save_reference(run_dir: Path, key: dict, feats: np.ndarray) -> None:
     save_cache_key(Path(run_dir) / REFERENCE_CACHE, key)
 
 
-def build_reward_for_run(cfg, net, run_dir: Path, evaluator=None, *, model, decode, progress: bool = False):
-    """The reward named by cfg.reward. Real statistics (and features, for k-NN) come from cfg.reward.real_stats
-    (.npz, or an EDM2 .pkl) or from the evaluator's cache of the same feature network; a distribution-wise reward
-    gets its reference set from N = cfg.reward.reference_size base samples (`reference_features`), cached in the
-    run directory. `model` is the base policy's velocity adapter, `decode` maps samples to images."""
-    rcfg = dict(cfg["reward"])
-    n = int(rcfg.pop("reference_size", 1000))
+def build_reward_for_run(reward_cfg: dict, sampler: ReferenceSampler, net, run_dir: Path, evaluator=None, *, model,
+                         decode, progress: bool = False):
+    """The reward named by the config's reward section. Real statistics (and features, for k-NN) come from
+    reward.real_stats (.npz, or an EDM2 .pkl) or from the evaluator's cache of the same feature network; a
+    distribution-wise reward gets its reference set from the `sampler`'s base samples (`reference_features`), cached
+    in the run directory. `model` is the base policy's velocity adapter, `decode` maps samples to images."""
+    rcfg = {k: v for k, v in reward_cfg.items() if k != "reference_size"}
+    device = sampler.device
     name = rcfg.get("name", "distribution")
     features_name = str(rcfg.get("features", "fmnist-reward"))
     feature_net, real_stats, real_feats = evaluator_network(evaluator, features_name)
     if rcfg.get("weights") is not None:
         feature_net = real_stats = real_feats = None    # another network than the evaluator's
     if name == "classifier":
-        return build_reward(rcfg, device=cfg["device"], feature_net=feature_net)
+        return build_reward(rcfg, device=device, feature_net=feature_net)
     if name == "knn":
-        return build_reward(rcfg, device=cfg["device"], feature_net=feature_net,
+        return build_reward(rcfg, device=device, feature_net=feature_net,
                             real_features=None if rcfg.get("real_features") else real_feats)
     if feature_net is None:
-        feature_net = feature_network(features_name, weights=rcfg.get("weights"), device=cfg["device"])
+        feature_net = feature_network(features_name, weights=rcfg.get("weights"), device=device)
     if rcfg.get("real_stats") is not None:
         real_stats = real_stats_for(features_name, rcfg["real_stats"], int(feature_net.dim))
     elif real_stats is None and features_name == "random":
         real_stats = real_stats_for("random", None, int(feature_net.dim))
-    key = reference_key(cfg, n, net, feature_net)
+    key = sampler.key(net, feature_net)
     if D.broadcast_object(cache_matches(Path(run_dir), key)):      # rank 0's answer: every rank reads the same file
         feats = np.load(Path(run_dir) / REFERENCE_CACHE, allow_pickle=False)
     else:
-        feats = reference_features(model, decode, feature_net, n, cfg, progress=progress and D.is_main())
+        feats = reference_features(model, decode, feature_net, sampler, progress=progress and D.is_main())
         if D.is_main():
             save_reference(Path(run_dir), key, feats)
-    return build_reward(rcfg, device=cfg["device"], feature_net=feature_net, real_stats=real_stats,
+    return build_reward(rcfg, device=device, feature_net=feature_net, real_stats=real_stats,
                         init_features=feats)
