@@ -12,6 +12,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", action="store_true", help="also run the sample-wise baseline on the same budget")
     p.add_argument("--run-dir", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--fresh", action="store_true", help="recompute every stage instead of reusing finished ones")
+    p.add_argument("--eval-cache", default="auto", metavar="DIR",
+                   help="folder of the evaluation cache shared by demos (base, cross-check and merge-baseline "
+                        "evaluations; default: runs/.cache/evals, beside the real-feature cache)")
+    p.add_argument("--no-eval-cache", action="store_true", help="evaluate every model afresh, without the cache")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides for both GRPO presets, anywhere among the options, e.g. "
                         "model.path=my-base.safetensors rl.iterations=10")
@@ -19,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     metrics = run_demo(new_output(args.run_dir), compare=args.compare, overrides=args.overrides, fresh=args.fresh,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, eval_cache=None if args.no_eval_cache else args.eval_cache)
     rows = dict(metrics)
     cross = rows.pop("crosscheck", None)
     for name, m in list(rows.items()) + [(f"{k} @{cross['steps']}", v) for k, v in (cross or {}).get("models", {}).items()]:

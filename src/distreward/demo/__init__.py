@@ -52,14 +52,17 @@ STAGE_KEYS = {"base": base_key, "distribution": grpo_key("cfg"), "sample": grpo_
 
 
 def run_demo(run_dir="runs/demo", *, compare: bool = False, threads: int | None = None, overrides=(),
-             fresh: bool = False, progress: bool = True, evaluator=None) -> dict:
+             fresh: bool = False, progress: bool = True, evaluator=None, eval_cache="auto") -> dict:
     """Run (or finish) the demo; returns metrics.json's content. `overrides`: key=value for both GRPO presets;
     `compare`: also the sample-wise baseline; `fresh`: run every stage again; `evaluator`: instead of the
-    Fashion-MNIST one."""
+    Fashion-MNIST one; `eval_cache`: where the model evaluations (base, cross-check, merge baselines) are cached
+    across demos ("auto": <evaluator cache_dir>/evals, i.e. runs/.cache/evals; a folder; None: off). The cache
+    never changes a number: metrics.json and the report are the same with and without it."""
     if threads is not None:
         set_threads(threads)
     t0 = time.perf_counter()
-    ctx = make_context(run_dir, compare=compare, overrides=overrides, progress=progress, evaluator=evaluator)
+    ctx = make_context(run_dir, compare=compare, overrides=overrides, progress=progress, evaluator=evaluator,
+                       eval_cache=eval_cache)
     check_merge_configs(ctx)        # every config is checked before the first stage (the GRPO ones by make_context)
     ctx.fresh = fresh
     with RunLock(ctx.run_dir, "demo"):      # one demo per run directory at a time

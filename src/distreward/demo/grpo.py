@@ -11,7 +11,7 @@ import copy
 from typing import Any, Callable
 
 from ..build import eval_plan
-from ..evaluation import evaluate_generator, evaluator_network
+from ..evaluation import ImageFigures, code_digest, evaluate_generator, evaluator_network, network_hash
 from ..models import load_generator
 from ..report import metrics_table, relative_change, save_image_grid
 from ..reward import ClassifierLogProbReward
@@ -25,20 +25,37 @@ def classifier_logp(ctx: DemoContext, images) -> float | None:
     """The sample-wise baseline's reward on the evaluation samples: mean log p(intended class | image) under its
     classifier. Fixed samples (the evaluation's seeds), so base and fine-tuned models compare without the rollouts'
     noise; None when the reward network has no classifier head."""
-    net, _, _ = evaluator_network(ctx.evaluator, str(ctx.sample_cfg.reward.get("features", "fmnist-reward")))
-    if net is None or not callable(getattr(net, "logits", None)):
+    net = classifier_network(ctx)
+    if net is None:
         return None
     labels = balanced_labels(images.shape[0], int(ctx.cfg.model.num_classes))
     return float(ClassifierLogProbReward(net)(images, labels).double().mean())
 
 
+def classifier_network(ctx: DemoContext):
+    """The evaluator's network of the sample-wise reward, if it has a classifier head (else None)."""
+    net, _, _ = evaluator_network(ctx.evaluator, str(ctx.sample_cfg.reward.get("features", "fmnist-reward")))
+    return net if net is not None and callable(getattr(net, "logits", None)) else None
+
+
+def classifier_figures(ctx: DemoContext) -> ImageFigures:
+    """`classifier_logp` as a figure of an evaluation's n images, cached with its metrics (keyed by the
+    classifier's weights and the code of the reward that computes it)."""
+    net = classifier_network(ctx)
+    key = {"classifier_logp": None if net is None else network_hash(net), "code": code_digest("reward/rewards.py"),
+           "num_classes": int(ctx.cfg.model.num_classes)}
+    return ImageFigures(key, lambda images: {"classifier_logp": classifier_logp(ctx, images)})
+
+
 def evaluate_model(ctx: DemoContext, net, steps: int | None = None, desc: str = "evaluate") -> tuple[dict, Any]:
     """Metrics of cfg.eval.n ODE samples of `net` (the evaluation's seeds; eval.steps, or `steps`) plus the
-    classifier log-prob; and the images."""
+    classifier log-prob of those samples; and the first eval.grid images. Through the demo's evaluation cache
+    (`ctx.eval_cache`): a model evaluated before with the same settings is not sampled again."""
     plan = eval_plan(ctx.cfg, noise="seed", steps=steps)
     metrics, images = evaluate_generator(net, ctx.evaluator, plan, arch="unet", device=ctx.cfg.device,
-                                         keep_images=True, progress=ctx.progress, desc=desc)
-    return {**metrics_only(metrics), "classifier_logp": classifier_logp(ctx, images)}, images
+                                         progress=ctx.progress, desc=desc, cache=ctx.eval_cache,
+                                         figures=classifier_figures(ctx))
+    return {**metrics_only(metrics), "classifier_logp": metrics["classifier_logp"]}, images
 
 
 def stage_base(ctx: DemoContext) -> dict:

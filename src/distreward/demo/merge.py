@@ -67,7 +67,7 @@ def has_snapshots(ctx: DemoContext) -> bool:
 def stage_merge_ema(ctx: DemoContext) -> dict:
     cfg = merge_config(EMA_PRESET, ctx)
     res = run_merge(cfg, ctx.stage_dir("merge_ema"), **ctx.trainer_args(), evaluator=ctx.evaluator,
-                    progress=ctx.progress)
+                    progress=ctx.progress, eval_cache=ctx.eval_cache)
     return summary(res, res["best_ema"] or "last")
 
 
@@ -103,7 +103,7 @@ def merge_rl_config(ctx: DemoContext):
 
 def stage_merge_rl(ctx: DemoContext) -> dict:
     res = run_merge(merge_rl_config(ctx), ctx.stage_dir("merge_rl"), **ctx.trainer_args(), evaluator=ctx.evaluator,
-                    progress=ctx.progress)
+                    progress=ctx.progress, eval_cache=ctx.eval_cache)
     return summary(res, "last")
 
 

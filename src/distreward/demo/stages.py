@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 
 from ..build import load_base
 from ..config import find_file, load_config
-from ..evaluation import Evaluator
+from ..evaluation import EvalCache, Evaluator, default_eval_cache
 from ..evaluation.evaluator import evaluator_key
 from ..rl.settings import resolve
 from ..utils.io import atomic_save_json
@@ -59,9 +59,22 @@ class DemoContext:
     results: dict = field(default_factory=dict)
     clean: bool = False           # set by run_stages for the running stage: start its run directory afresh
     digests: dict = field(default_factory=dict)   # stage name -> digest of its key (finished or reused stages)
+    eval_cache_setting: Any = "auto"   # "auto": beside the evaluator's real-feature cache; a folder; None: off
     _evaluator: Any = None
     _base: Any = None
     _evaluator_key: Any = None
+    _eval_cache: Any = False           # False: not resolved yet
+
+    @property
+    def eval_cache(self) -> EvalCache | None:
+        """The evaluation cache of the demo's model evaluations (`evaluation.EvalCache`; None: off). "auto":
+        `<evaluator.cache_dir>/evals` (runs/.cache/evals for the Fashion-MNIST evaluator; none for an evaluator
+        without a cache folder)."""
+        if self._eval_cache is False:
+            s = self.eval_cache_setting
+            self._eval_cache = (default_eval_cache(self.evaluator) if s == "auto" else
+                                s if s is None or isinstance(s, EvalCache) else EvalCache(s))
+        return self._eval_cache
 
     @property
     def evaluator_key(self) -> dict:
@@ -98,12 +111,13 @@ class DemoContext:
 
 
 def make_context(run_dir, *, compare: bool = False, overrides=(), sample_overrides=(), progress: bool = True,
-                 evaluator=None) -> DemoContext:
-    """The context of a demo run: both GRPO presets with `overrides` (and `sample_overrides` for the baseline)."""
+                 evaluator=None, eval_cache: Any = "auto") -> DemoContext:
+    """The context of a demo run: both GRPO presets with `overrides` (and `sample_overrides` for the baseline);
+    `eval_cache`: "auto", a folder, an `EvalCache` or None (see `DemoContext.eval_cache`)."""
     cfg = resolve(load_config(DISTRIBUTION_PRESET, overrides))
     sample_cfg = resolve(load_config(SAMPLE_PRESET, list(overrides) + list(sample_overrides)))
     return DemoContext(run_dir=Path(run_dir), cfg=cfg, sample_cfg=sample_cfg, compare=compare, progress=progress,
-                       _evaluator=evaluator)
+                       _evaluator=evaluator, eval_cache_setting=eval_cache)
 
 
 def metrics_only(m: dict) -> dict:

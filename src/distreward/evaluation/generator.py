@@ -11,7 +11,7 @@ FD-infinity (`plan.fd_infinity`), per-class FD (`plan.per_class`), several solve
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterable
 
 import numpy as np
@@ -22,6 +22,7 @@ from ..metrics import GaussianStats, evidence, frechet_distance, merge_gaussian_
 from ..sampling.generate import SamplerSpec, balanced_labels, eval_batch, eval_batch_generator, seeded_noise
 from ..utils import dist as D
 from ..utils.progress import progress as tqdm
+from .cache import EvalCache, ImageFigures, cached_evaluation, generator_key, plan_sampling
 
 
 @dataclass(frozen=True)
@@ -199,13 +200,36 @@ def score_generator(net, evaluator, plan: EvalPlan, *, arch: str = "unet", decod
 
 
 def evaluate_generator(net, evaluator, plan: EvalPlan, *, arch: str = "unet", decode: Callable | None = None,
-                       device="cpu", keep_images: bool = False, progress: bool = False,
-                       desc: str = "eval") -> tuple[dict, torch.Tensor]:
+                       device="cpu", keep_images: bool = False, progress: bool = False, desc: str = "eval",
+                       cache: EvalCache | None = None, decode_key: str | None = None,
+                       figures: ImageFigures | None = None) -> tuple[dict, torch.Tensor]:
     """Metrics of the plan's samples of `net` and the images shown: the first plan.grid of rank 0, or all n with
-    keep_images (one process). The plan's evidence options add their keys (see `evidence_metrics`)."""
-    metrics, images, _ = score_generator(net, evaluator, plan, arch=arch, decode=decode, device=device,
-                                         keep_images=keep_images, progress=progress, desc=desc)
-    return metrics, images
+    keep_images (one process). The plan's evidence options add their keys (see `evidence_metrics`).
+
+    `figures`: values the caller computes from all n images (one process; e.g. a classifier's log-prob), merged
+    into the metrics. `cache` (an `EvalCache`): a hit returns the stored metrics and grid without sampling; a miss
+    computes, stores and returns them; the grid is then the plan.grid images as the cache holds them (uint8 and
+    back), on a hit and a miss alike, so keep_images is refused. `decode_key`: the identity of `decode` (a latent
+    decoder), needed with a cache (evaluation/cache.py: the key)."""
+    if cache is not None and keep_images:
+        raise ValueError("a cached evaluation returns the plan.grid images only: pass keep_images=False, and "
+                         "compute figures of all n images through figures=")
+    if figures is not None and D.world_size() > 1:
+        raise ValueError("figures= are computed from all n images in one process; not under torchrun")
+
+    def compute():
+        metrics, images, _ = score_generator(net, evaluator, plan, arch=arch, decode=decode, device=device,
+                                             keep_images=keep_images or figures is not None, progress=progress,
+                                             desc=desc)
+        if figures is not None:
+            metrics = {**metrics, **figures.fn(images)}
+            images = images if keep_images else images[:plan.grid]
+        return metrics, images
+
+    key = None if cache is None else generator_key(net, evaluator, plan, arch=arch, decode=decode,
+                                                   decode_key=decode_key, device=device, figures=figures)
+    metrics, images, _ = cached_evaluation(cache, key, compute, grid=plan.grid, desc=desc)
+    return metrics, (images if images is not None else torch.zeros((0, *plan.image_shape)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -231,22 +255,30 @@ def heun_for_nfe(budget: int, base: SamplerSpec | None = None) -> SamplerSpec:
 
 def evaluate_solvers(net, evaluator, plan: EvalPlan, solvers: dict[str, SamplerSpec], *, arch: str = "unet",
                      decode: Callable | None = None, device="cpu", progress: bool = False,
-                     reference: str | None = None) -> dict[str, dict]:
+                     reference: str | None = None, cache: EvalCache | None = None,
+                     decode_key: str | None = None) -> dict[str, dict]:
     """{name: metrics} of the same model with each solver, on the SAME noise and labels (the plan's seed), so the
     solvers' numbers are paired. Each metrics dict gains `nfe`. With `reference` (a solver's name), the others
     gain `fd_diff` {label: (FD - FD_reference, its paired bootstrap standard error)} and `fd_reward_diff`,
-    `fd_reward_diff_err` (same for fd_eval), from plan.uncertainty (else 50) resamples shared by both sides."""
+    `fd_reward_diff_err` (same for fd_eval), from plan.uncertainty (else 50) resamples shared by both sides.
+    `cache`: each solver's metrics are one entry (as `evaluate_generator`'s); with a reference, the whole result
+    is one entry keyed by every solver (the paired errors need all solvers' features)."""
     if not solvers:
         raise ValueError("evaluate_solvers needs at least one solver")
     if reference is not None and reference not in solvers:
         raise ValueError(f"reference solver {reference!r} is not one of {sorted(solvers)}")
-    out, feats = {}, {}
-    for name, spec in solvers.items():
-        metrics, _, f = score_generator(net, evaluator, replace(plan, sampler=spec), arch=arch, decode=decode,
-                                        device=device, keep_features=reference is not None, progress=progress,
-                                        desc=f"eval {name}")
-        out[name], feats[name] = dict(metrics, nfe=nfe(spec)), f
-    if reference is not None:
+    if reference is None:
+        return {name: dict(evaluate_generator(net, evaluator, replace(plan, sampler=spec), arch=arch, decode=decode,
+                                              device=device, progress=progress, desc=f"eval {name}", cache=cache,
+                                              decode_key=decode_key)[0], nfe=nfe(spec))
+                for name, spec in solvers.items()}
+
+    def paired():
+        out, feats = {}, {}
+        for name, spec in solvers.items():
+            metrics, _, f = score_generator(net, evaluator, replace(plan, sampler=spec), arch=arch, decode=decode,
+                                            device=device, keep_features=True, progress=progress, desc=f"eval {name}")
+            out[name], feats[name] = dict(metrics, nfe=nfe(spec)), f
         n_boot = plan.uncertainty or evidence.DEFAULT_RESAMPLES
         for name in solvers:
             diffs = {label: (None if st is None else evidence.paired_difference(fa, fr, st, n_boot, plan.seed, sigma_half=half))
@@ -256,18 +288,25 @@ def evaluate_solvers(net, evaluator, plan: EvalPlan, solvers: dict[str, SamplerS
             for label, key in zip(evaluator.labels, net_keys(evaluator)):
                 d = diffs[label]
                 out[name][f"{key}_diff"], out[name][f"{key}_diff_err"] = (None, None) if d is None else d
-    return out
+        return out, None
+
+    sampling = {**plan_sampling(plan), "sampler": None, "solvers": {n: asdict(s) for n, s in solvers.items()},
+                "reference": reference}
+    key = None if cache is None else generator_key(net, evaluator, plan, arch=arch, decode=decode,
+                                                   decode_key=decode_key, device=device, sampling=sampling)
+    return cached_evaluation(cache, key, paired, desc="eval solvers")[0]
 
 
 def converged_steps(net, evaluator, plan: EvalPlan, method: str = "heun", start: int = 8, max_steps: int = 128,
                     tol: float | None = None, *, arch: str = "unet", decode: Callable | None = None, device="cpu",
-                    progress: bool = False) -> tuple[int | None, list[dict]]:
+                    progress: bool = False, cache: EvalCache | None = None,
+                    decode_key: str | None = None) -> tuple[int | None, list[dict]]:
     """The ODE step count T from which doubling no longer changes FD: T = start, 2 start, ... <= max_steps on the
     plan's noise and labels, until |FD(2T) - FD(T)| <= tol on every network with real statistics; tol None: FD(2T)'s
     own bootstrap standard error (plan.uncertainty, else 50 resamples). Returns (T, or None if max_steps came
     first, and the trace: one row per step count with steps, nfe, fd_reward, fd_eval, fd_reward_err,
     fd_eval_err, fd_reward_change, fd_eval_change (|FD - FD of the previous row|; None on the first row) and
-    converged)."""
+    converged). `cache`: every step count's evaluation is an entry (`evaluate_generator`)."""
     if int(start) < 1 or int(max_steps) < 2 * int(start):
         raise ValueError(f"converged_steps needs 1 <= start and 2 start <= max_steps, got start={start}, max_steps={max_steps}")
     run_plan = replace(plan, uncertainty=plan.uncertainty or evidence.DEFAULT_RESAMPLES) if tol is None else plan
@@ -276,7 +315,8 @@ def converged_steps(net, evaluator, plan: EvalPlan, method: str = "heun", start:
     while steps <= max_steps:
         spec = replace(plan.sampler, kind="ode", method=method, steps=steps)
         m, _ = evaluate_generator(net, evaluator, replace(run_plan, sampler=spec), arch=arch, decode=decode,
-                                  device=device, progress=progress, desc=f"eval {method} {steps}")
+                                  device=device, progress=progress, desc=f"eval {method} {steps}", cache=cache,
+                                  decode_key=decode_key)
         row = {"steps": steps, "nfe": nfe(spec)}
         ok = []
         for label, key in zip(evaluator.labels, net_keys(evaluator)):

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from ..config import find_file
-from ..evaluation import Evaluator
+from ..evaluation import EvalCache, Evaluator, cached_evaluation, eval_key
+from ..evaluation.cache import CODE_PARTS
 from ..evaluation.evaluator import evaluator_key
 from ..evaluation.generator import plain_metrics, sharded_metrics
 from ..metrics import sqrtm_psd
@@ -64,9 +65,10 @@ class MergeRL:
     """
 
     def __init__(self, cfg, ckpts: CheckpointSet, init_mean, *, sample_fn, feature_fn, real_mu, real_sigma,
-                 device="cpu"):
+                 device="cpu", sample_key: dict | None = None):
         self.cfg, self.ckpts, self.device = cfg, ckpts, device
         self.sample_fn, self.feature_fn = sample_fn, feature_fn
+        self.sample_key = sample_key     # the settings sample_fn was built from (None: the caller's own sampler)
         self.net = ckpts.build_network(device).requires_grad_(False)
         pc = cfg.policy
         self.policy = GaussianPolicy(init_mean, float(pc.init_std), bool(pc.learn_std), float(pc.min_std))
@@ -197,16 +199,36 @@ class MergeRL:
 # ----------------------------------------------------------------------------------------------------------
 # Evaluation and the baselines
 
-def evaluate_weights(rl: MergeRL, w, evaluator, cfg) -> dict:
+def evaluate_weights(rl: MergeRL, w, evaluator, cfg, cache: EvalCache | None = None) -> dict:
     """Held-out metrics of theta(w): cfg.eval.n ODE samples from the fixed evaluation seed (split over the ranks
-    under torchrun in sampler batches, merged by `evaluation.generator.sharded_metrics`)."""
+    under torchrun in sampler batches, merged by `evaluation.generator.sharded_metrics`). `cache`: through the
+    evaluation cache, keyed by the merged weights (`merge_eval_key`; nothing is cached with a sampler of the
+    caller's, `rl.sample_key` None)."""
+    w = np.asarray(w, np.float64)
     noise, labels = rl.noise(int(cfg.eval.n), int(cfg.eval.seed))
-    if D.world_size() == 1:
-        metrics = evaluator.evaluate(rl.images(np.asarray(w, np.float64), noise, labels))
-    else:
-        batches = (images for _, images in rl.local_images([np.asarray(w, np.float64)], noise, labels))
-        metrics = sharded_metrics(evaluator, batches, tuple(cfg.model.image_shape))
-    return plain_metrics(metrics)
+
+    def compute():
+        if D.world_size() == 1:
+            return evaluator.evaluate(rl.images(w, noise, labels)), None
+        batches = (images for _, images in rl.local_images([w], noise, labels))
+        return sharded_metrics(evaluator, batches, tuple(cfg.model.image_shape)), None
+
+    key = None
+    if cache is not None and rl.sample_key is not None:
+        rl.ckpts.merge_into(rl.net, w)          # the weights evaluated: hashed into the key
+        key = merge_eval_key(rl, evaluator, cfg)
+    return plain_metrics(cached_evaluation(cache, key, compute, desc="merge evaluation")[0])
+
+
+def merge_eval_key(rl: MergeRL, evaluator, cfg) -> dict | None:
+    """The evaluation cache key of `evaluate_weights` with the live network's (merged) weights: the merge's own
+    sampling protocol (cfg.eval n and seed, shared seeded noise and balanced labels, the sampler settings that
+    built rl.sample_fn) and the code of the merge's sampler besides the evaluation's."""
+    sampling = {"scheme": "merge-shared-noise", "n": int(cfg.eval.n), "seed": int(cfg.eval.seed),
+                "num_classes": int(cfg.model.num_classes), "image_shape": list(cfg.model.image_shape),
+                "sampler": rl.sample_key}
+    return eval_key(rl.net, evaluator, sampling, arch=str(rl.ckpts.arch), device=rl.device,
+                    code=CODE_PARTS + ("merge/inputs.py",))
 
 
 def baseline_weights(ckpts: CheckpointSet, cfg) -> dict[str, np.ndarray]:
@@ -247,7 +269,7 @@ def resolve(cfg):
 
 def run_merge(cfg, run_dir, *, resume: bool = False, overwrite: bool = False, allow_changes: Sequence[str] = (),
               ckpts: CheckpointSet | None = None, sample_fn=None, feature_fn=None, evaluator=None, real_stats=None,
-              progress: bool = True) -> dict:
+              progress: bool = True, eval_cache: EvalCache | None = None) -> dict:
     """Baselines, then RL over w, then the merged model. Writes into run_dir:
 
     config.yaml, provenance.json, metrics.jsonl, tb/, checkpoints/last.pt (resumable; last.pt.prev the one
@@ -261,6 +283,9 @@ def run_merge(cfg, run_dir, *, resume: bool = False, overwrite: bool = False, al
 
     Under torchrun every rank calls this with the same cfg: sampling is split over the ranks, the policy and the
     reference set are replicas, and only rank 0 writes (the run directory must be shared for --resume).
+
+    `eval_cache` (an `evaluation.EvalCache`): the held-out evaluations (baselines, initial and merged weights) are
+    read from / stored in it, keyed by the merged weights, when the sampler is built from cfg.sampler.
     """
     cfg = resolve(cfg)
     device = str(D.init_distributed(cfg.device))      # cuda:LOCAL_RANK under torchrun; as given in one process
@@ -270,13 +295,13 @@ def run_merge(cfg, run_dir, *, resume: bool = False, overwrite: bool = False, al
                       inputs=input_files(cfg, find_file) + list(ckpts.paths))
     try:
         return merge_run(cfg, run, device, resume=resume, ckpts=ckpts, sample_fn=sample_fn, feature_fn=feature_fn,
-                         evaluator=evaluator, real_stats=real_stats, progress=progress)
+                         evaluator=evaluator, real_stats=real_stats, progress=progress, eval_cache=eval_cache)
     finally:
         run.close()
 
 
 def merge_run(cfg, run: RunDir, device: str, *, resume: bool, ckpts: CheckpointSet, sample_fn, feature_fn, evaluator,
-              real_stats, progress: bool) -> dict:
+              real_stats, progress: bool, eval_cache: EvalCache | None = None) -> dict:
     """The merge run of `run_merge` in its prepared (locked, checked) run directory."""
     main = D.is_main()
     progress = progress and main
@@ -284,9 +309,12 @@ def merge_run(cfg, run: RunDir, device: str, *, resume: bool, ckpts: CheckpointS
     if main:
         phase(f"merge: {ckpts.k} inputs from {describe_inputs(ckpts.paths)} ({ckpts.arch or 'unknown arch'}, "
               f"{len(ckpts.tensors)} tensors); run directory {run.root}")
+    sample_key = None
     if sample_fn is None:
         s = cfg.sampler
         sample_fn = make_ode_sampler(ckpts.arch, int(s.steps), s.method, float(s.shift), int(s.batch_size), device)
+        sample_key = {"kind": "ode", "steps": int(s.steps), "method": str(s.method), "shift": float(s.shift),
+                      "batch_size": int(s.batch_size), "schedule": "flow", "cfg_scale": 1.0, "decode": None}
     if feature_fn is None:
         feature_fn = make_feature_fn(cfg.reward.features, device)
     if real_stats is None and main:
@@ -305,10 +333,11 @@ def merge_run(cfg, run: RunDir, device: str, *, resume: bool, ckpts: CheckpointS
 
     def merge_rl(init_mean) -> MergeRL:
         return MergeRL(cfg, ckpts, init_mean, sample_fn=sample_fn, feature_fn=feature_fn, real_mu=real_stats[0],
-                       real_sigma=real_stats[1], device=device)
+                       real_sigma=real_stats[1], device=device, sample_key=sample_key)
 
     base_w = baseline_weights(ckpts, cfg)
-    results = evaluate_baselines(merge_rl(base_w["uniform"]), base_w, evaluator, cfg, run, resume, progress)
+    results = evaluate_baselines(merge_rl(base_w["uniform"]), base_w, evaluator, cfg, run, resume, progress,
+                                 eval_cache)
     init = initial_mean(cfg.merge.init, ckpts, base_w, results)
     rl = merge_rl(init)
     train(rl, run, resume, progress)
@@ -318,8 +347,9 @@ def merge_run(cfg, run: RunDir, device: str, *, resume: bool, ckpts: CheckpointS
     if main:
         phase(f"final evaluation: {'the merged weights' if same else 'the initial and the merged weights'}, "
               f"{int(cfg.eval.n)} samples each")
-    results["init"] = {**(results[same[0]] if same else evaluate_weights(rl, init, evaluator, cfg)), "w": init.tolist()}
-    results["merged"] = {**evaluate_weights(rl, w, evaluator, cfg), "w": w.tolist()}
+    results["init"] = {**(results[same[0]] if same else evaluate_weights(rl, init, evaluator, cfg, eval_cache)),
+                       "w": init.tolist()}
+    results["merged"] = {**evaluate_weights(rl, w, evaluator, cfg, eval_cache), "w": w.tolist()}
     ph = [k for k in results if k.startswith("phema@")]
     best_ema = min(ph, key=lambda k: results[k]["fd_eval"]) if ph else None
     sources = [str(p) for p in ckpts.paths]
@@ -346,10 +376,10 @@ def describe_inputs(paths) -> str:
 
 
 def evaluate_baselines(probe: MergeRL, base_w: dict[str, np.ndarray], evaluator, cfg, run: RunDir, resume: bool,
-                       progress: bool) -> dict[str, dict]:
+                       progress: bool, eval_cache: EvalCache | None = None) -> dict[str, dict]:
     """Every baseline's metrics and weights, cached in baselines.json so that --resume does not redo them (reused
-    only while its key, baselines.json.json, names the same inputs, evaluation, sampler and evaluator); the same
-    dict on every rank."""
+    only while its key, baselines.json.json, names the same inputs, evaluation, sampler and evaluator), and in
+    `eval_cache` (across runs: keyed by the merged weights); the same dict on every rank."""
     main = D.is_main()
     bpath = run.path("baselines.json")
     key = baselines_key(probe.ckpts, evaluator, cfg) if main else None
@@ -363,7 +393,8 @@ def evaluate_baselines(probe: MergeRL, base_w: dict[str, np.ndarray], evaluator,
         if name not in results:
             # phema at the snapshots' own EMA length is (numerically) the last snapshot: evaluate those weights once
             twin = next((k for k, r in results.items() if np.allclose(r["w"], w, rtol=0.0, atol=1e-6)), None)
-            metrics = {k: v for k, v in results[twin].items() if k != "w"} if twin else evaluate_weights(probe, w, evaluator, cfg)
+            metrics = ({k: v for k, v in results[twin].items() if k != "w"} if twin
+                       else evaluate_weights(probe, w, evaluator, cfg, eval_cache))
             results[name] = {**metrics, "w": w.tolist()}
             if main:
                 atomic_save_json(bpath, results)
