@@ -4,9 +4,20 @@
     .venv/bin/python benchmarks/sampling.py --threads 2 --json runs/bench/sampling_cpu.json
     python benchmarks/sampling.py --device cuda --quick                      # GPU: SiT-XL/2 256px, EDM2-XS 512px
     python benchmarks/sampling.py --device cuda --compile --json runs/bench/sampling_gpu.json
+    .venv/bin/python benchmarks/sampling.py --efficiency --threads 1 --json runs/bench/cpu_speed.json   # CPU speed
+
+`--efficiency` (CPU): for each network, the GFLOP of one network call per image (torch.utils.flop_counter:
+convolutions and matmuls, a multiply-add counted as 2), the GFLOP/s the Euler ODE sampler reaches at the
+evaluation batch (500 images, 10 steps) on each code path (`before`: the plain network on the whole batch, as
+before the CPU fast path; `default`; `nhwc`: the UNet's opt-in channels_last path; on request `chunks`: the plain
+UNet in chunks, and `compile`: torch.compile of the network), a single-thread 1024x1024 float32 matmul measured
+right before and right after each sampler call, and the ratio. Rates are given per CPU-second of the calling
+thread (robust on a shared machine: time slices lost to other processes do not count) and per wall-clock second;
+every line names the thread count and the load average.
 
 Networks have random weights (speed does not depend on them). On CPU: the embedded UNet (Fashion-MNIST 1x32x32)
-and tiny SiT / EDM2 configurations on 4x16x16 latents. On CUDA: SiT-XL/2 on 4x32x32 latents (256px) and EDM2-XS on
+as shipped (`unet-fmnist`, configs/fmnist_base.yaml) and with its default constructor arguments (`unet`), and tiny
+SiT / EDM2 configurations on 4x16x16 latents. On CUDA: SiT-XL/2 on 4x32x32 latents (256px) and EDM2-XS on
 4x64x64 latents (512px), each in a plain fp32 eager baseline (TF32 off) and in bf16 autocast with TF32 on
 (+ torch.compile of the network with --compile), in the same run; the ratio to the baseline is printed.
 
@@ -37,8 +48,14 @@ A = 0.7  # noise level of the stochastic samplers
 
 # --- networks ----------------------------------------------------------------------------------------------------
 
+# the shipped embedded default (weights/fmnist-base.safetensors, configs/fmnist_base.yaml), 0.48M parameters
+UNET_FMNIST = dict(img_resolution=32, img_channels=1, num_classes=10, model_channels=16, channel_mult=[1, 2, 3],
+                   num_blocks=1, attn_resolutions=[8], num_heads=1, dropout=0.0)
+
+
 def cpu_networks() -> dict:
     return {
+        "unet-fmnist": ("unet", UNET_FMNIST, "flow"),
         "unet": ("unet", {}, "flow"),
         "sit-tiny": ("sit", dict(input_size=16, patch_size=2, in_channels=4, hidden_size=192, depth=6, num_heads=3,
                                  num_classes=10), "sit"),
@@ -189,10 +206,12 @@ def run(args) -> list[dict]:
                     sec, best = timed_seconds(lambda: fn(model, run_net, noise, labels, args.steps, gen), args.repeats, device)
                 row = dict(network=name, params_M=round(nparams / 1e6, 2), variant=variant, sampler=sampler,
                            batch=args.batch, steps=args.steps, nfe=nfe(args.steps), seconds=sec,
-                           images_per_s=args.batch / sec, images_per_s_best=args.batch / best, ms_per_nfe=1e3 * sec / nfe(args.steps))
+                           images_per_s=args.batch / sec, images_per_s_best=args.batch / best, ms_per_nfe=1e3 * sec / nfe(args.steps),
+                           threads=torch.get_num_threads(), load=list(os.getloadavg()))
                 rows.append(row)
                 print(f"{name:12s} {variant:13s} {sampler:10s} {row['images_per_s']:10.2f} img/s "
-                      f"({row['nfe']:3d} NFE, {row['ms_per_nfe']:8.2f} ms/NFE)", flush=True)
+                      f"({row['nfe']:3d} NFE, {row['ms_per_nfe']:8.2f} ms/NFE) | {row['threads']} thread(s), {load()}",
+                      flush=True)
         del net
         if gpu:
             torch.cuda.empty_cache()
@@ -201,6 +220,156 @@ def run(args) -> list[dict]:
         b = base.get((r["network"], r["sampler"]))
         r["ratio_vs_fp32"] = r["images_per_s"] / b if b else None
     return rows
+
+
+# --- CPU efficiency: GFLOP/s of the ODE sampler vs a single-thread matmul, in the same run -----------------------
+
+MATMUL_N = 1024
+
+
+def load() -> str:
+    return "load {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
+
+
+def gflop_per_image_call(model, shape: tuple, classes: int) -> float:
+    """GFLOP of one velocity call for one image, counted by FlopCounterMode on a forward pass of one image
+    (convolutions, linear layers and attention matmuls; a multiply-add is 2 FLOPs; GroupNorm, SiLU and other
+    elementwise work are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(1, *shape)
+    labels = torch.zeros(1, dtype=torch.long) if classes else None
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, torch.full((1,), 0.5), labels)
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_rate(repeats: int = 5) -> tuple[float, float]:
+    """(GFLOP/s per CPU-second, GFLOP/s per wall second) of a 1024x1024 float32 matmul on one thread, medians."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+        a @ b
+        cpu, wall = [], []
+        for _ in range(repeats):
+            c0, w0 = time.thread_time(), time.perf_counter()
+            a @ b
+            cpu.append(time.thread_time() - c0)
+            wall.append(time.perf_counter() - w0)
+    finally:
+        torch.set_num_threads(threads)
+    flops = 2 * MATMUL_N**3 / 1e9
+    return flops / statistics.median(cpu), flops / statistics.median(wall)
+
+
+@contextlib.contextmanager
+def cpu_path(net, arch: str, path: str, batch: int):
+    """Run the sampler on a code path: `before` (the plain network, the whole batch per call: the sampler before
+    the CPU fast path), `chunks` (UNet: the plain network in chunks of CPU_CHUNK), `default`, `nhwc` (UNet:
+    + channels_last maps at the full resolution), `compile` (torch.compile of the plain network, chunked)."""
+    from distreward.sampling import samplers
+
+    saved = samplers.CPU_CHUNK, getattr(net, "fast_cpu", None), getattr(net, "nhwc", None)
+    if path == "before":
+        samplers.CPU_CHUNK = max(batch, 1)
+    if arch == "unet":  # compile: inductor fuses the plain ops itself (the fast path's out= / in-place ops break graphs)
+        net.fast_cpu = path not in ("before", "chunks", "compile")
+        net.nhwc = path == "nhwc"
+    try:
+        yield
+    finally:
+        samplers.CPU_CHUNK = saved[0]
+        if arch == "unet":
+            net.fast_cpu, net.nhwc = saved[1], saved[2]
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def efficiency(args, threads: int) -> tuple[list[dict], list[dict]]:
+    """Per (network, path, repeat): one Euler ODE sampler call on the batch, a matmul right before and after it.
+    Repeats are the outer loop, so that a change of load hits every path alike."""
+    from distreward.sampling import edm_flow_sigmas, ode_sample, sigma_schedule
+
+    clock = time.thread_time if threads == 1 else time.process_time
+    nets = cpu_networks()
+    if args.networks:
+        nets = {k: v for k, v in nets.items() if k in args.networks}
+    gen = torch.Generator().manual_seed(0)
+    rows, summary = [], []
+    for name, (arch, kwargs, kind) in nets.items():
+        net, shape, classes = build(arch, kwargs, "cpu")
+        model = adapter(kind, net)
+        gflop = gflop_per_image_call(model, shape, classes)
+        noise = torch.randn((args.batch, *shape), generator=gen)
+        labels = torch.randint(0, max(classes, 1), (args.batch,), generator=gen) if classes else None
+        sigmas = edm_flow_sigmas(args.steps) if kind == "edm" else sigma_schedule(args.steps)
+        paths = [p for p in (args.paths or ["before", "default", "nhwc"]) if arch == "unet" or p not in ("chunks", "nhwc")]
+        models, compile_s = {}, {}
+        for path in paths:
+            models[path] = model
+            if path == "compile":
+                models[path] = adapter(kind, torch.compile(net, dynamic=False))
+            with cpu_path(net, arch, path, args.batch):  # warm-up; for compile: the compilation of both chunk shapes
+                w0 = time.perf_counter()
+                ode_sample(models[path], noise, labels, sigmas[:2].clone() if path != "compile" else sigmas, "euler")
+                compile_s[path] = time.perf_counter() - w0
+        print(f"{name}: {gflop:.4f} GFLOP per image-call; batch {args.batch}, {args.steps} Euler steps, "
+              f"{threads} thread(s); paths {', '.join(paths)}", flush=True)
+        per_path = {p: [] for p in paths}
+        for r in range(args.repeats):
+            for path in paths:
+                mm_before = matmul_rate()
+                with cpu_path(net, arch, path, args.batch):
+                    load0 = os.getloadavg()[0]
+                    c0, w0 = clock(), time.perf_counter()
+                    ode_sample(models[path], noise, labels, sigmas, "euler")
+                    cpu, wall = clock() - c0, time.perf_counter() - w0
+                mm_after = matmul_rate()
+                calls = args.batch * args.steps
+                mm_cpu, mm_wall = (mm_before[0] + mm_after[0]) / 2, (mm_before[1] + mm_after[1]) / 2
+                row = dict(network=name, path=path, repeat=r, threads=threads, batch=args.batch, steps=args.steps,
+                           gflop_per_image_call=gflop, gflops_cpu=gflop * calls / cpu, gflops_wall=gflop * calls / wall,
+                           matmul_gflops_cpu=mm_cpu, matmul_gflops_wall=mm_wall,
+                           matmul_before_after_cpu=[mm_before[0], mm_after[0]],
+                           ms_per_image_call_cpu=1e3 * cpu / calls, ms_per_image_call_wall=1e3 * wall / calls,
+                           load_start=load0, load_end=os.getloadavg()[0])
+                row["ratio_cpu"] = row["gflops_cpu"] / mm_cpu
+                row["ratio_wall"] = row["gflops_wall"] / mm_wall
+                if path == "compile":
+                    row["first_call_s"] = compile_s[path]
+                rows.append(row)
+                per_path[path].append(row)
+                print(f"  {path:8s} #{r + 1}: {row['gflops_cpu']:6.1f} GFLOP/s ({row['ms_per_image_call_cpu']:.2f} ms/image-call)"
+                      f" vs matmul {mm_before[0]:5.1f}/{mm_after[0]:5.1f} before/after: ratio {row['ratio_cpu']:.2f}"
+                      f" | wall {row['gflops_wall']:6.1f} vs {mm_wall:5.1f}: {row['ratio_wall']:.2f}"
+                      f" | {threads} thread(s), {load()}", flush=True)
+        for path, rs in per_path.items():
+            summary.append(dict(network=name, path=path, threads=threads, gflop_per_image_call=gflop,
+                                **{k: spread([r[k] for r in rs]) for k in (
+                                    "gflops_cpu", "matmul_gflops_cpu", "ratio_cpu", "ms_per_image_call_cpu",
+                                    "gflops_wall", "matmul_gflops_wall", "ratio_wall", "ms_per_image_call_wall",
+                                    "load_start")},
+                                **({"first_call_s": compile_s[path]} if path == "compile" else {})))
+        del net, models
+    return rows, summary
+
+
+def print_efficiency(summary: list[dict], header: str) -> None:
+    def f(d, fmt="{:.1f}"):
+        return f"{fmt.format(d['median'])} ({fmt.format(d['min'])}-{fmt.format(d['max'])})"
+
+    print(f"\n{header}\nmedian (min-max) over the repeats; per CPU-second of the sampling thread, then per wall second")
+    print("| network | path | GFLOP/image-call | GFLOP/s | matmul GFLOP/s | ratio | ms per image-call "
+          "| wall GFLOP/s | wall matmul | wall ratio | threads | load (1 min) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for s in summary:
+        print(f"| {s['network']} | {s['path']} | {s['gflop_per_image_call']:.4f} | {f(s['gflops_cpu'])} | "
+              f"{f(s['matmul_gflops_cpu'])} | {f(s['ratio_cpu'], '{:.2f}')} | {f(s['ms_per_image_call_cpu'], '{:.2f}')} | "
+              f"{f(s['gflops_wall'])} | {f(s['matmul_gflops_wall'])} | {f(s['ratio_wall'], '{:.2f}')} | {s['threads']} | "
+              f"{f(s['load_start'])} |")
 
 
 def print_table(rows: list[dict], header: str) -> None:
@@ -226,6 +395,11 @@ def main(argv=None) -> int:
     p.add_argument("--variants", type=lambda s: s.split(","), default=None, help="fp32,bf16 (default: fp32 on CPU, both on GPU)")
     p.add_argument("--compile", action="store_true", help="also time bf16 with torch.compile of the network")
     p.add_argument("--json", default=None, metavar="OUT.json", help="also write the results as JSON")
+    p.add_argument("--efficiency", action="store_true",
+                   help="CPU: GFLOP/s of the Euler ODE sampler per code path vs a single-thread matmul, in the same run "
+                        "(default batch 500, 10 steps, 3 repeats)")
+    p.add_argument("--paths", type=lambda s: s.split(","), default=None,
+                   help="--efficiency code paths: before,default,nhwc (default), chunks, compile")
     args = p.parse_args(argv)
 
     from distreward.utils.threads import set_threads
@@ -236,6 +410,28 @@ def main(argv=None) -> int:
         raise SystemExit("--device cuda but torch.cuda.is_available() is False (a CPU build of torch, or no GPU)")
     if args.variants and set(args.variants) - {"fp32", "bf16"}:
         raise SystemExit(f"--variants takes fp32 and/or bf16, got {args.variants}")
+    if args.efficiency:
+        if gpu:
+            raise SystemExit("--efficiency measures the CPU paths; drop --device cuda")
+        if args.paths and set(args.paths) - {"before", "chunks", "default", "nhwc", "compile"}:
+            raise SystemExit(f"--paths takes before, chunks, default, nhwc, compile; got {args.paths}")
+        args.batch = args.batch or (64 if args.quick else 500)
+        args.steps = args.steps or (2 if args.quick else 10)
+        args.repeats = args.repeats or (1 if args.quick else 3)
+        name = device_name(args.device, threads)
+        print(f"device: {name}; torch {torch.__version__}; {threads} thread(s); {load()}", flush=True)
+        t0 = time.perf_counter()
+        rows, summary = efficiency(args, threads)
+        print_efficiency(summary, f"{name} (torch {torch.__version__}), batch {args.batch}, {args.steps} Euler steps, "
+                                  f"total {time.perf_counter() - t0:.0f} s")
+        if args.json:
+            from distreward.utils.io import atomic_save_json
+
+            atomic_save_json(args.json, {"device": name, "torch": torch.__version__, "threads": threads,
+                                         "batch": args.batch, "steps": args.steps, "repeats": args.repeats,
+                                         "matmul_n": MATMUL_N, "rows": rows, "summary": summary})
+            print(f"-> {args.json}")
+        return 0
     args.batch = args.batch or ((32 if gpu else 8) if args.quick else (64 if gpu else 16))
     args.steps = args.steps or ((8 if gpu else 4) if args.quick else 10)
     args.repeats = args.repeats or (1 if args.quick else 3)

@@ -250,6 +250,71 @@ def test_rollout_reproducible_per_step_noise_levels_and_errors():
         ode_sample(model, noise, None, sigma_schedule(5), method="rk4")
 
 
+class SizeRecorder(nn.Module):
+    """Wraps a velocity model and records the batch size of every call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.sizes = model, []
+
+    def forward(self, x, sigma, labels=None):
+        self.sizes.append(x.shape[0])
+        return self.model(x, sigma, labels)
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_ode_sample_runs_a_large_cpu_batch_in_chunks_with_the_same_result(method, monkeypatch):
+    from distreward.sampling import samplers
+
+    chunk = samplers.CPU_CHUNK
+    n, steps = 2 * chunk + 5, 3
+    noise, labels = normal_noise(n, 4, (2, 6, 6)), torch.arange(n) % 4  # every class and the null label
+    kept = noise.clone()
+    model = SizeRecorder(TinyVelocity(seed=2))
+    chunked = ode_sample(model, noise, labels, sigma_schedule(steps), method)
+    calls = steps if method == "euler" else 2 * steps - 1
+    assert model.sizes == [chunk] * calls + [chunk] * calls + [5] * calls
+    assert torch.equal(noise, kept) and chunked.is_contiguous() and not chunked.requires_grad
+    monkeypatch.setattr(samplers, "CPU_CHUNK", 10**9)
+    model.sizes.clear()
+    whole = ode_sample(model, noise, labels, sigma_schedule(steps), method)
+    assert model.sizes == [n] * calls
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)  # a per-sample model: chunks cannot matter
+    single = ode_sample(model, noise[chunk + 3:chunk + 4], labels[chunk + 3:chunk + 4], sigma_schedule(steps), method)
+    torch.testing.assert_close(chunked[chunk + 3:chunk + 4], single, rtol=0, atol=1e-6)
+
+
+def test_unet_fast_path_keeps_the_rl_step_on_policy_with_the_same_gradients():
+    """rollout (no gradients: the UNet's in-place fast path) and step_log_prob (with gradients: the plain path) see the
+    same velocities, so the on-policy log-prob is reproduced exactly, and the gradients are the plain path's."""
+    from distreward.models.unet import UNet
+
+    torch.manual_seed(0)
+    net = UNet(img_resolution=16, img_channels=1, num_classes=3, model_channels=8, channel_mult=[1, 2], num_blocks=1,
+               attn_resolutions=[8])
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.2 * torch.randn(p.shape))
+    model = FlowVelocity(net)
+    noise, labels = normal_noise(5, 3, (1, 16, 16)), torch.tensor([0, 1, 2, 3, 1])
+    traj = rollout(model, noise, labels, sigma_schedule(4), 0.7, generator=gen(2))
+    grads = {}
+    for fast in (True, False):
+        net.fast_cpu = fast
+        net.zero_grad()
+        total = 0
+        for j in range(4):
+            lp, _, _ = step_log_prob(model, traj.xs[j], traj.xs[j + 1], traj.sigmas[j], traj.sigmas[j + 1], 0.7, labels)
+            if fast:
+                assert torch.equal(lp.detach(), traj.log_probs[j])  # the on-policy ratio is exactly 1
+            total = total + lp.sum()
+        total.backward()
+        grads[fast] = [p.grad.clone() for p in net.parameters()]
+    for g_fast, g_plain in zip(grads[True], grads[False]):
+        assert torch.equal(g_fast, g_plain)
+    assert grads[True][-2].abs().sum() > 0  # conv_out.weight: the gradient reaches the network
+
+
 @pytest.mark.parametrize("step", ["sde", "cps"])
 def test_step_log_prob_recomputes_rollout_log_probs_with_gradients(step):
     model = TinyVelocity(seed=1)
