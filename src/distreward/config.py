@@ -69,13 +69,6 @@ def load_config(name_or_path: str | os.PathLike | None, overrides: Iterable[str]
     return cfg
 
 
-def with_defaults(defaults: dict, cfg: Any) -> DictConfig:
-    """`cfg` (a DictConfig, a dict or None) merged over a command's defaults; keys may be added later."""
-    merged = OmegaConf.merge(OmegaConf.create(defaults), cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg or {}))
-    OmegaConf.set_struct(merged, False)
-    return merged
-
-
 def plain(node: Any) -> Any:
     """A config node as plain Python (dicts, lists, scalars); anything else unchanged."""
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
