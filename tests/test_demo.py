@@ -46,11 +46,13 @@ def tiny_setup(tmp_path):
     g = torch.Generator().manual_seed(3)
     ref = (0.5 * torch.randn((200, 1, 32, 32), generator=g)).clamp(-1, 1)
     ev = Evaluator(ref, feature_nets=(TinyFeatures(1), TinyFeatures(2)), labels=["fmnist-reward", "fmnist-eval"],
-                   cache_dir=None, max_real=200, kid_subsets=5, kid_subset_size=20)
+                   cache_dir=None, max_real=200, kid_subsets=5, kid_subset_size=20, ref_labels=torch.arange(200) % 10)
     overrides = [f"model.path={tmp_path / 'base.safetensors'}", "rl.iterations=2", "rl.labels_per_iter=2",
                  "rl.group_size=3", "rl.steps=3", "rl.train_steps.window=1", "reward.reference_size=24",
                  "eval.n=20", "eval.steps=3", "eval.every=1", "eval.grid=10", "eval.batch_size=20",
-                 "checkpoint.every=1", "demo.crosscheck_steps=2"]
+                 "checkpoint.every=1", "demo.crosscheck_steps=2", "evidence.n=30", "evidence.uncertainty=5",
+                 "evidence.search_n=20", "evidence.search_start=1", "evidence.search_max=4", "evidence.curve_n=20",
+                 "evidence.curve_nfe=[2,4]", "evidence.report_seed=99", "evidence.validation_seed=7"]
     return tmp_path, ev, overrides
 
 
@@ -63,21 +65,39 @@ def test_demo_writes_report_and_metrics_and_reuses_stages(tiny_setup, monkeypatc
     tmp_path, ev, overrides = tiny_setup
     run_dir = tmp_path / "demo"
     m = demo.run_demo(run_dir, compare=True, overrides=overrides, progress=False, evaluator=ev)
-    assert set(m) == {"base", "distribution", "sample", "crosscheck"}
-    for name in ("distribution", "sample"):
-        assert {"fd_reward", "fd_eval", "precision", "recall", "reward_mean", "classifier_logp"} <= set(m[name])
-        assert m[name]["classifier_logp"] < 0
+    assert set(m) == {"base", "distribution", "sample", "crosscheck", "served", "converged", "training_free",
+                      "evidence"}
+    for name in ("base", "distribution", "sample"):
+        # a row's metrics: the served sampler on the fresh report seed (n = evidence.n), with standard errors
+        assert {"fd_reward", "fd_reward_err", "fd_eval", "fd_eval_err", "precision", "recall",
+                "classifier_logp", "validation"} <= set(m[name])
+        assert m[name]["classifier_logp"] < 0 and m[name]["n"] == 30 and m[name]["validation"]["n"] == 20
+        assert m[name]["fd_eval_err"] > 0 and m[name]["fd_eval"] != m[name]["validation"]["fd_eval"]
+    # the metrics.json contract: served / converged / training_free, each {method, steps, nfe, models}
+    assert m["served"]["method"] == "euler" and m["served"]["steps"] == 3 and m["served"]["nfe"] == 3
+    assert m["training_free"]["method"] == "heun" and m["training_free"]["nfe"] <= 3
+    conv = m["converged"]
+    assert conv["method"] == "heun" and conv["steps"] == m["evidence"]["converged_search"]["steps"]
+    assert conv["nfe"] == 2 * conv["steps"] - 1 and m["evidence"]["converged_search"]["searched"]
+    for sname in ("served", "converged", "training_free"):
+        assert set(m[sname]["models"]) == {"base", "distribution", "sample"}
+        for row in m[sname]["models"].values():
+            assert row["fd_reward_err"] > 0 and row["fd_eval_err"] > 0 and "fd_eval_class_worst" in row
+    assert m["served"]["models"]["distribution"]["fd_eval"] == m["distribution"]["fd_eval"]
+    assert {(r["model"], r["method"]) for r in m["evidence"]["curve"]} == {
+        (a, b) for a in ("base", "distribution", "sample") for b in ("euler", "heun")}
     # the cross-check sampler (2 Euler steps instead of the served 3) gives other numbers for the same models
     cross = m["crosscheck"]
     assert cross["steps"] == 2 and set(cross["models"]) == {"base", "distribution", "sample"}
-    assert cross["models"]["base"]["fd_eval"] != m["base"]["fd_eval"]
-    assert cross["models"]["base"]["n"] == m["base"]["n"] == 20
+    assert cross["models"]["base"]["fd_eval"] != m["base"]["validation"]["fd_eval"]
+    assert cross["models"]["base"]["n"] == m["base"]["validation"]["n"] == 20
     assert m["sample"]["reward"] == "classifier" and m["distribution"]["reward"] == "distribution"
     report = (run_dir / "report.md").read_text()
     for s in ("| base |", "| distribution |", "| sample |", "fd_curve.png", "samples_base.png", "samples_distribution.png",
-              "Cross-check: the same models with the 2-step Euler sampler", "log p(class)"):
+              "Cross-check: the same models with the 2-step Euler sampler", "converged solver", "fd_vs_nfe.png",
+              "training-free control", "report seed 99"):
         assert s in report, s
-    for png in ("fd_curve.png", "samples_base.png", "samples_distribution.png", "samples_sample.png"):
+    for png in ("fd_curve.png", "fd_vs_nfe.png", "samples_base.png", "samples_distribution.png", "samples_sample.png"):
         assert (run_dir / png).stat().st_size > 100
     # the fine-tuning really ran: 2 iterations logged
     recs = [json.loads(l) for l in (run_dir / "distribution" / "metrics.jsonl").read_text().splitlines()]
@@ -107,12 +127,12 @@ def test_stage_list_and_register_stage(monkeypatch):
 
     monkeypatch.setattr(demo.stages, "EXTRA_STAGES", [])
     assert [s.name for s in demo.BUILTIN_STAGES] == ["base", "distribution", "sample", "crosscheck", "merge_ema",
-                                                     "merge_rl"]
-    assert [s.name for s in demo.BUILTIN_STAGES if not s.row] == ["crosscheck"]
+                                                     "merge_rl", "evidence"]
+    assert [s.name for s in demo.BUILTIN_STAGES if not s.row] == ["crosscheck", "evidence"]
     mine = demo.Stage("mine", lambda ctx: {})
     demo.register_stage(mine)
     demo.register_stage(demo.Stage("merge_rl", lambda ctx: {}))    # replaces the built-in stage of that name
     demo.register_stage(mine)                                        # registering again keeps one copy, at the end
     names = [s.name for s in demo.stages.with_extra_stages(demo.BUILTIN_STAGES)]
-    assert names == ["base", "distribution", "sample", "crosscheck", "merge_ema", "merge_rl", "mine"]
+    assert names == ["base", "distribution", "sample", "crosscheck", "merge_ema", "evidence", "merge_rl", "mine"]
     assert demo.stages.with_extra_stages(demo.BUILTIN_STAGES)[-1] is mine

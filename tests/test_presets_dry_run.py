@@ -26,7 +26,7 @@ set_threads()
 
 def test_sit_preset_dry_run_finetune(tmp_path, monkeypatch):
     """SiT-XL/2 preset: random tiny SiT on 4x8x8 latents, random AutoencoderKL (64 px), random features and
-    statistics; the reference set is built from decoded samples; one GRPO iteration, evaluated with SiT's SDE."""
+    statistics; the reference set is built from decoded samples; one GRPO iteration, evaluated with the served 10-step Euler ODE (what the reference set holds)."""
     monkeypatch.chdir(tmp_path)
     assert cli_main(["finetune", "--config", "sit_xl2_imagenet256", "--dry-run", "--no-progress"]) == 0
     run = tmp_path / "runs" / "sit_xl2_imagenet256_dry_run"

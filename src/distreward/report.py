@@ -110,3 +110,47 @@ def metrics_table(rows: dict[str, dict]) -> str:
 def relative_change(new: float, old: float) -> float:
     """(new - old) / old, the figure the targets are stated in."""
     return (new - old) / old if old else float("nan")
+
+
+def plot_fd_vs_nfe(rows: list[dict], path: str | os.PathLike, keys=("fd_reward", "fd_eval"),
+                   converged: dict[str, dict] | None = None) -> Path:
+    """FD against network calls per sample (NFE), one panel per feature network: a line per model and solver
+    (Euler solid, Heun dashed); `converged` ({model: row with the key and nfe}) adds each model's converged-solver
+    point. Better model or better sampler: a model whose curve lies below the base's at every NFE is better."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.8), squeeze=False)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    colors = {m: f"C{i}" for i, m in enumerate(models + [m for m in (converged or {}) if m not in models])}
+    for ax, key in zip(axes[0], keys):
+        for m in models:
+            for method, style in (("euler", "-"), ("heun", "--")):
+                pts = sorted((r["nfe"], r[key]) for r in rows
+                             if r["model"] == m and r["method"] == method and r.get(key) is not None)
+                if pts:
+                    ax.plot(*zip(*pts), style, marker="o", color=colors[m], label=f"{m} ({method})")
+        for m, r in (converged or {}).items():
+            if r.get(key) is not None and m in colors:
+                ax.errorbar([r["nfe"]], [r[key]], yerr=[r.get(f"{key}_err") or 0], fmt="*", ms=10, color=colors[m],
+                            label=f"{m} (converged)")
+        ax.set_xscale("log")
+        ax.set_xlabel("network calls per sample (NFE)")
+        ax.set_ylabel(key)
+        ax.set_title({"fd_reward": "FD, reward features", "fd_eval": "FD, held-out features"}.get(key, key))
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def with_error(value, err, fmt: str = "{:.3f}") -> str:
+    """'3.056 ± 0.081' (the value alone without an error, '–' without a value)."""
+    if value is None:
+        return "–"
+    return fmt.format(value) + (f" ± {fmt.format(err)}" if err is not None else "")

@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("finetune", "GRPO fine-tuning with a distribution-wise (or sample-wise) reward"),
     "merge": ("merge", "RL over merging coefficients of checkpoints / EMA snapshots"),
     "demo": ("demo", "the main job on the embedded default (Fashion-MNIST): fine-tune, evaluate, report"),
+    "study": ("study", "a fine-tuning config against its controls (permuted-reward null, distillation) over seeds"),
 }
 
 # Exceptions that mean bad input or a bad environment (exit code 2, one line); anything else is a bug.

@@ -1,5 +1,5 @@
-"""The main job (`make demo`): base model -> distribution-wise GRPO (-> sample-wise baseline) -> cross-check ->
-RL merging -> report.
+"""The main job (`make demo`): base model -> distribution-wise GRPO (-> sample-wise baseline) -> RL merging ->
+evidence (every model at the served, a converged and a training-free solver, on a fresh seed) -> report.
 
 `run_demo` runs the stages of BUILTIN_STAGES, then the registered ones. Each stage writes its result to
 <run_dir>/<stage>/stage.json when it finishes, so re-running the demo skips finished stages computed from the same
@@ -17,7 +17,8 @@ results); its result becomes a row of the table and a key of metrics.json, and a
 `section(result, ctx) -> markdown` adds its own part of the report.
 
 Modules: stages.py (Stage, DemoContext, running stages, register_stage), grpo.py (base, distribution, sample,
-crosscheck), merge.py (merge_ema, merge_rl), report.py (report.md, metrics.json).
+crosscheck), merge.py (merge_ema, merge_rl), evidence.py (the evidence protocol's rows), report.py (report.md,
+metrics.json).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ..utils.rundir import RunLock, append_provenance, hash_inputs, plain_config
 from ..utils.threads import set_threads
 from .grpo import (base_key, classifier_logp, crosscheck_key, crosscheck_section, crosscheck_steps, evaluate_model,
                    grpo_key, stage_base, stage_crosscheck, stage_distribution, stage_sample)
+from .evidence import evidence_key, stage_evidence
 from .merge import (check_merge_configs, has_snapshots, merge_ema_key, merge_ema_section, merge_rl_key,
                     merge_rl_section, stage_merge_ema, stage_merge_rl)
 from .report import write_report
@@ -45,10 +47,12 @@ BUILTIN_STAGES = [
           section=crosscheck_section, row=False),
     Stage("merge_ema", stage_merge_ema, enabled=has_snapshots, section=merge_ema_section),
     Stage("merge_rl", stage_merge_rl, section=merge_rl_section),
+    Stage("evidence", stage_evidence, row=False),
 ]
 # What each built-in stage's result depends on (by name, so a stage replaced in BUILTIN_STAGES keeps its key).
 STAGE_KEYS = {"base": base_key, "distribution": grpo_key("cfg"), "sample": grpo_key("sample_cfg"),
-              "crosscheck": crosscheck_key, "merge_ema": merge_ema_key, "merge_rl": merge_rl_key}
+              "crosscheck": crosscheck_key, "merge_ema": merge_ema_key, "merge_rl": merge_rl_key,
+              "evidence": evidence_key}
 
 
 def run_demo(run_dir="runs/demo", *, compare: bool = False, threads: int | None = None, overrides=(),

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from ..config import find_file, load_config
 from ..merge import resolve, run_merge
+from ..merge.inputs import distinct_inputs
 from ..utils.rundir import hash_inputs, plain_config
 from .stages import DemoContext, metrics_only
 
@@ -87,11 +88,13 @@ def merge_rl_key(ctx: DemoContext) -> dict:
 
 def grpo_inputs(ctx: DemoContext) -> list[Path]:
     """The GRPO stage's weight files in training order: its periodic .safetensors checkpoints, then the final raw
-    and EMA weights (the EMA, what GRPO reports, is last: the `last` baseline)."""
+    and EMA weights (the EMA, what GRPO reports, is last: the `last` baseline). The last periodic checkpoint is the
+    final EMA itself (checkpoints/ema_<iterations>): files of the same weights are listed once, at their last
+    place, so the uniform soup does not count the final EMA twice."""
     d = ctx.run_dir / "distribution"
     files = sorted((d / "checkpoints").glob("*.safetensors")) if (d / "checkpoints").is_dir() else []
     files += [p for p in (d / "model.safetensors", d / "model_ema.safetensors") if p.is_file()]
-    return files
+    return distinct_inputs(files, note=False)
 
 
 def merge_rl_config(ctx: DemoContext):

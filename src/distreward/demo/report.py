@@ -1,70 +1,192 @@
-"""The demo's report: <run_dir>/report.md and metrics.json, rebuilt from the stages' results on every run."""
+"""The demo's report: <run_dir>/report.md and metrics.json, rebuilt from the stages' results on every run.
+
+metrics.json: a key per model row (base, distribution, sample, merge_ema, merge_rl) whose metrics are the evidence
+stage's served-sampler row on the report seed (fd_reward, fd_reward_err, fd_eval, fd_eval_err, ...; the stage's
+own validation-seed metrics under `validation`), then `served`, `converged` and `training_free`, each
+{"method", "steps", "nfe", "models": {name: row}}, and `evidence` (seeds, n, the converged-step search, the
+FD-vs-NFE points). Every `*_err` is one bootstrap standard error.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..report import metrics_table, plot_fd_curves, relative_change
+from ..evaluation.protocol import SOLVERS, relative_gain
+from ..report import metrics_table, plot_fd_curves, plot_fd_vs_nfe, with_error
 from ..utils.io import atomic_save_json, atomic_write_bytes
 from .grpo import change_summary
-from .stages import DemoContext, Stage
+from .stages import METRIC_KEYS, DemoContext, Stage
 
 CURVE_KEYS = ("curve", "fd_ref_curve")   # in stage.json and the plot, not in metrics.json
+SOLVER_TITLES = {"served": "served sampler", "converged": "converged solver",
+                 "training_free": "training-free solver at the served NFE"}
+
+
+def model_rows(ctx: DemoContext, stages: list[Stage]) -> dict:
+    """The table rows: each row stage's result; with the evidence stage, its metrics replaced by the served row
+    of the report seed (the stage's own, validation-seed metrics kept under `validation`)."""
+    served = ((ctx.results.get("evidence") or {}).get("served") or {}).get("models", {})
+    rows = {}
+    for s in stages:
+        if not (s.row and s.name in ctx.results):
+            continue
+        r = {k: v for k, v in ctx.results[s.name].items() if k not in CURVE_KEYS}
+        if s.name in served:
+            own = {k: r.pop(k) for k in (*METRIC_KEYS, "classifier_logp") if k in r}
+            r = {**r, **served[s.name], "validation": own}
+        rows[s.name] = r
+    return rows
 
 
 def write_metrics(ctx: DemoContext, stages: list[Stage]) -> tuple[dict, dict]:
-    """metrics.json: every finished stage's result (table rows without their curves); returns (rows, others)."""
-    rows = {s.name: ctx.results[s.name] for s in stages if s.row and s.name in ctx.results}
+    """metrics.json (see the module doc); returns (rows, others)."""
+    rows = model_rows(ctx, stages)
     others = {s.name: ctx.results[s.name] for s in stages if not s.row and s.name in ctx.results}
-    atomic_save_json(ctx.run_dir / "metrics.json", {**{k: {kk: vv for kk, vv in v.items() if kk not in CURVE_KEYS}
-                                                       for k, v in rows.items()}, **others})
+    out = {**rows, **{k: v for k, v in others.items() if k != "evidence"}}
+    ev = others.get("evidence")
+    if ev:
+        out.update({sname: ev[sname] for sname in SOLVERS if sname in ev})
+        out["evidence"] = {k: v for k, v in ev.items() if k not in SOLVERS}
+    atomic_save_json(ctx.run_dir / "metrics.json", out)
     return rows, others
 
 
 def introduction(ctx: DemoContext, rows: dict) -> list[str]:
-    """The report's title, what was evaluated and how, the GRPO settings, and the table of rows."""
+    """The report's title, what was evaluated and how, the GRPO settings."""
     cfg = ctx.cfg
     rl = cfg.rl
     return ["# distreward demo: GRPO with a distribution-wise reward on Fashion-MNIST", "",
-            f"Base model `{cfg.model.path}`; every model evaluated with the inference ODE sampler "
-            f"({cfg.eval.method}, {cfg.eval.steps} steps) on {cfg.eval.n} class-balanced samples from fixed seeds, "
-            "the EMA weights for the fine-tuned runs. FD on the reward's feature network (`fmnist-reward`) and on a "
-            "held-out one (`fmnist-eval`, never seen by the reward).", "",
-            f"GRPO: {rl.iterations} iterations of {rl.labels_per_iter} labels x {rl.group_size} samples, "
-            f"T = {rl.steps} SDE steps, a = {rl.noise_level}, beta = {rl.beta}, lr = {rl.lr}; "
-            f"reward `{cfg.reward.name}`" + (f" vs the sample-wise `{ctx.sample_cfg.reward.name}` baseline on the same "
-                                              "budget." if "sample" in rows else "."), "",
-            metrics_table(rows), ""]
+            f"Base model `{cfg.model.path}`. GRPO: {rl.iterations} iterations of {rl.labels_per_iter} labels x "
+            f"{rl.group_size} samples, T = {rl.steps} SDE steps, a = {rl.noise_level}, beta = {rl.beta}, "
+            f"lr = {rl.lr}, clip eps = {rl.clip_eps}; reward `{cfg.reward.name}`"
+            + (f" vs the sample-wise `{ctx.sample_cfg.reward.name}` baseline on the same budget." if "sample" in rows
+               else "."), ""]
+
+
+def evidence_tables(ev: dict) -> list[str]:
+    """FD ± one standard error of every model with every solver, then the other metrics at the converged solver."""
+    models = list(ev["served"]["models"])
+    solvers = [s for s in SOLVERS if s in ev]
+    head = "| model | " + " | ".join(f"{SOLVER_TITLES[s]}: {ev[s]['method']} {ev[s]['steps']} ({ev[s]['nfe']} NFE)"
+                                     f", FD reward / held-out" for s in solvers) + " |"
+    lines = [head, "|---|" + "---|" * len(solvers)]
+    for m in models:
+        cells = []
+        for s in solvers:
+            r = ev[s]["models"].get(m, {})
+            cells.append(f"{with_error(r.get('fd_reward'), r.get('fd_reward_err'))} / "
+                         f"{with_error(r.get('fd_eval'), r.get('fd_eval_err'), '{:.4f}')}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    conv = ev.get("converged", ev["served"])["models"]
+    lines += ["", f"At the {SOLVER_TITLES['converged' if 'converged' in ev else 'served']}: recall, precision, "
+              "per-class FD (held-out; mean and worst class) and FD against Fashion-MNIST test:", "",
+              "| model | precision | recall | per-class FD mean | worst class | FD test (reward) | FD test (held-out) |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for m in models:
+        r = conv.get(m, {})
+        f = lambda k, fmt="{:.3f}": fmt.format(r[k]) if r.get(k) is not None else "–"   # noqa: E731
+        lines.append(f"| {m} | {f('precision')} | {f('recall')} | {f('fd_eval_class_mean', '{:.4f}')} | "
+                     f"{f('fd_eval_class_worst', '{:.4f}')} | "
+                     f"{with_error(r.get('fd_reward_test'), r.get('fd_reward_test_err'))} | "
+                     f"{with_error(r.get('fd_eval_test'), r.get('fd_eval_test_err'), '{:.4f}')} |")
+    return lines
+
+
+def verdict(change: tuple[float, float] | None) -> str:
+    """'-47.1% ± 2.3%, better' (beyond two standard errors), 'worse', or 'within noise'."""
+    if change is None:
+        return "–"
+    d, e = change
+    word = "within noise" if abs(d) <= 2 * e else ("better" if d < 0 else "worse")
+    return f"{d:+.1%} ± {e:.1%} ({word})"
+
+
+def evidence_findings(ev: dict) -> list[str]:
+    """What the numbers show, stated from them: each model vs the base at each solver (held-out FD, then reward
+    FD), and what the training-free solver gives the base at the served cost."""
+    lines = ["What the numbers show (relative FD change vs the base at the same solver, ± one standard error from "
+             "both rows; 'better'/'worse' only beyond two standard errors):", ""]
+    served_base = ev["served"]["models"].get("base")
+    for m in ev["served"]["models"]:
+        if m == "base":
+            continue
+        parts = []
+        for s in (x for x in SOLVERS if x in ev):
+            r, b = ev[s]["models"].get(m), ev[s]["models"].get("base")
+            if r and b:
+                parts.append(f"{SOLVER_TITLES[s]} held-out {verdict(relative_gain(r, b, 'fd_eval'))}, "
+                             f"reward features {verdict(relative_gain(r, b, 'fd_reward'))}")
+        lines.append(f"- **{m}**: " + "; ".join(parts) + ".")
+    tf = ev.get("training_free", {}).get("models", {}).get("base")
+    if tf and served_base:
+        lines.append(f"- **training-free control**: the base with {ev['training_free']['method']} "
+                     f"{ev['training_free']['steps']} steps ({ev['training_free']['nfe']} NFE) instead of the served "
+                     f"{ev['served']['method']} {ev['served']['steps']}: held-out "
+                     f"{verdict(relative_gain(tf, served_base, 'fd_eval'))}, reward features "
+                     f"{verdict(relative_gain(tf, served_base, 'fd_reward'))}.")
+    return lines + [""]
+
+
+def evidence_section(ctx: DemoContext, ev: dict) -> list[str]:
+    search = ev.get("converged_search") or {}
+    how = (f"searched on the base model with the validation seed ({len(search.get('trace', []))} step counts: "
+           "doubling the steps moved FD by less than its standard error on both networks)"
+           if search.get("searched") else "set by evidence.converged_steps")
+    lines = ["## The evidence: served sampler, converged solver, training-free solver", "",
+             f"Every model on the report seed {ev['report_seed']} (used by nothing else; training curves, the "
+             f"converged-step search and merge selection use the validation seed {ev['validation_seed']}), "
+             f"n = {ev['n']} class-balanced samples, the same noise and labels for every model and solver. "
+             f"± is one bootstrap standard error ({ev['uncertainty']} resamples of the generated samples). "
+             f"Converged solver: Heun {search.get('steps')} steps, {how}.", "",
+             *evidence_tables(ev), "", *evidence_findings(ev)]
+    if ev.get("curve"):
+        conv = ev.get("converged", {}).get("models", {})
+        plot_fd_vs_nfe(ev["curve"], ctx.run_dir / "fd_vs_nfe.png",
+                       converged={m: {**r} for m, r in conv.items()})
+        lines += [f"FD against NFE ({ev['curve_n']} samples per point; the stars: the converged solver at n = "
+                  f"{ev['n']}, so compare stars with stars and lines with lines): a model whose lines lie below the "
+                  "base's is a better model, one that only gains at the served NFE is a better-fitted sampler.", "",
+                  "![FD vs NFE](fd_vs_nfe.png)", ""]
+    return lines
 
 
 def grpo_summaries(rows: dict, base: dict) -> list[str]:
-    """One line per GRPO run: FD and recall changes, reward means, the classifier log-prob."""
+    """One line per GRPO run (validation seed, during training): reward means, the classifier log-prob."""
     lines = []
     for name in ("distribution", "sample"):
         if name in rows:
             r = rows[name]
-            logp = (f", classifier log p on the evaluation samples {base['classifier_logp']:.4f} -> "
-                    f"{r['classifier_logp']:.4f}" if r.get("classifier_logp") is not None
-                    and base.get("classifier_logp") is not None else "")
-            lines.append(change_summary(name, r, base)
-                         + f", reward mean {r['reward_mean_first']:.4g} -> {r['reward_mean']:.4g} (first -> last iteration)"
-                         + logp)
+            v, bv = r.get("validation") or r, base.get("validation") or base
+            logp = (f", classifier log p on the evaluation samples {bv['classifier_logp']:.4f} -> "
+                    f"{v['classifier_logp']:.4f}" if v.get("classifier_logp") is not None
+                    and bv.get("classifier_logp") is not None else "")
+            lines.append(change_summary(name, v, bv) + f" (validation seed, n = {v.get('n')})"
+                         + f", reward mean {r['reward_mean_first']:.4g} -> {r['reward_mean']:.4g} (first -> last "
+                         "iteration)" + logp)
     return lines + [""]
 
 
 def write_report(ctx: DemoContext, stages: list[Stage], elapsed: float) -> Path:
     """<run_dir>/report.md and metrics.json from the finished stages' results."""
-    rows, _ = write_metrics(ctx, stages)
+    rows, others = write_metrics(ctx, stages)
     base = rows.get("base")
-    curves = {k: v["curve"] for k, v in rows.items() if "curve" in v}
-    ref_curves = {k: v["fd_ref_curve"] for k, v in rows.items() if v.get("fd_ref_curve")}
-    if curves:
-        plot_fd_curves(curves, ctx.run_dir / "fd_curve.png", base=base, reference=ref_curves)
+    curves = {k: ctx.results[k]["curve"] for k in rows if "curve" in ctx.results[k]}
+    ref_curves = {k: ctx.results[k]["fd_ref_curve"] for k in rows if ctx.results[k].get("fd_ref_curve")}
     lines = introduction(ctx, rows)
+    ev = others.get("evidence")
+    if ev:
+        lines += evidence_section(ctx, ev)
+        rest = {k: v for k, v in rows.items() if k not in ev["served"]["models"]}
+        if rest:
+            lines += ["Rows without evidence (their stage's own evaluation):", "", metrics_table(rest), ""]
+    else:
+        lines += ["Every model with the served sampler on the validation seed:", "", metrics_table(rows), ""]
     if base:
-        lines += grpo_summaries(rows, base)
+        lines += ["## Training", "", *grpo_summaries(rows, base)]
     if curves:
-        lines += ["## FD over iterations", "", "![FD over GRPO iterations](fd_curve.png)", ""]
+        plot_fd_curves(curves, ctx.run_dir / "fd_curve.png", base=base.get("validation", base) if base else None,
+                       reference=ref_curves)
+        lines += ["FD over GRPO iterations (validation seed):", "", "![FD over GRPO iterations](fd_curve.png)", ""]
     lines += ["## Samples", "", "Same noise seeds and labels (one class per column) in every grid.", ""]
     for s in stages:
         png = ctx.run_dir / f"samples_{s.name}.png"
@@ -75,3 +197,7 @@ def write_report(ctx: DemoContext, stages: list[Stage], elapsed: float) -> Path:
             lines += [s.section(ctx.results[s.name], ctx), ""]
     lines += [f"Total time of this invocation: {elapsed / 60:.1f} min (finished stages are reused on re-runs).", ""]
     return atomic_write_bytes(ctx.run_dir / "report.md", "\n".join(lines).encode())
+
+
+__all__ = ["CURVE_KEYS", "evidence_findings", "evidence_tables", "verdict", "write_metrics",
+           "write_report"]

@@ -151,6 +151,7 @@ class Evaluator:
         self.batch_size, self.progress = batch_size, progress
         self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.split: str | None = None             # "train" / "test" for the Fashion-MNIST evaluators
         self.nets, self.labels = [], []
         for spec in feature_nets:
             net = spec if isinstance(spec, torch.nn.Module) else get_feature_network(spec, device=device)
@@ -193,7 +194,9 @@ class Evaluator:
         """Fashion-MNIST `split` as the reference, with the two embedded feature networks (and, with per_class,
         the real statistics of each class, from the dataset's labels)."""
         images, labels = load_fmnist(split)
-        return cls(images, device=device, max_real=max_real, ref_labels=labels if per_class else None, **kwargs)
+        ev = cls(images, device=device, max_real=max_real, ref_labels=labels if per_class else None, **kwargs)
+        ev.split = split
+        return ev
 
     def network(self, name: str) -> tuple[torch.nn.Module | None, GaussianStats | None, np.ndarray | None]:
         """The feature network of that label and its real side (statistics, features), or Nones if it has none."""

@@ -6,7 +6,9 @@ reward's features and real statistics.
 - the paper presets' parts (`merge_parts`): random generator files for a dry run (`merge.random_checkpoints`), EDM2
   pickles converted once to our .safetensors (`merge.format: edm2-pkl`), the ODE sampler with the preset's
   schedule, guidance and latent decoding, and feature networks / real statistics by name or file;
-- the embedded default's parts: `make_ode_sampler`, `make_feature_fn`, `real_statistics` (Fashion-MNIST train).
+- the embedded default's parts: `make_ode_sampler`, `make_feature_fn`, `real_statistics` (Fashion-MNIST train);
+- inputs holding the same weights are used once (`distinct_inputs`, a printed note names the dropped file): a
+  duplicate would count twice in the uniform soup and in every coefficient vector.
 
 Every sampler here is `sampling.generate` on `sampling.velocity_model`: deterministic, no randomness beyond the
 noise it is given.
@@ -14,11 +16,13 @@ noise it is given.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from ..build import build_codec, build_evaluator, build_generator, feature_network, jsonable, real_stats_for
 from ..config import find_file, get, plain
@@ -26,12 +30,14 @@ from ..data import load_fmnist
 from ..evaluation import images_hash, network_hash
 from ..features import compute_features, get_feature_network
 from ..metrics import GaussianStats
-from ..models import save_generator
+from ..models import GENERATOR_FIX, save_generator
 from ..models.edm2 import load_pkl
 from ..sampling import edm_flow_sigmas, sigma_schedule, velocity_model
 from ..sampling.generate import generate
 from ..train.phema import Snapshot, list_snapshots as list_phema, phema_coefficients
 from ..utils import dist as D
+from ..utils.errors import reading
+from ..utils.progress import phase
 from ..utils.rundir import cache_valid, file_sha256, save_cache_key
 from .streaming import CheckpointSet, folder_files, list_snapshots
 
@@ -51,7 +57,43 @@ def open_checkpoints(merge_cfg) -> CheckpointSet:
     paths += include_paths(merge_cfg)
     if not paths:
         raise ValueError("nothing to merge: pass --checkpoints A B ... or --snapshots DIR (merge.checkpoints / merge.snapshots)")
-    return CheckpointSet.open(paths)
+    return CheckpointSet.open(distinct_inputs(paths))
+
+
+def weights_digest(path: Path) -> str:
+    """A digest of a .safetensors file's tensors (names, dtypes, shapes, values), not of its metadata: the same
+    weights saved twice with other notes (a GRPO run's model_ema.safetensors and its last checkpoints/ema_<it>)
+    give the same digest. Memoised per path, size and modification time."""
+    p = Path(path).resolve()
+    st = p.stat()
+    memo = (str(p), st.st_size, st.st_mtime_ns)
+    if memo not in _DIGESTS:
+        h = hashlib.blake2b(digest_size=20)
+        with reading(p, "safetensors file", GENERATOR_FIX), safe_open(str(p), framework="pt") as f:
+            for name in sorted(f.keys()):
+                t = f.get_tensor(name)
+                h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+                h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        _DIGESTS[memo] = h.hexdigest()
+    return _DIGESTS[memo]
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def distinct_inputs(paths: list[Path], *, note: bool = True) -> list[Path]:
+    """`paths` with every file whose weights equal a later file's dropped (the last copy keeps its place, so the
+    `last` baseline is unchanged); with `note`, one line on stderr per dropped file names it and its twin. Files
+    that are missing or not .safetensors are kept as they are (CheckpointSet.open reports them)."""
+    paths = [Path(p) for p in paths]
+    keys = [weights_digest(p) if p.is_file() and p.suffix == ".safetensors" else f"path:{p}" for p in paths]
+    last = {k: i for i, k in enumerate(keys)}
+    kept = [p for i, (p, k) in enumerate(zip(paths, keys)) if last[k] == i]
+    if note and D.is_main():
+        for i, (p, k) in enumerate(zip(paths, keys)):
+            if last[k] != i:
+                phase(f"merge: input {p} dropped: the same weights as {paths[last[k]]} (used once, not counted twice)")
+    return kept
 
 
 def include_paths(merge_cfg) -> list[Path]:
@@ -216,7 +258,7 @@ def preset_inputs(cfg, run_dir: Path) -> CheckpointSet:
     if get(cfg.merge, "format") == "edm2-pkl":
         with D.main_first():
             paths = convert_edm2_pkls(edm2_pkl_paths(cfg.merge), run_dir / "inputs")
-        return CheckpointSet.open(paths + include_paths(cfg.merge))
+        return CheckpointSet.open(distinct_inputs(paths + include_paths(cfg.merge)))
     return open_checkpoints(cfg.merge)
 
 

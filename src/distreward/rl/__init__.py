@@ -5,9 +5,10 @@ reference set (setup.py), update.py (the clipped update, KL, EMA), losses.py (th
 each rank does under torchrun), settings.py (defaults and checks).
 """
 
+from .distill import distill
 from .grpo import DEFAULTS, finetune
 from .losses import approx_kl, clip_fractions, gaussian_kl, group_advantages, ppo_clip_loss, trained_steps
 from .update import ema_update
 
-__all__ = ["finetune", "DEFAULTS", "group_advantages", "ppo_clip_loss", "gaussian_kl", "approx_kl", "clip_fractions",
-           "trained_steps", "ema_update"]
+__all__ = ["finetune", "distill", "DEFAULTS", "group_advantages", "ppo_clip_loss", "gaussian_kl", "approx_kl",
+           "clip_fractions", "trained_steps", "ema_update"]

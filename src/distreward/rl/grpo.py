@@ -96,6 +96,7 @@ def grpo_run(cfg, run: RunDir, device, *, resume: bool, net, reward, evaluator, 
     balanced, shared_noise = rl.labels == "balanced", bool(rl.shared_noise)
     push_every = G if rl.push == "one_per_group" else 1           # 1: every new sample enters the reference set
     adv_std, adv_clip = str(rl.adv_std), float(rl.adv_clip)
+    null_permute = rl.get("null_control", "none") == "permute"   # the null control: real rewards, random samples
     train_mode, train_fraction = str(rl.train_steps.mode), float(rl.train_steps.fraction)
     train_window, train_count = window(rl.train_steps.window), rl.train_steps.get("count")
     cfg_scale, null_label = float(cfg.model.get("cfg_scale") or 1.0), cfg.model.get("num_classes")
@@ -175,6 +176,8 @@ def grpo_run(cfg, run: RunDir, device, *, resume: bool, net, reward, evaluator, 
         t1 = time.perf_counter()
         # 2. rewards r and 3. advantages A, of the whole batch on every rank
         r, gathered = parallel.score(reward, images, ro.labels.to(device), ro.groups.to(device))
+        if null_permute:            # the same rewards (scale, spread) given to random members of the batch
+            r = r[torch.randperm(r.numel(), generator=gen).to(r.device)]
         A, zero_std = group_advantages(r, groups, std=adv_std, clip=adv_clip)
         ro.rewards, ro.adv = r[rows.start:rows.stop], A[rows.start:rows.stop]
         t2 = time.perf_counter()

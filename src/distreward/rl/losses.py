@@ -9,12 +9,16 @@ from __future__ import annotations
 import torch
 
 
-def group_advantages(r: torch.Tensor, groups: torch.Tensor, *, std: str = "group", eps: float = 1e-4,
+def group_advantages(r: torch.Tensor, groups: torch.Tensor, *, std: str = "group", eps: float = 1e-6,
                      clip: float = 5.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A = (r - mean_group(r)) / (std + eps), clipped to +-clip (METHOD.md §4 step 3).
+    """A = (r - mean_group(r)) / (std + eps * scale(r)), clipped to +-clip (METHOD.md §4 step 3).
 
     `std="group"` divides by each group's own std (GRPO), `"global"` by the std of the whole batch (less noisy
-    when groups are small). Also returns, per sample, whether its group had zero reward spread.
+    when groups are small). `eps` is relative: scale(r) is the batch's reward std (`reward_scale`), so A does not
+    change when every reward is multiplied by a positive constant (a distribution-wise reward at N = 50,000 moves
+    by ~1e-4 per sample: an absolute eps of that size would shrink its advantages). A group whose rewards are all
+    equal gets A = 0 exactly (no rounding noise is blown up). Also returns, per sample, whether its group had zero
+    reward spread.
     """
     if std not in ("group", "global"):
         raise ValueError(f"advantage std must be 'group' or 'global', got {std!r}")
@@ -26,9 +30,24 @@ def group_advantages(r: torch.Tensor, groups: torch.Tensor, *, std: str = "group
     centred = r - mean[inverse]
     var = torch.zeros(n_groups, dtype=r.dtype).index_add_(0, inverse, centred ** 2) / (count - 1).clamp(min=1)
     group_std = var.sqrt()[inverse]
-    scale = group_std if std == "group" else r.std() if r.numel() > 1 else torch.zeros((), dtype=r.dtype)
-    adv = (centred / (scale + eps)).clamp(-clip, clip)
-    return adv.float(), group_std <= 1e-12
+    flat = group_spread(r, inverse, n_groups)[inverse] == 0          # all rewards of the group are equal
+    batch_std = reward_scale(r)
+    scale = group_std if std == "group" else batch_std
+    adv = torch.where(flat, torch.zeros_like(r), centred / (scale + eps * batch_std)).clamp(-clip, clip)
+    return adv.float(), flat
+
+
+def reward_scale(r: torch.Tensor) -> torch.Tensor:
+    """The batch's reward scale, its std, floored at the smallest positive float (all-equal rewards: no 0 / 0)."""
+    s = r.std() if r.numel() > 1 else torch.zeros((), dtype=r.dtype)
+    return s.clamp(min=torch.finfo(r.dtype).tiny)
+
+
+def group_spread(r: torch.Tensor, inverse: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """max - min of the rewards of each group (exactly 0 when they are all equal, whatever their scale)."""
+    hi = torch.full((n_groups,), -torch.inf, dtype=r.dtype).scatter_reduce(0, inverse, r, "amax")
+    lo = torch.full((n_groups,), torch.inf, dtype=r.dtype).scatter_reduce(0, inverse, r, "amin")
+    return hi - lo
 
 
 def ppo_clip_loss(adv: torch.Tensor, log_prob: torch.Tensor, log_prob_old: torch.Tensor,
@@ -57,6 +76,12 @@ def approx_kl(log_rho: torch.Tensor) -> torch.Tensor:
 def clip_fractions(rho: torch.Tensor, clip_eps: float) -> tuple[float, float]:
     """Share of ratios above 1+eps and below 1-eps (where the clipped objective is flat on that side)."""
     return float((rho > 1 + clip_eps).float().mean()), float((rho < 1 - clip_eps).float().mean())
+
+
+def clip_binds(rho: torch.Tensor, adv: torch.Tensor, clip_eps: float) -> torch.Tensor:
+    """Where the PPO clip binds: rho > 1 + eps with A > 0, or rho < 1 - eps with A < 0 (the sample's policy
+    gradient is then zero)."""
+    return ((rho > 1 + clip_eps) & (adv > 0)) | ((rho < 1 - clip_eps) & (adv < 0))
 
 
 def trained_steps(T: int, mode: str, *, fraction: float = 0.5, window: int | list | tuple = 5,

@@ -10,11 +10,13 @@ from __future__ import annotations
 import torch
 
 from ..sampling import step_log_prob
-from .losses import gaussian_kl, ppo_clip_loss
+from .losses import clip_binds, gaussian_kl, ppo_clip_loss
 from .parallel import all_reduce_floats, all_reduce_grads_
 from .rollout import Rollouts
 
-LOGGED = ("loss_pg", "loss_kl", "kl_approx", "clip_hi", "clip_lo")
+# Per-iteration means (over samples, trained steps and updates). clip_hi / clip_lo: shares of ratios beyond 1 + eps /
+# 1 - eps; clip_bind: the share where the clip binds (beyond the bound on A's side: zero policy gradient).
+LOGGED = ("loss_pg", "loss_kl", "kl_approx", "clip_hi", "clip_lo", "clip_bind")
 
 
 @torch.no_grad()
@@ -73,6 +75,7 @@ def update(net, model, ref_model, ema, optimizer, ro: Rollouts, steps: list[int]
                 local[2] += float((torch.expm1(lr_) - lr_).sum())          # approx KL(p_old || p_theta)
                 local[3] += float((r > 1 + eps).sum())                      # clipped above
                 local[4] += float((r < 1 - eps).sum())                      # clipped below
+                local[5] += float(clip_binds(r, ro.adv[mine].to(r.device), eps).sum())
                 local[len(LOGGED) + k] += float(r.sum())
             all_reduce_grads_(params)
             total = all_reduce_floats(local)

@@ -190,7 +190,8 @@ class GrpoRL:
     train_steps: TrainSteps = section(TrainSteps, "the trained steps of each iteration")
     inner_epochs: int = key(1, "passes over the batch per iteration", ge=1)
     minibatches: int = key(2, "minibatches per pass", ge=1)
-    clip_eps: float = key(0.2, "eps of the PPO clip", gt=0, lt=1)
+    clip_eps: float = key(2e-4, "eps of the PPO clip (rho of log-probs averaged over dimensions stays near 1)",
+                          gt=0, lt=1)
     beta: float = key(0.01, "weight of the KL term to the base policy", ge=0)
     adv_std: str = key("group", "advantages divided by the group's std or the batch's", choices=("group", "global"))
     adv_clip: float = key(5.0, "advantages clipped to [-adv_clip, adv_clip]", gt=0)
@@ -200,6 +201,9 @@ class GrpoRL:
     grad_clip: float = key(1.0, "gradient-norm clip", gt=0)
     ema_decay: float = key(0.9, "decay of the EMA weights (evaluated and saved)", ge=0, lt=1)
     batch_size: int = key(256, "rollout / reference-set generation batch (per rank)", ge=1)
+    null_control: str = key("none", "permute: the rewards of each iteration are permuted across the batch before "
+                                    "the advantages (a null control with the real rewards' scale)",
+                            choices=("none", "permute"))
 
 
 @dataclass
@@ -272,6 +276,34 @@ class GrpoDemo:
 
 
 @dataclass
+class Evidence:
+    """How the demo and `distreward study` report a model (docs/metrics.md "Evidence protocol")."""
+    validation_seed: int = key(777, "seed of the validation evaluations: the converged-step search and anything "
+                                    "chosen by looking at numbers")
+    report_seed: int = key(4321, "seed of the reported evaluations (fresh: used for nothing else)")
+    n: Optional[int] = key(None, "samples per reported evaluation (null: eval.n)", ge=2)
+    uncertainty: int = key(50, "bootstrap resamples behind each reported FD's standard error (fd_*_err)", ge=2)
+    converged_steps: Optional[int] = key(None, "Heun steps of the converged solver (null: searched on the "
+                                               "validation seed: the steps from which doubling moves FD by less "
+                                               "than its standard error)", ge=1)
+    search_n: int = key(500, "samples per evaluation of the converged-step search", ge=2)
+    search_start: int = key(8, "first Heun step count of the search (then doubled)", ge=1)
+    search_max: int = key(64, "largest Heun step count of the search", ge=2)
+    test_split: bool = key(True, "also report FD against Fashion-MNIST test (fmnist evaluators only)")
+    curve_n: int = key(500, "samples per point of the FD-vs-NFE plot (0: no plot)", ge=0)
+    curve_nfe: list[int] = key([5, 10, 20, 40], "NFE of the FD-vs-NFE plot's points (Euler and Heun)", ge=1)
+
+
+@dataclass
+class Distill:
+    """The distillation control of `distreward study` (distreward.rl.distill): the policy's velocities on the
+    served grid regressed onto the base model's converged-solver trajectories, at GRPO's budget and settings."""
+    teacher_steps: Optional[int] = key(None, "Heun steps of the teacher's trajectories (null: the converged steps "
+                                             "of the evidence section, else 32)", ge=1)
+    teacher_method: str = key("heun", "ODE method of the teacher", choices=ODE_METHODS)
+
+
+@dataclass
 class Finetune:
     """`distreward finetune` (and the demo's GRPO runs): GRPO with a distribution-wise or sample-wise reward."""
     name: str = name_key("grpo")
@@ -283,6 +315,9 @@ class Finetune:
     eval: GrpoEval = section(GrpoEval, "evaluation of the EMA model with the served sampler")
     checkpoint: Checkpoint = section(Checkpoint, "checkpoints")
     demo: Optional[GrpoDemo] = section(GrpoDemo, "settings of `distreward demo`", optional=True)
+    evidence: Evidence = section(Evidence, "how the demo and `distreward study` report models: seeds, converged "
+                                           "solver, uncertainty")
+    distill: Distill = section(Distill, "the distillation control of `distreward study`")
     dry_run: Optional[Partial] = dry_run_key()
     dry_run_of: Optional[str] = dry_run_of_key()
 

@@ -1,0 +1,43 @@
+"""`distreward study --config PRESET --seeds 0 1 2 --controls`: a config against its controls over several seeds
+(thin over distreward.study.run_study)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..study import ARMS, CONTROLS, run_study
+from . import new_output
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="fmnist_grpo", help="the fine-tuning preset or YAML file (default: fmnist_grpo)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
+    p.add_argument("--controls", action="store_true",
+                   help="add the controls: the permuted-reward null and the distillation control")
+    p.add_argument("--sample", action="store_true", help="add the sample-wise reward (classifier log-prob) arm")
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=None,
+                   help="the arms explicitly (default: grpo, plus the controls / sample arm when asked)")
+    p.add_argument("--run-dir", default=None, help="output folder (default: runs/study_<config name>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train every arm afresh (default: resume or reuse runs of the same settings)")
+    p.add_argument("--no-eval-cache", action="store_true", help="evaluate every model afresh, without the cache")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides for every arm, e.g. rl.iterations=10 evidence.n=500")
+
+
+def run(args) -> int:
+    arms = args.arms or ["grpo", *(CONTROLS if args.controls else ()), *(("sample",) if args.sample else ())]
+    out = args.run_dir and new_output(args.run_dir)
+    result = run_study(args.config, args.overrides, seeds=args.seeds, arms=arms, run_dir=out,
+                       overwrite=args.overwrite, progress=not args.no_progress,
+                       eval_cache=None if args.no_eval_cache else "auto")
+    for sname in ("served", "converged"):
+        s = result["solvers"][sname]
+        base = result["rows"][sname]["base"]
+        print(f"  {sname} ({s['method']} {s['steps']}): base FD held-out {base['fd_eval']:.4f}")
+        for arm, figs in result["summary"][sname].items():
+            e = figs.get("fd_eval")
+            if e:
+                print(f"    {arm:>8}: {e['mean']:.4f}" + (f" ± {e['std']:.4f}" if e.get("std") is not None else "")
+                      + f" over {len(e['seeds'])} seeds")
+    return 0

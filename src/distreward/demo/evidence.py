@@ -1,0 +1,93 @@
+"""The demo's evidence stage: every model of the demo reported with the evidence protocol (evaluation/protocol.py).
+
+Base, the GRPO models and the merged models, on the report seed (fresh: used by no other stage), with the served
+sampler, a converged Heun solver (its step count searched on the base model with the validation seed, or the
+preset's) and a training-free Heun solver at the served NFE; FD with bootstrap standard errors on both feature
+networks, against Fashion-MNIST train and test, per-class FD; and FD against NFE for Euler and Heun (the plot).
+Its result gives metrics.json its `served`, `converged` and `training_free` entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from ..build import eval_plan
+from ..evaluation import Evaluator
+from ..evaluation.protocol import (SOLVERS, Protocol, combined_figures, evaluate_models, fd_vs_nfe,
+                                   find_converged_steps, relative_gain, split_figures)
+from ..models import load_generator
+from ..utils.rundir import hash_inputs, plain_config
+from .grpo import classifier_figures, evaluation_key
+from .stages import DemoContext
+
+# The demo's models besides the base, in report order: (name, weight file under the run directory).
+MODEL_FILES = (("distribution", "distribution/model_ema.safetensors"), ("sample", "sample/model_ema.safetensors"),
+               ("merge_ema", "merge_ema/merged.safetensors"), ("merge_rl", "merge_rl/merged.safetensors"))
+
+
+def protocol(ctx: DemoContext) -> Protocol:
+    plan = eval_plan(ctx.cfg, noise="seed")
+    return Protocol.of(ctx.cfg.get("evidence") or {}, plan.sampler, plan.n)
+
+
+def model_files(ctx: DemoContext) -> dict[str, Path]:
+    """The demo's trained / merged models that exist, by name."""
+    return {name: ctx.run_dir / rel for name, rel in MODEL_FILES
+            if name in ctx.results and (ctx.run_dir / rel).is_file()}
+
+
+def test_evaluator(ctx: DemoContext):
+    """Fashion-MNIST test as the reference (the same feature networks), when the evaluator is the Fashion-MNIST
+    one and evidence.test_split is on; else None."""
+    on = bool((ctx.cfg.get("evidence") or {}).get("test_split", True))
+    if not on or getattr(ctx.evaluator, "split", None) != "train":
+        return None
+    return Evaluator.for_fmnist(device=ctx.cfg.device, split="test")
+
+
+def evidence_key(ctx: DemoContext) -> dict:
+    """What the evidence stage depends on: the evaluation settings, the evidence section, the models' content."""
+    return {**evaluation_key(ctx), "evidence": plain_config(ctx.cfg.get("evidence") or {}),
+            "models": hash_inputs(model_files(ctx).values())}
+
+
+def stage_evidence(ctx: DemoContext) -> dict:
+    """Every model with the three solvers on the report seed, and the FD-vs-NFE curve."""
+    proto = protocol(ctx)
+    base_plan = eval_plan(ctx.cfg, noise="seed")
+    search = find_converged_steps(ctx.base_net, ctx.evaluator, base_plan, proto, device=ctx.cfg.device,
+                                  progress=ctx.progress, cache=ctx.eval_cache)
+    solvers = proto.solvers(search["steps"])
+    models = {"base": ctx.base_net, **{name: load_generator(p).eval() for name, p in model_files(ctx).items()}}
+    per_class = any(c is not None for c in getattr(ctx.evaluator, "real_class_stats", None) or [])
+    plan = replace(base_plan, n=proto.n, seed=proto.report_seed, uncertainty=proto.uncertainty, per_class=per_class)
+    split = test_evaluator(ctx)
+    figures = combined_figures(classifier_figures(ctx),
+                               split and split_figures(split, "_test", proto.uncertainty, proto.report_seed))
+    print(f"[demo] evidence: {len(models)} models x {len(solvers)} solvers ({', '.join(f'{k}: {s.method} {s.steps}' for k, s in solvers.items())}), "
+          f"n = {proto.n}, report seed {proto.report_seed}")
+    table = evaluate_models(models, ctx.evaluator, plan, solvers, device=ctx.cfg.device, progress=ctx.progress,
+                            cache=ctx.eval_cache, figures=figures)
+    curve = []
+    if proto.curve_n:
+        curve_models = {k: v for k, v in models.items() if k in ("base", "distribution", "sample")}
+        curve = fd_vs_nfe(curve_models, ctx.evaluator, replace(base_plan, n=proto.curve_n, seed=proto.report_seed),
+                          proto.curve_nfe, device=ctx.cfg.device, progress=ctx.progress, cache=ctx.eval_cache)
+    out = {"converged_search": search, "n": proto.n, "report_seed": proto.report_seed,
+           "validation_seed": proto.validation_seed, "uncertainty": proto.uncertainty, "curve": curve,
+           "curve_n": proto.curve_n, "err": "one bootstrap standard error"}
+    for sname, spec in solvers.items():
+        out[sname] = {"method": spec.method, "steps": int(spec.steps), "nfe": next(iter(table[sname].values()))["nfe"],
+                      "models": table[sname]}
+    return out
+
+
+def gains(result: dict, key: str = "fd_eval") -> dict[str, dict[str, tuple[float, float] | None]]:
+    """{solver: {model: (relative change of `key` vs the base, its standard error)}} of an evidence result."""
+    out = {}
+    for sname in SOLVERS:
+        rows = result.get(sname, {}).get("models", {})
+        base = rows.get("base")
+        out[sname] = {m: relative_gain(r, base, key) for m, r in rows.items() if m != "base" and base}
+    return out

@@ -1,0 +1,150 @@
+"""The evidence protocol: how a set of models is reported so that a gain survives a reviewer's controls.
+
+Every model is evaluated on the same noise and labels (a seed) with three solvers:
+  served         the sampler the model is served with (what RL trained for);
+  converged      Heun with enough steps that doubling them moves FD by less than its standard error (searched on
+                 the validation seed, `find_converged_steps`): is the model itself better, or only its sampler?
+  training_free  Heun at the served sampler's cost (NFE): what a better solver gives without any training.
+Each FD carries a bootstrap standard error (`fd_*_err`), per-class FD (mean, worst class) and, with a second
+evaluator (Fashion-MNIST test), the same FDs against that split (`fd_*_test`). Seeds: anything chosen by looking
+at numbers uses `validation_seed`; reported numbers use `report_seed`, used for nothing else (docs/metrics.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Mapping
+
+from ..sampling.generate import SamplerSpec
+from .cache import EvalCache, ImageFigures
+from .evaluator import evaluator_key
+from .generator import EvalPlan, converged_steps, evaluate_generator, evidence_metrics, heun_for_nfe, net_keys, nfe
+
+SOLVERS = ("served", "converged", "training_free")
+ROW_KEYS = ("fd_reward", "fd_reward_err", "fd_eval", "fd_eval_err", "precision", "recall", "kid", "n",
+            "fd_reward_class_mean", "fd_reward_class_worst", "fd_eval_class_mean", "fd_eval_class_worst",
+            "fd_reward_test", "fd_reward_test_err", "fd_eval_test", "fd_eval_test_err", "classifier_logp")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """The evidence settings of a config (the `evidence` section; schema Evidence)."""
+    served: SamplerSpec
+    validation_seed: int = 777
+    report_seed: int = 4321
+    n: int = 2000
+    uncertainty: int = 50
+    converged_steps: int | None = None
+    search_n: int = 500
+    search_start: int = 8
+    search_max: int = 64
+    curve_n: int = 500
+    curve_nfe: tuple = (5, 10, 20, 40)
+
+    @classmethod
+    def of(cls, evidence: Mapping, served: SamplerSpec, n: int) -> "Protocol":
+        e = dict(evidence or {})
+        return cls(served=served, validation_seed=int(e.get("validation_seed", 777)),
+                   report_seed=int(e.get("report_seed", 4321)), n=int(e.get("n") or n),
+                   uncertainty=int(e.get("uncertainty", 50)), converged_steps=e.get("converged_steps"),
+                   search_n=int(e.get("search_n", 500)), search_start=int(e.get("search_start", 8)),
+                   search_max=int(e.get("search_max", 64)), curve_n=int(e.get("curve_n", 500)),
+                   curve_nfe=tuple(int(k) for k in e.get("curve_nfe", (5, 10, 20, 40))))
+
+    def solvers(self, converged_steps: int) -> dict[str, SamplerSpec]:
+        """The three solvers: served, Heun at `converged_steps`, Heun at the served NFE."""
+        return {"served": self.served,
+                "converged": replace(self.served, kind="ode", method="heun", steps=int(converged_steps)),
+                "training_free": heun_for_nfe(nfe(self.served), self.served)}
+
+
+def find_converged_steps(net, evaluator, plan: EvalPlan, protocol: Protocol, *, arch: str = "unet", device="cpu",
+                         progress: bool = False, cache: EvalCache | None = None) -> dict:
+    """The converged Heun step count of `net` on the validation seed (protocol.search_n samples): the settings'
+    count if given, else `converged_steps`' search. Returns {"steps", "searched", "trace"}; steps falls back to
+    search_max (with converged False in the trace) when no doubling settled within it."""
+    if protocol.converged_steps:
+        return {"steps": int(protocol.converged_steps), "searched": False, "trace": []}
+    valid = replace(plan, n=protocol.search_n, seed=protocol.validation_seed, uncertainty=protocol.uncertainty,
+                    fd_infinity=False, per_class=False)
+    steps, trace = converged_steps(net, evaluator, valid, "heun", protocol.search_start, protocol.search_max,
+                                   arch=arch, device=device, progress=progress, cache=cache)
+    return {"steps": int(steps) if steps is not None else int(protocol.search_max), "searched": True,
+            "trace": trace}
+
+
+def split_figures(evaluator, suffix: str, uncertainty: int, seed: int) -> ImageFigures:
+    """FD of the evaluation images against another evaluator's real data (e.g. Fashion-MNIST test), with
+    bootstrap errors: keys fd_reward<suffix>, fd_reward<suffix>_err (same for fd_eval)."""
+    key = {"split": evaluator_key(evaluator), "suffix": suffix, "uncertainty": int(uncertainty), "seed": int(seed)}
+
+    def fn(images) -> dict:
+        feats = evaluator.features(images)
+        fds = evaluator.evaluate_features(feats)["fd"]
+        errs = evidence_metrics(evaluator, feats, None, uncertainty=uncertainty, seed=seed)["fd_err"]
+        out = {}
+        for label, name in zip(evaluator.labels, net_keys(evaluator)):
+            out[f"{name}{suffix}"], out[f"{name}{suffix}_err"] = fds[label], errs[label]
+        return out
+    return ImageFigures(key, fn)
+
+
+def combined_figures(*figures: ImageFigures | None) -> ImageFigures | None:
+    """Several ImageFigures as one (keys and values merged, in order)."""
+    figs = [f for f in figures if f is not None]
+    if not figs:
+        return None
+    return ImageFigures([f.key for f in figs], lambda images: {k: v for f in figs for k, v in f.fn(images).items()})
+
+
+def report_row(metrics: Mapping, solver: SamplerSpec) -> dict:
+    """The row of a model in a report: ROW_KEYS present in its metrics, plus the solver's method, steps, NFE."""
+    row = {k: metrics[k] for k in ROW_KEYS if metrics.get(k) is not None}
+    return {**row, "method": solver.method, "steps": int(solver.steps), "nfe": nfe(solver)}
+
+
+def evaluate_models(models: Mapping[str, object], evaluator, plan: EvalPlan, solvers: Mapping[str, SamplerSpec], *,
+                    arch: str = "unet", device="cpu", progress: bool = False, cache: EvalCache | None = None,
+                    figures: ImageFigures | None = None,
+                    on_model: Callable[[str, str, dict], None] | None = None) -> dict[str, dict[str, dict]]:
+    """{solver: {model: row}}: every model with every solver on the plan's noise and labels (paired: row i of two
+    models comes from the same noise and label), with the plan's evidence (uncertainty, per-class FD) and
+    `figures` (e.g. `split_figures` of the test split). `on_model(solver, model, row)` is called after each."""
+    out: dict[str, dict[str, dict]] = {s: {} for s in solvers}
+    for mname, net in models.items():
+        for sname, spec in solvers.items():
+            m, _ = evaluate_generator(net, evaluator, replace(plan, sampler=spec), arch=arch, device=device,
+                                      progress=progress, desc=f"{mname} {sname} ({spec.method} {spec.steps})",
+                                      cache=cache, figures=figures)
+            out[sname][mname] = report_row(m, spec)
+            if on_model is not None:
+                on_model(sname, mname, out[sname][mname])
+    return out
+
+
+def fd_vs_nfe(models: Mapping[str, object], evaluator, plan: EvalPlan, nfes, *, arch: str = "unet", device="cpu",
+              progress: bool = False, cache: EvalCache | None = None) -> list[dict]:
+    """FD of every model with Euler and with Heun at about each NFE in `nfes` (Heun: the most steps within it):
+    rows {model, method, steps, nfe, fd_reward, fd_eval}. The picture that answers "better model or better
+    sampler"."""
+    rows = []
+    base = plan.sampler
+    for mname, net in models.items():
+        for budget in nfes:
+            for spec in (replace(base, kind="ode", method="euler", steps=int(budget)), heun_for_nfe(int(budget), base)):
+                m, _ = evaluate_generator(net, evaluator, replace(plan, sampler=spec), arch=arch, device=device,
+                                          progress=progress, desc=f"{mname} {spec.method} {spec.steps}", cache=cache)
+                rows.append({"model": mname, "method": spec.method, "steps": int(spec.steps), "nfe": nfe(spec),
+                             "fd_reward": m.get("fd_reward"), "fd_eval": m.get("fd_eval")})
+    return rows
+
+
+def relative_gain(row: Mapping, base: Mapping, key: str) -> tuple[float, float] | None:
+    """(FD_model / FD_base - 1, its standard error from both rows' errors, treated as independent: an upper
+    bound for paired rows) of metric `key`; None when a value or error is missing."""
+    a, b = row.get(key), base.get(key)
+    ea, eb = row.get(f"{key}_err"), base.get(f"{key}_err")
+    if None in (a, b, ea, eb) or not b:
+        return None
+    ratio = a / b
+    return ratio - 1.0, ratio * ((ea / a) ** 2 + (eb / b) ** 2) ** 0.5 if a else float("nan")

@@ -1,0 +1,103 @@
+"""`distreward study` at tiny size: the arms (GRPO, permuted-reward null, distillation control) over seeds, the
+evidence protocol's rows, the summary over seeds, and the null control's rewards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from _tiny import TinyClassifier
+from distreward.utils.threads import set_threads
+
+set_threads()   # $DISTREWARD_THREADS (1 in the project's test runs)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture()
+def tiny(tmp_path):
+    from distreward.evaluation import Evaluator
+    from distreward.models import build_network, save_generator
+
+    kwargs = {"img_resolution": 32, "img_channels": 1, "num_classes": 10, "model_channels": 4, "channel_mult": [1, 2],
+              "num_blocks": 1, "attn_resolutions": []}
+    torch.manual_seed(0)
+    net = build_network("unet", kwargs)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    save_generator(tmp_path / "base.safetensors", net, "unet", kwargs)
+    ref = (0.5 * torch.randn((200, 1, 32, 32), generator=torch.Generator().manual_seed(3))).clamp(-1, 1)
+    ev = Evaluator(ref, feature_nets=(TinyClassifier(1, num_classes=10), TinyClassifier(2, num_classes=10)),
+                   labels=["fmnist-reward", "fmnist-eval"], cache_dir=None, max_real=200, kid_subsets=5,
+                   kid_subset_size=20, ref_labels=torch.arange(200) % 10)
+    overrides = [f"model.path={tmp_path / 'base.safetensors'}", "rl.iterations=2", "rl.labels_per_iter=2",
+                 "rl.group_size=3", "rl.steps=3", "rl.train_steps.window=1", "reward.reference_size=24",
+                 "eval.n=20", "eval.steps=3", "eval.every=0", "eval.grid=10", "eval.batch_size=20",
+                 "checkpoint.every=1", "evidence.n=30", "evidence.uncertainty=5", "evidence.converged_steps=2",
+                 "evidence.report_seed=5", "distill.teacher_steps=6"]
+    return tmp_path, ev, overrides
+
+
+def test_study_runs_every_arm_and_seed_and_summarizes(tiny):
+    from distreward.study import run_study, separation
+
+    tmp_path, ev, overrides = tiny
+    res = run_study("fmnist_grpo", overrides, seeds=[0, 1], arms=["grpo", "null", "distill"],
+                    run_dir=tmp_path / "study", progress=False, evaluator=ev, eval_cache=None)
+    names = {f"{a}/seed{s}" for a in ("grpo", "null", "distill") for s in (0, 1)}
+    assert set(res["rows"]["served"]) == set(res["rows"]["converged"]) == names | {"base"}
+    assert set(res["rows"]["training_free"]) == {"base"}
+    assert res["solvers"]["converged"] == {"method": "heun", "steps": 2, "nfe": 3}
+    assert res["solvers"]["training_free"]["nfe"] <= res["solvers"]["served"]["nfe"] == 3
+    for sname in ("served", "converged"):
+        rows = res["rows"][sname]
+        assert all(r["fd_eval_err"] > 0 and r["n"] == 30 for r in rows.values())
+        # seeds and arms train different models: no two rows alike
+        assert len({round(r["fd_eval"], 12) for r in rows.values()}) == len(rows)
+        s = res["summary"][sname]
+        for arm in ("grpo", "null", "distill"):
+            vals = [rows[f"{arm}/seed{i}"]["fd_eval"] for i in (0, 1)]
+            assert s[arm]["fd_eval"]["seeds"] == vals
+            assert s[arm]["fd_eval"]["mean"] == pytest.approx(sum(vals) / 2)
+            assert s[arm]["fd_eval"]["std"] == pytest.approx(abs(vals[0] - vals[1]) / 2 ** 0.5)
+        assert separation(s, "grpo", "null") == (max(s["grpo"]["fd_eval"]["seeds"]) < min(s["null"]["fd_eval"]["seeds"]))
+    root = tmp_path / "study"
+    assert json.loads((root / "study.json").read_text())["rows"] == json.loads(json.dumps(res["rows"]))
+    md = (root / "study.md").read_text()
+    assert "| distill |" in md and "| null/seed1 |" in md and "Training-free control" in md
+    assert (root / "study.png").stat().st_size > 1000
+    cfg = (root / "seed1" / "null" / "config.yaml").read_text()
+    assert "null_control: permute" in cfg and "seed: 1" in cfg
+    assert (root / "seed0" / "distill" / "model_ema.safetensors").is_file()
+
+    # a second call reuses the finished runs (resume of the same settings) and gives the same rows
+    res2 = run_study("fmnist_grpo", overrides, seeds=[0, 1], arms=["grpo", "null", "distill"],
+                     run_dir=root, progress=False, evaluator=ev, eval_cache=None)
+    assert res2["rows"] == res["rows"]
+
+
+def test_null_control_permutes_the_real_rewards(tiny, monkeypatch):
+    """rl.null_control=permute: the advantages see the same rewards (scale, spread), on other samples."""
+    from distreward.rl import grpo
+
+    tmp_path, ev, overrides = tiny
+    from distreward.config import load_config
+
+    seen = {}
+    real_adv = grpo.group_advantages
+
+    def spy(r, groups, **kw):
+        seen.setdefault(tag, []).append(r.clone())
+        return real_adv(r, groups, **kw)
+
+    monkeypatch.setattr(grpo, "group_advantages", spy)
+    for tag in ("real", "null"):
+        cfg = load_config("fmnist_grpo", overrides + ["rl.iterations=1"]
+                          + (["rl.null_control=permute"] if tag == "null" else []))
+        grpo.finetune(cfg, tmp_path / tag, evaluator=ev, progress=False)
+    real, null = seen["real"][0], seen["null"][0]
+    assert torch.equal(real.sort().values, null.sort().values)     # the same rewards...
+    assert not torch.equal(real, null)                              # ...given to other samples
