@@ -29,3 +29,21 @@ class TinyClassifier(TinyFeatures):
 
     def logits(self, x):
         return self.head(self(x))
+
+
+TINY_UNET = {"img_resolution": 32, "img_channels": 1, "num_classes": 10, "model_channels": 4, "channel_mult": [1, 2],
+             "num_blocks": 1, "attn_resolutions": []}
+
+
+def save_tiny_unet(path, noise: float = 0.05, seed: int = 0):
+    """A tiny class-conditional UNet generator file. The UNet's output layer starts at zero: `noise` added to every
+    weight gives the stand-in base a non-trivial velocity."""
+    from distreward.models import build_network, save_generator
+
+    torch.manual_seed(seed)
+    net = build_network("unet", TINY_UNET)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(noise * torch.randn_like(p))
+    save_generator(path, net, "unet", TINY_UNET)
+    return path

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from _tiny import save_tiny_unet
 from distreward.utils.threads import set_threads
 
 set_threads()   # $DISTREWARD_THREADS (1 in the project's test runs)
@@ -33,16 +34,8 @@ class TinyFeatures(nn.Module):
 @pytest.fixture()
 def tiny_setup(tmp_path):
     from distreward.evaluation import Evaluator
-    from distreward.models import build_network, save_generator
 
-    kwargs = {"img_resolution": 32, "img_channels": 1, "num_classes": 10, "model_channels": 4, "channel_mult": [1, 2],
-              "num_blocks": 1, "attn_resolutions": []}
-    torch.manual_seed(0)
-    net = build_network("unet", kwargs)
-    with torch.no_grad():   # the UNet's output layer starts at zero: give the stand-in base a non-trivial velocity
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    save_generator(tmp_path / "base.safetensors", net, "unet", kwargs)
+    save_tiny_unet(tmp_path / "base.safetensors", noise=0.05)
     g = torch.Generator().manual_seed(3)
     ref = (0.5 * torch.randn((200, 1, 32, 32), generator=g)).clamp(-1, 1)
     ev = Evaluator(ref, feature_nets=(TinyFeatures(1), TinyFeatures(2)), labels=["fmnist-reward", "fmnist-eval"],

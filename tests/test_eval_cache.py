@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from _spawn import run_ranks
-from _tiny import TinyClassifier, TinyFeatures
+from _tiny import TinyClassifier, TinyFeatures, save_tiny_unet
 from distreward.evaluation import (EvalCache, EvalPlan, Evaluator, ImageFigures, converged_steps, evaluate_generator,
                                    evaluate_solvers)
 from distreward.evaluation.cache import decode, encode, shown
@@ -306,18 +306,10 @@ def test_merge_baselines_are_reused_by_a_second_run(tmp_path):
 def test_demo_with_the_cache_writes_the_same_numbers_and_reuses_base_evaluations(tmp_path, monkeypatch):
     from distreward import demo
     from distreward.evaluation import Evaluator as Ev
-    from distreward.models import build_network, save_generator
 
     monkeypatch.setattr(demo, "BUILTIN_STAGES", [s for s in demo.BUILTIN_STAGES if not s.name.startswith("merge")])
     monkeypatch.setattr(demo.stages, "EXTRA_STAGES", [])
-    kwargs = {"img_resolution": 32, "img_channels": 1, "num_classes": 10, "model_channels": 4, "channel_mult": [1, 2],
-              "num_blocks": 1, "attn_resolutions": []}
-    torch.manual_seed(0)
-    net = build_network("unet", kwargs)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    save_generator(tmp_path / "base.safetensors", net, "unet", kwargs)
+    save_tiny_unet(tmp_path / "base.safetensors", noise=0.05)
     ref = (0.5 * torch.randn((200, 1, 32, 32), generator=torch.Generator().manual_seed(3))).clamp(-1, 1)
     ev = Ev(ref, feature_nets=(TinyClassifier(1, num_classes=10), TinyFeatures(2)),
             labels=["fmnist-reward", "fmnist-eval"],
@@ -325,7 +317,8 @@ def test_demo_with_the_cache_writes_the_same_numbers_and_reuses_base_evaluations
     overrides = [f"model.path={tmp_path / 'base.safetensors'}", "rl.iterations=1", "rl.labels_per_iter=2",
                  "rl.group_size=3", "rl.steps=3", "rl.train_steps.window=1", "reward.reference_size=24",
                  "eval.n=20", "eval.steps=3", "eval.every=1", "eval.grid=10", "eval.batch_size=20",
-                 "checkpoint.every=1", "demo.crosscheck_steps=2"]
+                 "checkpoint.every=1", "demo.crosscheck_steps=2", "evidence.n=30", "evidence.uncertainty=5",
+                 "evidence.converged_steps=4", "evidence.curve_n=0"]
     cache = EvalCache(tmp_path / "evals")
 
     def numbers(run_dir):
@@ -336,14 +329,15 @@ def test_demo_with_the_cache_writes_the_same_numbers_and_reuses_base_evaluations
 
     plain = demo.run_demo(tmp_path / "plain", overrides=overrides, progress=False, evaluator=ev, eval_cache=None)
     demo.run_demo(tmp_path / "cached", overrides=overrides, progress=False, evaluator=ev, eval_cache=cache)
-    assert cache.misses == 3 and cache.hits == 0          # base, and base + distribution at the cross-check steps
+    # base; base + distribution at the cross-check steps; base + distribution x 3 solvers in the evidence stage
+    assert cache.misses == 9 and cache.hits == 0
     assert numbers(tmp_path / "cached") == numbers(tmp_path / "plain")
     for png in ("samples_base.png", "samples_distribution.png"):
         assert (tmp_path / "cached" / png).read_bytes() == (tmp_path / "plain" / png).read_bytes(), png
     # a second demo with a changed GRPO setting: the base evaluations are read back, the new model's computed
     changed = overrides + ["rl.lr=0.003"]
     demo.run_demo(tmp_path / "changed", overrides=changed, progress=False, evaluator=ev, eval_cache=cache)
-    assert cache.hits == 2 and cache.misses == 4
+    assert cache.hits == 5 and cache.misses == 13         # every base evaluation read back
     ref = demo.run_demo(tmp_path / "changed_plain", overrides=changed, progress=False, evaluator=ev, eval_cache=None)
     assert numbers(tmp_path / "changed") == numbers(tmp_path / "changed_plain")
     assert ref["base"] == plain["base"] | {"seconds": ref["base"]["seconds"]}

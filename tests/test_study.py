@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from _tiny import TinyClassifier
+from _tiny import TinyClassifier, save_tiny_unet
 from distreward.utils.threads import set_threads
 
 set_threads()   # $DISTREWARD_THREADS (1 in the project's test runs)
@@ -19,16 +19,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture()
 def tiny(tmp_path):
     from distreward.evaluation import Evaluator
-    from distreward.models import build_network, save_generator
 
-    kwargs = {"img_resolution": 32, "img_channels": 1, "num_classes": 10, "model_channels": 4, "channel_mult": [1, 2],
-              "num_blocks": 1, "attn_resolutions": []}
-    torch.manual_seed(0)
-    net = build_network("unet", kwargs)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    save_generator(tmp_path / "base.safetensors", net, "unet", kwargs)
+    save_tiny_unet(tmp_path / "base.safetensors", noise=0.3)
     ref = (0.5 * torch.randn((200, 1, 32, 32), generator=torch.Generator().manual_seed(3))).clamp(-1, 1)
     ev = Evaluator(ref, feature_nets=(TinyClassifier(1, num_classes=10), TinyClassifier(2, num_classes=10)),
                    labels=["fmnist-reward", "fmnist-eval"], cache_dir=None, max_real=200, kid_subsets=5,

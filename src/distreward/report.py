@@ -52,6 +52,17 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | N
     return atomic_write_bytes(path, buf.getvalue())
 
 
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """A matplotlib figure as a PNG (laid out tightly, written atomically), then closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
 def plot_fd_curves(curves: dict[str, list[dict]], path: str | os.PathLike, keys=("fd_reward", "fd_eval"),
                    base: dict | None = None, reference: dict[str, list[dict]] | None = None) -> Path:
     """FD over iterations, one panel per feature network, one line per run; `curves[run]` is a list of eval
@@ -86,11 +97,7 @@ def plot_fd_curves(curves: dict[str, list[dict]], path: str | os.PathLike, keys=
         ax.set_title({"fd_reward": "FD, reward features", "fd_eval": "FD, held-out features"}.get(key, key))
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_figure(fig, path)
 
 
 def metrics_table(rows: dict[str, dict]) -> str:
@@ -142,11 +149,7 @@ def plot_fd_vs_nfe(rows: list[dict], path: str | os.PathLike, keys=("fd_reward",
         ax.set_title({"fd_reward": "FD, reward features", "fd_eval": "FD, held-out features"}.get(key, key))
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_figure(fig, path)
 
 
 def with_error(value, err, fmt: str = "{:.3f}") -> str:

@@ -19,7 +19,6 @@ study.md the table (mean ± std over seeds, per-seed rows) and study.png the pic
 from __future__ import annotations
 
 import copy
-import io
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -33,7 +32,7 @@ from .evaluation import Evaluator, default_eval_cache
 from .evaluation.cache import EvalCache
 from .evaluation.protocol import Protocol, evaluate_models, find_converged_steps
 from .models import load_generator
-from .report import with_error
+from .report import save_figure, with_error
 from .rl import distill, finetune
 from .rl.settings import resolve
 from .utils.io import atomic_save_json, atomic_write_bytes
@@ -210,8 +209,4 @@ def plot_study(result: dict, path: Path) -> Path:
         ax.set_ylabel("FD, held-out features")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_figure(fig, path)

@@ -25,17 +25,16 @@ import torch
 from ..build import (build_codec, build_evaluator, build_generator, eval_plan, is_preset_model, load_base, make_decoder,
                      net_arch)
 from ..config import find_file
-from ..evaluation import Evaluator, evaluate_generator
-from ..report import save_image_grid
+from ..evaluation import Evaluator
 from ..sampling import check_sigmas, euler_step, heun_correct, sigma_schedule, sigma_vector, velocity_model
 from ..sampling.steps import as_column
 from ..utils import dist as D
-from ..utils.checkpoint import checkpoint_exists, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..utils.checkpoint import rng_state, save_checkpoint
 from ..utils.io import RunDir, atomic_save_json
 from ..utils.progress import progress as tqdm
 from ..utils.rundir import add_inputs, input_files, only_raise, prepare_run, weight_files
 from ..utils.runlog import RunLog
-from .grpo import save_merge_input
+from .loopstate import EmaEvaluation, restore_checkpoint, save_merge_input
 from .losses import trained_steps
 from .rollout import draw_labels, start_noise
 from .settings import resolve, window
@@ -234,25 +233,12 @@ def distill_run(cfg, run: RunDir, device, *, resume: bool, net, evaluator, progr
 
     ckpt_path = run.checkpoints / "last.pt"
     start, history, evals = 0, [], []
-    if resume and checkpoint_exists(ckpt_path):
-        st = load_checkpoint(ckpt_path)
-        net.load_state_dict(st["net"])
-        ema.load_state_dict(st["ema"])
-        optimizer.load_state_dict(st["optimizer"])
-        set_rng_state(gen, st["rng"])
+    st = restore_checkpoint(ckpt_path, net, ema, optimizer, gen) if resume else None
+    if st is not None:
         start, history, evals = int(st["iteration"]), list(st["history"]), list(st["evals"])
     log = RunLog(run.root, start=start)
-    final_images = None
-
-    def evaluate(it: int) -> None:
-        nonlocal final_images
-        metrics, images = evaluate_generator(ema, evaluator, plan, arch=arch, decode=decode, device=device,
-                                             keep_images=plan.noise == "seed", progress=progress,
-                                             desc=f"eval @ {it}")
-        evals.append({**metrics, "iteration": it})
-        final_images = images if it == iterations else final_images
-        save_image_grid(images[:grid], run.samples / f"ema_{it:04d}.png")
-        log.log({"iteration": it, **{f"eval/{k}": v for k, v in metrics.items()}})
+    evaluate = EmaEvaluation(ema, evaluator, plan, evals, log, arch=arch, decode=decode, device=device,
+                             samples=run.samples, grid=grid, iterations=iterations, progress=progress, main=True)
 
     if start == 0 and initial_eval is not None:
         evals.append({**initial_eval, "iteration": 0})
@@ -296,5 +282,5 @@ def distill_run(cfg, run: RunDir, device, *, resume: bool, net, evaluator, progr
     save_merge_input(net, run.path("model.safetensors"), extra)
     result = {"final": evals[-1] if evals else None, "evals": evals, "history": history}
     atomic_save_json(run.path("result.json"), result)
-    result.update({"net": net, "ema": ema, "final_images": final_images})
+    result.update({"net": net, "ema": ema, "final_images": evaluate.final_images})
     return result

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import time
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -27,17 +26,16 @@ import torch
 from ..build import (build_codec, build_evaluator, build_generator, eval_plan, is_preset_model, load_base, make_decoder,
                      net_arch)
 from ..config import find_file, to_dict
-from ..evaluation import Evaluator, evaluate_generator
-from ..models import save_generator
-from ..report import save_image_grid
+from ..evaluation import Evaluator
 from ..sampling import sigma_schedule, velocity_model
 from ..utils import dist as D
-from ..utils.checkpoint import checkpoint_exists, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..utils.checkpoint import rng_state, save_checkpoint
 from ..utils.io import RunDir, atomic_save_json
 from ..utils.progress import progress as tqdm
 from ..utils.rundir import add_inputs, input_files, only_raise, prepare_run, weight_files
 from ..utils.runlog import RunLog
 from . import parallel
+from .loopstate import EmaEvaluation, restore_checkpoint, save_merge_input
 from .losses import group_advantages, trained_steps
 from .rollout import collect, draw_labels, ode_rows, rollout_noise_levels
 from .settings import DEFAULTS, check_world, resolve, window
@@ -138,27 +136,13 @@ def grpo_run(cfg, run: RunDir, device, *, resume: bool, net, reward, evaluator, 
 
     ckpt_path = run.checkpoints / "last.pt"
     start, history, evals = 0, [], []
-    if resume and checkpoint_exists(ckpt_path):
-        st = load_checkpoint(ckpt_path)
-        net.load_state_dict(st["net"])
-        ema.load_state_dict(st["ema"])
-        optimizer.load_state_dict(st["optimizer"])
+    st = restore_checkpoint(ckpt_path, net, ema, optimizer, gen) if resume else None
+    if st is not None:
         load_reward_state(reward, st["reward"])
-        set_rng_state(gen, st["rng"])
         start, history, evals = int(st["iteration"]), list(st["history"]), list(st["evals"])
     log = RunLog(run.root, start=start, enabled=main)
-    final_images = None
-
-    def evaluate(it: int) -> None:
-        nonlocal final_images
-        metrics, images = evaluate_generator(ema, evaluator, plan, arch=arch, decode=decode, device=device,
-                                             keep_images=plan.noise == "seed", progress=progress and main,
-                                             desc=f"eval @ {it}")
-        evals.append({**metrics, "iteration": it})
-        final_images = images if it == iterations else final_images
-        if main:
-            save_image_grid(images[:grid], run.samples / f"ema_{it:04d}.png")
-            log.log({"iteration": it, **{f"eval/{k}": v for k, v in metrics.items()}})
+    evaluate = EmaEvaluation(ema, evaluator, plan, evals, log, arch=arch, decode=decode, device=device,
+                             samples=run.samples, grid=grid, iterations=iterations, progress=progress, main=main)
 
     if start == 0 and initial_eval is not None:
         evals.append({**initial_eval, "iteration": 0})
@@ -229,13 +213,5 @@ def grpo_run(cfg, run: RunDir, device, *, resume: bool, net, reward, evaluator, 
     if main:
         atomic_save_json(run.path("result.json"), result)
     D.barrier()
-    result.update({"net": net, "ema": ema, "reward": reward, "final_images": final_images})
+    result.update({"net": net, "ema": ema, "reward": reward, "final_images": evaluate.final_images})
     return result
-
-
-def save_merge_input(weights: torch.nn.Module, path: Path, extra: dict) -> None:
-    """A generator file of `weights` (an input for RL merging, METHOD.md §5), when the network knows its
-    architecture (`generator_meta`; the EMA copy has the trained network's)."""
-    meta = getattr(weights, "generator_meta", None)
-    if meta is not None:
-        save_generator(path, weights, meta["arch"], meta["kwargs"], extra=extra)
