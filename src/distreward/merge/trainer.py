@@ -241,14 +241,24 @@ def baseline_weights(ckpts: CheckpointSet, cfg) -> dict[str, np.ndarray]:
     return out
 
 
+# What picks the best post-hoc EMA length (the `phema` starting point and baseline): FD on the reward's features of
+# the validation evaluation (eval.seed). The held-out network is never used to choose anything: it reports.
+SELECT_BY = "fd_reward"
+
+
+def best_phema(results: dict[str, dict]) -> str | None:
+    """The post-hoc EMA baseline with the lowest SELECT_BY, None when there is none."""
+    ph = [k for k in results if k.startswith("phema@") and results[k].get(SELECT_BY) is not None]
+    return min(ph, key=lambda k: results[k][SELECT_BY]) if ph else None
+
+
 def initial_mean(init, ckpts: CheckpointSet, baselines: dict[str, np.ndarray], results: dict[str, dict]) -> np.ndarray:
-    """merge.init: phema (the best EMA length by fd_eval, uniform when no snapshot metadata), uniform, last, or a list."""
+    """merge.init: phema (the best EMA length by SELECT_BY, uniform when no snapshot metadata), uniform, last, or a
+    list."""
     if isinstance(init, str):
         if init == "phema":
-            ph = [k for k in results if k.startswith("phema@")]
-            if not ph:
-                return baselines["uniform"].copy()
-            return baselines[min(ph, key=lambda k: results[k]["fd_eval"])].copy()
+            best = best_phema(results)
+            return baselines[best].copy() if best else baselines["uniform"].copy()
         if init in ("uniform", "last"):
             return baselines[init].copy()
         raise ValueError(f"merge.init must be phema, uniform, last or a list of {ckpts.k} numbers, got {init!r}")
@@ -350,8 +360,7 @@ def merge_run(cfg, run: RunDir, device: str, *, resume: bool, ckpts: CheckpointS
     results["init"] = {**(results[same[0]] if same else evaluate_weights(rl, init, evaluator, cfg, eval_cache)),
                        "w": init.tolist()}
     results["merged"] = {**evaluate_weights(rl, w, evaluator, cfg, eval_cache), "w": w.tolist()}
-    ph = [k for k in results if k.startswith("phema@")]
-    best_ema = min(ph, key=lambda k: results[k]["fd_eval"]) if ph else None
+    best_ema = best_phema(results)
     sources = [str(p) for p in ckpts.paths]
     result = {"baselines": {k: v for k, v in results.items() if k not in ("merged", "init")}, "init": results["init"],
               "merged": results["merged"], "best_ema": best_ema, "checkpoints": sources, "history": rl.history,
