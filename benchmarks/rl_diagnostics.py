@@ -8,8 +8,10 @@ agreement: do the subset-replace rewards on the reward's feature network and on 
 samplers: FD / precision / recall of `--n` base samples (fixed seed, class-balanced) drawn by the inference ODE
     sampler and by the rollout samplers GRPO could use (Flow-GRPO SDE step, CPS; clean last step; T = 10 or 20):
     how far each rollout distribution is from what the ODE serves.
-null: GRPO on the fmnist_grpo preset with rewards that carry no information (i.i.d. normal): how far noise alone
-    moves the evaluation metrics in the same budget (compare with the preset's own runs at the same seed).
+null: GRPO on the fmnist_grpo preset with the real rewards of every iteration permuted across the batch
+    (`rl.null_control=permute`: the same scale and spread, no information about the samples): how far training on
+    uninformative rewards moves the evaluation metrics in the same budget. `distreward study --controls` runs it
+    for several seeds beside the real run and the distillation control.
 
     .venv/bin/python benchmarks/rl_diagnostics.py agreement --threads 1
     .venv/bin/python benchmarks/rl_diagnostics.py samplers --n 2000 --threads 2
@@ -102,21 +104,10 @@ def samplers(args) -> dict:
 
 def null(args) -> dict:
     from distreward.config import load_config
-    from distreward.reward.rewards import Reward
     from distreward.rl import finetune
 
-    class NoiseReward(Reward):
-        name = "noise"
-
-        def __init__(self, seed: int):
-            self.g = torch.Generator().manual_seed(seed)
-
-        def __call__(self, images, labels, groups=None):
-            return torch.randn(images.shape[0], generator=self.g)
-
-    cfg = load_config("fmnist_grpo", [f"seed={args.seed}", "reward.name=classifier", *args.overrides])
-    res = finetune(cfg, args.run_dir or f"runs/null_reward_seed{args.seed}", reward=NoiseReward(args.seed),
-                   progress=True)
+    cfg = load_config("fmnist_grpo", [f"seed={args.seed}", "rl.null_control=permute", *args.overrides])
+    res = finetune(cfg, args.run_dir or f"runs/null_reward_seed{args.seed}", progress=True)
     keys = ("fd_reward", "fd_eval", "precision", "recall", "n")
     return {"evals": [{"iteration": e["iteration"], **{k: e[k] for k in keys}} for e in res["evals"]]}
 
