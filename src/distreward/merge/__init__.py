@@ -2,19 +2,25 @@
 
 - `CheckpointSet`: K .safetensors checkpoints merged as theta(w) = sum_k w_k theta_k, streamed tensor by tensor.
 - `GaussianPolicy` + `policy_update`: the diagonal Gaussian policy over w, PPO-clip or REINFORCE with Adam.
+- `search`: the searchers behind one ask/tell interface (rl.algorithm: ppo, reinforce, cma, random; CMA-ES in
+  `cmaes`, imported only when asked for); `soup`: the greedy soup baseline.
 - `inputs`: checkpoint lists, post-hoc EMA coefficients, EDM2 pickle conversion and the presets' parts
   (`merge_parts`: inputs, ODE sampler, features, real statistics, evaluator).
-- `run_merge(cfg, run_dir)`: baselines (last, uniform, post-hoc EMA grid), the RL loop, the merged model. The reward
-  is `distreward.reward.ReferenceSet.set_rewards`: r_c = FD(G) - FD(G - S + X_c) for a candidate's n samples X_c.
+- `run_merge(cfg, run_dir)`: baselines (last, uniform, post-hoc EMA grid, greedy soup), the search loop, the merged
+  model. The reward is `distreward.reward.ReferenceSet.set_rewards`: r_c = FD(G) - FD(G - S + X_c) for a
+  candidate's n samples X_c.
 """
 
 from ..sampling.generate import shared_noise
 from .inputs import merge_parts, open_checkpoints
 from .policy import GaussianPolicy, normalise_rewards, policy_update, ppo_clip_loss, project_sum_one, reinforce_loss
+from .search import SEARCHERS, PolicySearch, RandomSearch, make_searcher
+from .soup import greedy_soup, soup_weights
 from .streaming import CheckpointSet, list_snapshots, weighted_sum
 from .trainer import DEFAULTS, MergeRL, resolve, run_merge
 
-__all__ = ["CheckpointSet", "GaussianPolicy", "MergeRL", "DEFAULTS", "list_snapshots", "merge_parts",
-           "normalise_rewards", "open_checkpoints", "policy_update", "ppo_clip_loss", "project_sum_one",
-           "reinforce_loss", "resolve", "run_merge", "shared_noise", "weighted_sum"]
+__all__ = ["CheckpointSet", "GaussianPolicy", "MergeRL", "DEFAULTS", "PolicySearch", "RandomSearch",
+           "SEARCHERS", "greedy_soup", "list_snapshots", "make_searcher", "merge_parts", "normalise_rewards",
+           "open_checkpoints", "policy_update", "ppo_clip_loss", "project_sum_one", "reinforce_loss", "resolve",
+           "run_merge", "shared_noise", "soup_weights", "weighted_sum"]
 

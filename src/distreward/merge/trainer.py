@@ -1,16 +1,17 @@
-"""RL over merging coefficients (METHOD.md §5): the loop, its baselines, logs, checkpoints and outputs.
+"""Search over merging coefficients (METHOD.md §5): the loop, its baselines, logs, checkpoints and outputs.
 
-One iteration: draw P candidate w ~ N(m, diag(s^2)); for each, merge theta(w) into one live network, draw n
-samples with the deterministic inference ODE sampler from the iteration's shared noise and labels (the same for
-every candidate), score the candidate by the set-replace FD reward of its n samples; normalise the P rewards;
-update (m, log s) by PPO-clip (or REINFORCE) with Adam; the best candidate's samples then enter the reference set.
-What is optimised is exactly what is served: the ODE samples of the merged model.
+One iteration: the searcher (`merge.search`, rl.algorithm) proposes P candidate w (by default w ~ N(m, diag(s^2)));
+for each, merge theta(w) into one live network, draw n samples with the deterministic inference ODE sampler from
+the iteration's shared noise and labels (the same for every candidate), score the candidate by the set-replace FD
+reward of its n samples; the searcher is told the P rewards (by default: normalised, then a PPO-clip or REINFORCE
+step with Adam on (m, log s)); the best candidate's samples then enter the reference set. What is optimised is
+exactly what is served: the ODE samples of the merged model.
 
 Under torchrun (WORLD_SIZE > 1) every rank runs the same loop with the same seed, so every rank holds the same
-policy, generator and reference set. The P x n samples of an iteration (and the reference and evaluation samples)
+searcher state and reference set. The P x n samples of an iteration (and the reference and evaluation samples)
 are split over the ranks in whole sampler batches (`utils.dist.shard_blocks`); the features are gathered in
 single-process order, so every rank scores the same candidates against the same reference set; rank 0's rewards
-are broadcast, so every rank takes the same policy step and pushes the same rows. Only rank 0 writes files.
+are broadcast, so every rank takes the same search step and pushes the same rows. Only rank 0 writes files.
 One process runs the single-process code unchanged (docs/scale.md, "Merging under torchrun").
 """
 
@@ -40,7 +41,9 @@ from ..utils.rundir import (add_inputs, cache_valid, hash_inputs, input_files, o
 from ..utils.progress import phase, progress as tqdm
 from ..utils.runlog import RunLog
 from .inputs import has_phema, make_feature_fn, make_ode_sampler, open_checkpoints, phema_weights, real_statistics
-from .policy import GaussianPolicy, normalise_rewards, policy_update, project_sum_one
+from .policy import GaussianPolicy, project_sum_one
+from .search import make_searcher
+from .soup import greedy_soup, soup_weights
 from .streaming import CheckpointSet
 
 # Defaults under every preset (configs/fmnist_merge_*.yaml override them), derived from the merge schema
@@ -57,7 +60,9 @@ INPUT_FOLDERS = ("dry_run_inputs", "inputs")
 # The RL loop
 
 class MergeRL:
-    """The state of one merge run: checkpoints, the live network, the policy, its optimizer and the reward.
+    """The state of one merge run: checkpoints, the live network, the searcher (`merge.search`: the policy and its
+    optimizer by default) and the reward. Every searcher's candidates go through the same `step`: the same
+    projection, samples, reward and push rule.
 
     The reward is `reward.ReferenceSet.set_rewards` (group credit, one group per candidate): r_c = FD(G) -
     FD(G - S + X_c), every candidate's n samples X_c replacing the same n oldest rows S of the reference set G;
@@ -70,10 +75,7 @@ class MergeRL:
         self.sample_fn, self.feature_fn = sample_fn, feature_fn
         self.sample_key = sample_key     # the settings sample_fn was built from (None: the caller's own sampler)
         self.net = ckpts.build_network(device).requires_grad_(False)
-        pc = cfg.policy
-        self.policy = GaussianPolicy(init_mean, float(pc.init_std), bool(pc.learn_std), float(pc.min_std))
-        self.optimizer = torch.optim.Adam([p for p in self.policy.parameters() if p.requires_grad], lr=float(cfg.rl.lr))
-        self.generator = torch.Generator().manual_seed(int(cfg.seed))
+        self.searcher = make_searcher(cfg, init_mean)
         self.real_mu = np.asarray(real_mu, np.float64).reshape(-1)
         self.real_sigma = np.asarray(real_sigma, np.float64)
         self.real_sigma_half = sqrtm_psd(self.real_sigma)
@@ -90,8 +92,14 @@ class MergeRL:
             return w
         raise ValueError(f"merge.constraint must be 'sum1' or 'none', got {c!r}")
 
+    @property
+    def policy(self) -> GaussianPolicy:
+        """The Gaussian policy of the ppo / reinforce searcher (random search: its fixed sampling distribution)."""
+        return self.searcher.policy
+
     def mean_weights(self) -> np.ndarray:
-        return self.coefficients(self.policy.mean.detach()).numpy().copy()
+        """The searcher's answer as merged: the policy mean (ppo, reinforce), CMA-ES's mean, random search's best."""
+        return self.coefficients(self.searcher.result()).numpy().copy()
 
     def images(self, w, noise, labels) -> torch.Tensor:
         self.ckpts.merge_into(self.net, w)
@@ -145,44 +153,50 @@ class MergeRL:
                              "set FD)")
         return self.reward.set_rewards(feats)
 
+    def candidate_features(self, w: torch.Tensor, noise, labels) -> list[np.ndarray]:
+        """The reward features of each raw candidate's samples, the candidate projected (`coefficients`) first."""
+        if D.world_size() == 1:
+            return [self.feature_fn(self.images(self.coefficients(wi), noise, labels)) for wi in w]
+        return self.sharded_features([self.coefficients(wi) for wi in w], noise, labels)
+
     def step(self) -> dict:
+        """One iteration of any searcher: ask P candidates, score them (one path for all), tell, push."""
         rl = self.cfg.rl
         t0 = time.perf_counter()
         noise, labels = self.noise(int(rl.samples), int(self.cfg.seed) * 100_003 + self.iteration)
-        w = self.policy.sample(int(rl.candidates), self.generator)
-        if D.world_size() == 1:
-            feats = [self.feature_fn(self.images(self.coefficients(wi), noise, labels)) for wi in w]
-        else:
-            feats = self.sharded_features([self.coefficients(wi) for wi in w], noise, labels)
+        w = self.searcher.ask()
+        feats = self.candidate_features(w, noise, labels)
         t1 = time.perf_counter()
         fd_before = self.reward.fd() if self.reward is not None else None
         r = self.rewards(feats)
         if D.world_size() > 1:
             r = D.broadcast_object(r)   # rank 0's rewards: the same step on every replica, by construction
-        adv = normalise_rewards(torch.from_numpy(r))
-        stats = policy_update(self.policy, self.optimizer, w, adv, algorithm=rl.algorithm, epochs=int(rl.epochs),
-                              clip=float(rl.clip), entropy=float(rl.entropy))
+        stats = self.searcher.tell(w, r)
         if self.reward is not None:
             self.reward.push(feats[int(np.argmax(r))])   # the best candidate's samples enter G
         self.iteration += 1
         mean = self.mean_weights()
         record = {"iteration": self.iteration, "r_mean": float(r.mean()), "r_std": float(r.std()),
                   "r_max": float(r.max()), "fd_ref": fd_before, **stats,
-                  "std_mean": float(self.policy.std().detach().mean()), "time_sample": t1 - t0,
+                  "std_mean": float(self.searcher.std().mean()), "time_sample": t1 - t0,
                   "time_total": time.perf_counter() - t0, "w": mean.tolist()}
         self.history.append(record)
         return record
 
     def state_dict(self) -> dict:
         reward = {"rows": None, "ptr": 0} if self.reward is None else self.reward.state_dict()
-        return {"policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(), "reward": reward,
-                "rng": rng_state(self.generator), "iteration": self.iteration, "history": json.dumps(self.history)}
+        return {**self.searcher.state_dict(), "searcher": self.searcher.name, "reward": reward,
+                "rng": rng_state(self.searcher.generator), "iteration": self.iteration,
+                "history": json.dumps(self.history)}
 
     def load_state_dict(self, st: dict) -> None:
-        self.policy.load_state_dict(st["policy"])
-        self.optimizer.load_state_dict(st["optimizer"])
+        saved = st.get("searcher", self.searcher.name)     # checkpoints before the searchers: ppo or reinforce
+        if saved != self.searcher.name:
+            raise ValueError(f"the checkpoint is of the {saved!r} searcher, the config asks for "
+                             f"rl.algorithm={self.searcher.name!r}; resume with rl.algorithm={saved}")
+        self.searcher.load_state_dict(st)
         self.load_reward_state(st["reward"])
-        set_rng_state(self.generator, st["rng"])
+        set_rng_state(self.searcher.generator, st["rng"])
         self.iteration = int(st["iteration"])
         self.history = json.loads(st["history"])
 
@@ -232,12 +246,15 @@ def merge_eval_key(rl: MergeRL, evaluator, cfg) -> dict | None:
 
 
 def baseline_weights(ckpts: CheckpointSet, cfg) -> dict[str, np.ndarray]:
-    """last (one-hot on the last input), uniform (1/K), and phema@<sigma_rel> for every EMA length of the grid."""
+    """last (one-hot on the last input), uniform (1/K), phema@<sigma_rel> for every EMA length of the grid, and
+    one@<i> (each input alone) when baselines.greedy_soup asks for the inputs' own scores."""
     k = ckpts.k
     out = {"last": np.eye(k)[k - 1], "uniform": np.full(k, 1.0 / k)}
     if has_phema(ckpts):
         for s in cfg.baselines.ema_grid:
             out[f"phema@{float(s):g}"] = phema_weights(ckpts, float(s))
+    if cfg.baselines.get("greedy_soup"):
+        out.update({f"one@{i}": np.eye(k)[i] for i in range(k)})
     return out
 
 
@@ -352,7 +369,7 @@ def merge_run(cfg, run: RunDir, device: str, *, resume: bool, ckpts: CheckpointS
     rl = merge_rl(init)
     train(rl, run, resume, progress)
 
-    w = rl.mean_weights()
+    w, searcher = rl.mean_weights(), rl.searcher.name
     same = [k for k, b in base_w.items() if np.array_equal(init, b)]
     if main:
         phase(f"final evaluation: {'the merged weights' if same else 'the initial and the merged weights'}, "
@@ -363,13 +380,14 @@ def merge_run(cfg, run: RunDir, device: str, *, resume: bool, ckpts: CheckpointS
     best_ema = best_phema(results)
     sources = [str(p) for p in ckpts.paths]
     result = {"baselines": {k: v for k, v in results.items() if k not in ("merged", "init")}, "init": results["init"],
-              "merged": results["merged"], "best_ema": best_ema, "checkpoints": sources, "history": rl.history,
-              "model": str(run.root / "merged.safetensors")}
+              "merged": results["merged"], "best_ema": best_ema, "searcher": searcher, "checkpoints": sources,
+              "history": rl.history, "model": str(run.root / "merged.safetensors")}
     if main:
-        atomic_save_json(run.path("coefficients.json"), {"weights": w.tolist(), "checkpoints": sources,
-                                                          "std": rl.policy.std().detach().tolist(),
+        atomic_save_json(run.path("coefficients.json"), {"weights": w.tolist(), "searcher": searcher,
+                                                          "checkpoints": sources, "std": rl.searcher.std().tolist(),
                                                           "iterations": rl.iteration, "init": init.tolist()})
-        ckpts.save(run.path("merged.safetensors"), w, extra={"merge_run": str(run.root), "iterations": rl.iteration})
+        ckpts.save(run.path("merged.safetensors"), w, extra={"merge_run": str(run.root), "iterations": rl.iteration,
+                                                             "searcher": searcher})
         atomic_save_json(run.path("result.json"), result)
     D.barrier()                 # every rank returns once rank 0's files are written
     return result
@@ -398,17 +416,44 @@ def evaluate_baselines(probe: MergeRL, base_w: dict[str, np.ndarray], evaluator,
     if main:
         phase(f"baselines: {len(todo)} to evaluate ({', '.join(todo) or 'all cached in ' + str(bpath)}), "
               f"{int(cfg.eval.n)} samples each")
+
+    def metrics(w) -> dict:
+        # phema at the snapshots' own EMA length is (numerically) the last snapshot: evaluate those weights once
+        twin = next((k for k, r in results.items() if np.allclose(r["w"], w, rtol=0.0, atol=1e-6)), None)
+        return ({k: v for k, v in results[twin].items() if k not in BASELINE_INFO} if twin
+                else evaluate_weights(probe, w, evaluator, cfg, eval_cache))
+
+    def store(name: str, entry: dict) -> None:
+        results[name] = entry
+        if main:
+            atomic_save_json(bpath, results)
+            save_cache_key(bpath, key)
+
     for name, w in tqdm(base_w.items(), desc="baselines", disable=not progress, leave=False):
         if name not in results:
-            # phema at the snapshots' own EMA length is (numerically) the last snapshot: evaluate those weights once
-            twin = next((k for k, r in results.items() if np.allclose(r["w"], w, rtol=0.0, atol=1e-6)), None)
-            metrics = ({k: v for k, v in results[twin].items() if k != "w"} if twin
-                       else evaluate_weights(probe, w, evaluator, cfg, eval_cache))
-            results[name] = {**metrics, "w": w.tolist()}
-            if main:
-                atomic_save_json(bpath, results)
-                save_cache_key(bpath, key)
+            store(name, {**metrics(w), "w": w.tolist()})
+    if cfg.baselines.get("greedy_soup") and "greedy_soup" not in results:
+        results = D.broadcast_object(results)   # every rank orders the inputs by rank 0's scores
+        store("greedy_soup", greedy_soup_baseline(probe.ckpts.k, results, metrics))
     return D.broadcast_object(results)   # the same initial mean on every rank, whatever the float rounding
+
+
+# Keys of a baseline's entry besides its metrics.
+BASELINE_INFO = ("w", "soup", "trials")
+
+
+def greedy_soup_baseline(k: int, results: dict[str, dict], metrics) -> dict:
+    """The greedy soup (`merge.soup`) of the K inputs by SELECT_BY: their one@<i> results first, then one evaluation
+    (`metrics(w)`, rank 0's numbers on every rank) per input tried; its entry: metrics, w, soup, trials."""
+    seen = {(i,): results[f"one@{i}"] for i in range(k)}
+
+    def score(inputs: list[int]) -> float:
+        seen[tuple(inputs)] = D.broadcast_object(metrics(soup_weights(inputs, k)))
+        return seen[tuple(inputs)][SELECT_BY]
+
+    soup = greedy_soup([seen[(i,)][SELECT_BY] for i in range(k)], score)
+    best = {m: v for m, v in seen[tuple(soup["inputs"])].items() if m not in BASELINE_INFO}
+    return {**best, "w": soup_weights(soup["inputs"], k).tolist(), "soup": soup["inputs"], "trials": soup["trials"]}
 
 
 def baselines_key(ckpts: CheckpointSet, evaluator, cfg) -> dict:
@@ -420,7 +465,7 @@ def baselines_key(ckpts: CheckpointSet, evaluator, cfg) -> dict:
 
 
 def train(rl: MergeRL, run: RunDir, resume: bool, progress: bool) -> None:
-    """The RL iterations up to rl.iterations, from checkpoints/last.pt with `resume`; logs and checkpoints."""
+    """The search iterations up to rl.iterations, from checkpoints/last.pt with `resume`; logs and checkpoints."""
     main = D.is_main()
     ckpt_path = run.checkpoints / "last.pt"
     if resume and D.broadcast_object(checkpoint_exists(ckpt_path)):
@@ -435,10 +480,13 @@ def train(rl: MergeRL, run: RunDir, resume: bool, progress: bool) -> None:
         rl.init_reference()
     log = RunLog(run.root, start=rl.iteration, enabled=main)
     total, every = int(rl.cfg.rl.iterations), int(rl.cfg.checkpoint.every)
+    name = rl.searcher.name
     if main:
-        phase(f"RL: iterations {rl.iteration + 1}..{total}, {int(rl.cfg.rl.candidates)} candidates x "
-              f"{int(rl.cfg.rl.samples)} samples each" if rl.iteration < total else f"RL: all {total} iterations done")
-    bar = tqdm(range(rl.iteration, total), desc="merge RL", unit="it", disable=not progress, initial=rl.iteration, total=total)
+        phase(f"search ({name}): iterations {rl.iteration + 1}..{total}, {int(rl.cfg.rl.candidates)} candidates x "
+              f"{int(rl.cfg.rl.samples)} samples each" if rl.iteration < total
+              else f"search ({name}): all {total} iterations done")
+    bar = tqdm(range(rl.iteration, total), desc=f"merge {name}", unit="it", disable=not progress, initial=rl.iteration,
+               total=total)
     for _ in bar:
         record = rl.step()
         log.log(record)             # numbers only: the vector w goes in as w/<i>

@@ -364,7 +364,8 @@ class MergeInputs:
 
 @dataclass
 class Policy:
-    init_std: float = key(0.05, "initial std s of the Gaussian policy over w", gt=0)
+    init_std: float = key(0.05, "initial std s of the Gaussian policy over w (also CMA-ES's sigma0 and random "
+                                "search's std)", gt=0)
     learn_std: bool = key(True, "learn log s (else fixed)")
     min_std: float = key(1e-3, "lower bound of s", gt=0)
 
@@ -375,7 +376,8 @@ class MergeRLSection:
     candidates: int = key(8, "P: candidate coefficient vectors per iteration", ge=2,
                           why="rewards are normalised across the candidates")
     samples: int = key(200, "n: samples per candidate (shared noise and labels)", ge=1)
-    algorithm: str = key("ppo", "policy update", choices=("ppo", "reinforce"))
+    algorithm: str = key("ppo", "searcher: the policy updated by PPO-clip or REINFORCE, CMA-ES, or random search "
+                                "(docs/merge.md, Searchers)", choices=("ppo", "reinforce", "cma", "random"))
     epochs: int = key(4, "PPO epochs per iteration", ge=1)
     clip: float = key(0.2, "PPO clip", gt=0, lt=1)
     lr: float = key(0.01, "Adam learning rate", ge=0)
@@ -418,6 +420,8 @@ class MergeModel:
 class Baselines:
     ema_grid: list[float] = key([0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25], "post-hoc EMA lengths evaluated as "
                                 "baselines (snapshot inputs)", gt=0, lt=0.28, why="power-EMA profiles")
+    greedy_soup: bool = key(False, "the greedy soup baseline (each input evaluated alone as one@<i>, then added to "
+                                   "the soup in order while it lowers fd_reward)")
 
 
 @dataclass
