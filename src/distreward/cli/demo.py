@@ -24,9 +24,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     metrics = run_demo(new_output(args.run_dir), compare=args.compare, overrides=args.overrides, fresh=args.fresh,
                        progress=not args.no_progress, eval_cache=None if args.no_eval_cache else args.eval_cache)
-    rows = dict(metrics)
-    cross = rows.pop("crosscheck", None)
-    for name, m in list(rows.items()) + [(f"{k} @{cross['steps']}", v) for k, v in (cross or {}).get("models", {}).items()]:
-        figures = ", ".join(f"{k} {m[k]:.4g}" for k in ("fd_reward", "fd_eval", "precision", "recall") if k in m)
-        print(f"  {name:>16}: {figures}")
+    rows = {k: v for k, v in metrics.items() if isinstance(v, dict) and "fd_reward" in v}
+    cross = metrics.get("crosscheck")
+    extra = [(f"{k} @{cross['steps']}", v) for k, v in (cross or {}).get("models", {}).items()]
+    for sname in ("converged", "training_free"):
+        entry = metrics.get(sname)
+        extra += [(f"{k} {entry['method']} {entry['steps']}", v) for k, v in (entry or {}).get("models", {}).items()]
+    for name, m in list(rows.items()) + extra:
+        figures = ", ".join(f"{k} {m[k]:.4g}" + (f" ± {m[k + '_err']:.2g}" if m.get(k + "_err") is not None else "")
+                            for k in ("fd_reward", "fd_eval", "precision", "recall") if m.get(k) is not None)
+        print(f"  {name:>24}: {figures}")
     return 0

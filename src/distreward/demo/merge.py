@@ -129,7 +129,9 @@ def section(title: str, what: str) -> Callable[[dict, DemoContext], str]:
 
 merge_ema_section = section("RL merging of the base model's EMA snapshots (merge_ema)",
                             "RL over the coefficients of the power-EMA snapshots vs the best post-hoc EMA length "
-                            "(grid, selected on the same held-out FD: a strong baseline). Same ODE sampler and seeds.")
+                            "(grid, chosen by FD on the reward's features). Same ODE sampler; the validation seed "
+                            "(the evidence section reports the merged model on the report seed).")
 merge_rl_section = section("RL merging of the GRPO checkpoints plus the base (merge_rl)",
                            "RL over the coefficients of base + GRPO weights vs the last GRPO checkpoint (its EMA), "
-                           "all sampled with the deterministic inference ODE sampler and the same seeds.")
+                           "all sampled with the deterministic inference ODE sampler on the validation seed (the "
+                           "evidence section reports the merged model on the report seed).")

@@ -160,7 +160,7 @@ def grpo_summaries(rows: dict, base: dict) -> list[str]:
             logp = (f", classifier log p on the evaluation samples {bv['classifier_logp']:.4f} -> "
                     f"{v['classifier_logp']:.4f}" if v.get("classifier_logp") is not None
                     and bv.get("classifier_logp") is not None else "")
-            lines.append(change_summary(name, v, bv) + f" (validation seed, n = {v.get('n')})"
+            lines.append(change_summary(name, v, bv) + f" (validation seed, n = {int(v.get('n') or 0)})"
                          + f", reward mean {r['reward_mean_first']:.4g} -> {r['reward_mean']:.4g} (first -> last "
                          "iteration)" + logp)
     return lines + [""]
