@@ -26,3 +26,22 @@ def run_ranks(worker, outdir: Path, world: int, deadline_s: float, what: str) ->
                     p.terminate()
             pytest.fail(f"the {world}-process {what} did not finish within {deadline_s} s")
     return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def kill_when(child, ckpt: Path, counter: str, reach: int, deadline_s: float) -> str:
+    """SIGKILL a child process once its checkpoint `ckpt` records `counter` >= reach (or at the deadline); fails
+    the test when the child ended by itself first. Returns the child's stderr."""
+    import os
+    import signal
+
+    deadline, reached = time.time() + deadline_s, 0
+    while time.time() < deadline and child.poll() is None and reached < reach:
+        try:
+            reached = torch.load(ckpt, weights_only=True)[counter]
+        except Exception:       # not written yet
+            time.sleep(0.05)
+    if child.poll() is None:
+        os.kill(child.pid, signal.SIGKILL)
+    _, err = child.communicate()
+    assert child.returncode == -signal.SIGKILL, f"the child ended (rc {child.returncode}) before the kill: {err[-2000:]}"
+    return err

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,7 @@ from distreward.merge.inputs import make_ode_sampler
 from distreward.schema import ConfigError
 from distreward.utils.checkpoint import load_checkpoint
 
+from _spawn import kill_when
 from test_merge import StubEvaluator, feature_fn, real_stats, tiny_checkpoints, tiny_cfg
 
 
@@ -254,16 +254,7 @@ def test_cma_killed_mid_run_then_resumed_is_bit_identical(tmp_path):
     env = {**os.environ, "DISTREWARD_THREADS": str(torch.get_num_threads())}      # the same sums as this process
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(Path(__file__).parent), str(run), str(length), "0.05"],
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline, reached = time.time() + 120, 0
-    while time.time() < deadline and child.poll() is None and reached < 2:
-        try:
-            reached = torch.load(ckpt, weights_only=True)["iteration"]
-        except Exception:       # not written yet
-            time.sleep(0.05)
-    if child.poll() is None:
-        os.kill(child.pid, signal.SIGKILL)
-    _, err = child.communicate()
-    assert child.returncode == -signal.SIGKILL, f"the child ended (rc {child.returncode}) before the kill: {err[-2000:]}"
+    kill_when(child, ckpt, "iteration", 2, 120)
     assert 2 <= load_checkpoint(ckpt)["iteration"] < length
     resumed = cma_run(run, length, resume=True)
     assert resumed["merged"] == straight["merged"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -34,6 +33,7 @@ import test_grpo as G              # noqa: E402  (the stand-ins of the trainers'
 import test_merge as M             # noqa: E402
 import test_train_base as B        # noqa: E402
 from distreward.merge import CheckpointSet, run_merge                                        # noqa: E402
+from _spawn import kill_when                                                                  # noqa: E402
 from distreward.rl.grpo import finetune                                                      # noqa: E402
 from distreward.train import train_base                                                      # noqa: E402
 from distreward.utils.checkpoint import CheckpointError, CheckpointWarning, load_checkpoint  # noqa: E402
@@ -412,16 +412,7 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(trainer, length, slow, kil
     env = {**os.environ, "DISTREWARD_THREADS": str(torch.get_num_threads())}     # the same sums as this process
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(TESTS), trainer, str(run), str(length), str(slow)],
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline, reached = time.time() + 240, 0
-    while time.time() < deadline and child.poll() is None and reached < kill_at:
-        try:
-            reached = torch.load(run / t.ckpt, weights_only=True)[t.counter]
-        except Exception:       # not written yet
-            time.sleep(0.05)
-    if child.poll() is None:
-        os.kill(child.pid, signal.SIGKILL)
-    _, err = child.communicate()
-    assert child.returncode == -signal.SIGKILL, f"the child ended (rc {child.returncode}) before the kill: {err[-2000:]}"
+    kill_when(child, run / t.ckpt, t.counter, kill_at, 240)
     assert kill_at <= load_checkpoint(run / t.ckpt)[t.counter] < length
     t.run(run, t.cfg(length), resume=True)                      # takes over the dead child's lock
     assert_same(t.state(tmp_path / "straight"), t.state(run))

@@ -239,11 +239,7 @@ def distill_run(cfg, run: RunDir, device, *, resume: bool, net, evaluator, progr
     log = RunLog(run.root, start=start)
     evaluate = EmaEvaluation(ema, evaluator, plan, evals, log, arch=arch, decode=decode, device=device,
                              samples=run.samples, grid=grid, iterations=iterations, progress=progress, main=True)
-
-    if start == 0 and initial_eval is not None:
-        evals.append({**initial_eval, "iteration": 0})
-    elif start == 0 and evaluator is not None and eval_every > 0:
-        evaluate(0)
+    evaluate.first(start, initial_eval, eval_every)
 
     info = {"rl": "distill", "teacher_steps": teacher_steps, "teacher_substeps": m, "teacher_method": method}
     bar = tqdm(range(start, iterations), desc="distill", unit="it", disable=not progress, initial=start,

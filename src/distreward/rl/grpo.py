@@ -143,11 +143,7 @@ def grpo_run(cfg, run: RunDir, device, *, resume: bool, net, reward, evaluator, 
     log = RunLog(run.root, start=start, enabled=main)
     evaluate = EmaEvaluation(ema, evaluator, plan, evals, log, arch=arch, decode=decode, device=device,
                              samples=run.samples, grid=grid, iterations=iterations, progress=progress, main=main)
-
-    if start == 0 and initial_eval is not None:
-        evals.append({**initial_eval, "iteration": 0})
-    elif start == 0 and evaluator is not None and eval_every > 0:
-        evaluate(0)
+    evaluate.first(start, initial_eval, eval_every)
 
     bar = tqdm(range(start, iterations), desc=f"GRPO {cfg.reward.name}", unit="it", disable=not (progress and main),
                initial=start, total=iterations)

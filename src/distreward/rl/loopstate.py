@@ -39,6 +39,14 @@ class EmaEvaluation:
         self.samples, self.grid, self.iterations, self.progress, self.main = samples, grid, iterations, progress, main
         self.final_images = None
 
+    def first(self, start: int, initial_eval: dict | None, every: int) -> None:
+        """Iteration 0 of a run that starts now: the caller's evaluation of the base (`initial_eval`, it is the EMA
+        model's) or a new one (when there is an evaluator and every > 0); nothing on resume."""
+        if start == 0 and initial_eval is not None:
+            self.evals.append({**initial_eval, "iteration": 0})
+        elif start == 0 and self.evaluator is not None and every > 0:
+            self(0)
+
     def __call__(self, it: int) -> None:
         metrics, images = evaluate_generator(self.ema, self.evaluator, self.plan, arch=self.arch, decode=self.decode,
                                              device=self.device, keep_images=self.plan.noise == "seed",
