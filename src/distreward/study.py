@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -28,8 +27,7 @@ import numpy as np
 
 from .build import eval_plan, load_base
 from .config import load_config
-from .evaluation import Evaluator, default_eval_cache
-from .evaluation.cache import EvalCache
+from .evaluation import Evaluator, eval_cache_for
 from .evaluation.protocol import Protocol, evaluate_models, find_converged_steps
 from .models import load_generator
 from .report import save_figure, with_error
@@ -104,8 +102,7 @@ def run_study(config="fmnist_grpo", overrides=(), *, seeds: Sequence[int] = (0, 
     root = Path(run_dir or f"runs/study_{cfg.name}")
     root.mkdir(parents=True, exist_ok=True)
     evaluator = evaluator or Evaluator.for_fmnist(device=cfg.device)
-    cache = default_eval_cache(evaluator) if eval_cache == "auto" else (
-        eval_cache if eval_cache is None or isinstance(eval_cache, EvalCache) else EvalCache(eval_cache))
+    cache = eval_cache_for(eval_cache, evaluator)
     base = load_base(cfg.model, cfg.device)
     with RunLock(root, "study"):
         files = {f"{arm}/seed{s}": train_arm(cfg, arm, s, root / f"seed{s}" / arm, overwrite=overwrite,
@@ -116,8 +113,7 @@ def run_study(config="fmnist_grpo", overrides=(), *, seeds: Sequence[int] = (0, 
         phase("study: the converged solver's step count (validation seed)")
         search = find_converged_steps(base, evaluator, plan, proto, device=cfg.device, progress=progress, cache=cache)
         solvers = proto.solvers(search["steps"])
-        report = replace(plan, n=proto.n, seed=proto.report_seed, uncertainty=proto.uncertainty,
-                         per_class=any(c is not None for c in getattr(evaluator, "real_class_stats", None) or []))
+        report = proto.report_plan(plan, evaluator)
         models = {"base": base, **{name: load_generator(p).eval() for name, p in files.items()}}
         phase(f"study: evaluating {len(models)} models on the report seed {proto.report_seed} (n = {proto.n})")
         table = evaluate_models(models, evaluator, report, {k: solvers[k] for k in ("served", "converged")},

@@ -60,8 +60,7 @@ def stage_evidence(ctx: DemoContext) -> dict:
                                   progress=ctx.progress, cache=ctx.eval_cache)
     solvers = proto.solvers(search["steps"])
     models = {"base": ctx.base_net, **{name: load_generator(p).eval() for name, p in model_files(ctx).items()}}
-    per_class = any(c is not None for c in getattr(ctx.evaluator, "real_class_stats", None) or [])
-    plan = replace(base_plan, n=proto.n, seed=proto.report_seed, uncertainty=proto.uncertainty, per_class=per_class)
+    plan = proto.report_plan(base_plan, ctx.evaluator)
     split = test_evaluator(ctx)
     figures = combined_figures(classifier_figures(ctx),
                                split and split_figures(split, "_test", proto.uncertainty, proto.report_seed))

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 
 from ..build import load_base
 from ..config import find_file, load_config
-from ..evaluation import EvalCache, Evaluator, default_eval_cache
+from ..evaluation import EvalCache, Evaluator, eval_cache_for
 from ..evaluation.evaluator import evaluator_key
 from ..rl.settings import resolve
 from ..utils.io import atomic_save_json
@@ -71,9 +71,7 @@ class DemoContext:
         `<evaluator.cache_dir>/evals` (runs/.cache/evals for the Fashion-MNIST evaluator; none for an evaluator
         without a cache folder)."""
         if self._eval_cache is False:
-            s = self.eval_cache_setting
-            self._eval_cache = (default_eval_cache(self.evaluator) if s == "auto" else
-                                s if s is None or isinstance(s, EvalCache) else EvalCache(s))
+            self._eval_cache = eval_cache_for(self.eval_cache_setting, self.evaluator)
         return self._eval_cache
 
     @property

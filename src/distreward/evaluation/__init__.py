@@ -8,7 +8,7 @@
 """
 
 from .cache import (DEFAULT_EVAL_CACHE, CachedEval, EvalCache, ImageFigures, cached_evaluation, code_digest,
-                    default_eval_cache, eval_key, generator_key)
+                    default_eval_cache, eval_cache_for, eval_key, generator_key)
 from .evaluator import (DEFAULT_CACHE, KID_SCALE, Evaluator, fit_images, format_metrics, gaussian_kernel1d, images_hash,
                         evaluator_key, network_hash, perturb_images, sample_rows)
 from .generator import (EvalPlan, converged_steps, evaluate_generator, evaluate_solvers, evaluator_network,
@@ -16,7 +16,7 @@ from .generator import (EvalPlan, converged_steps, evaluate_generator, evaluate_
                         sharded_metrics)
 
 __all__ = ["DEFAULT_CACHE", "DEFAULT_EVAL_CACHE", "KID_SCALE", "CachedEval", "EvalCache", "EvalPlan", "Evaluator",
-           "ImageFigures", "cached_evaluation", "code_digest", "converged_steps", "default_eval_cache", "eval_key",
+           "ImageFigures", "cached_evaluation", "code_digest", "converged_steps", "default_eval_cache", "eval_cache_for", "eval_key",
            "evaluate_generator", "evaluate_solvers", "evaluator_key", "evaluator_network", "evidence_metrics",
            "fd_from_stats", "fit_images", "format_metrics", "gaussian_kernel1d", "generator_key", "heun_for_nfe",
            "images_hash", "network_hash", "nfe", "perturb_images", "sample_rows", "score_generator",

@@ -205,6 +205,14 @@ def default_eval_cache(evaluator) -> EvalCache | None:
     return None if folder is None else EvalCache(Path(folder) / "evals")
 
 
+def eval_cache_for(setting, evaluator) -> EvalCache | None:
+    """An evaluation-cache setting as a cache: "auto" (`default_eval_cache` of the evaluator), None (off), an
+    `EvalCache`, or a folder."""
+    if setting == "auto":
+        return default_eval_cache(evaluator)
+    return setting if setting is None or isinstance(setting, EvalCache) else EvalCache(setting)
+
+
 def cached_evaluation(cache: EvalCache | None, key: dict | None,
                       compute: Callable[[], tuple[dict, torch.Tensor | None]], *, grid: int = 0,
                       desc: str = "evaluation") -> tuple[dict, torch.Tensor | None, bool]:

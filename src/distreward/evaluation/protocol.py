@@ -51,6 +51,12 @@ class Protocol:
                    search_max=int(e.get("search_max", 64)), curve_n=int(e.get("curve_n", 500)),
                    curve_nfe=tuple(int(k) for k in e.get("curve_nfe", (5, 10, 20, 40))))
 
+    def report_plan(self, plan: EvalPlan, evaluator) -> EvalPlan:
+        """`plan` on the report seed with the protocol's n and bootstrap resamples, and per-class FD when the
+        evaluator has per-class real statistics."""
+        per_class = any(c is not None for c in getattr(evaluator, "real_class_stats", None) or [])
+        return replace(plan, n=self.n, seed=self.report_seed, uncertainty=self.uncertainty, per_class=per_class)
+
     def solvers(self, converged_steps: int) -> dict[str, SamplerSpec]:
         """The three solvers: served, Heun at `converged_steps`, Heun at the served NFE."""
         return {"served": self.served,

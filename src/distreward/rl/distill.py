@@ -26,7 +26,7 @@ from ..build import (build_codec, build_evaluator, build_generator, eval_plan, i
                      net_arch)
 from ..config import find_file
 from ..evaluation import Evaluator
-from ..sampling import check_sigmas, euler_step, heun_correct, sigma_schedule, sigma_vector, velocity_model
+from ..sampling import check_sigmas, ode_step, sigma_schedule, sigma_vector, velocity_model
 from ..sampling.steps import as_column
 from ..utils import dist as D
 from ..utils.checkpoint import rng_state, save_checkpoint
@@ -84,16 +84,6 @@ def teacher_grid(sigmas: torch.Tensor, m: int) -> torch.Tensor:
     s = check_sigmas(sigmas).double()
     parts = [torch.linspace(float(a), float(b), int(m) + 1, dtype=torch.float64)[:-1] for a, b in zip(s[:-1], s[1:])]
     return check_sigmas(torch.cat([*parts, s[-1:]]).float())
-
-
-def ode_step(model, x: torch.Tensor, labels: torch.Tensor | None, s: float, s_next: float, method: str) -> torch.Tensor:
-    """One step of the flow ODE from s to s_next, as `sampling.ode_sample` takes it (Heun skips its correction on
-    a step that lands on sigma = 0)."""
-    v = model(x, sigma_vector(s, x), labels)
-    x_next = euler_step(x, v, s, s_next)
-    if method == "heun" and s_next > 0:
-        x_next = heun_correct(x, v, model(x_next, sigma_vector(s_next, x), labels), s, s_next)
-    return x_next
 
 
 @torch.no_grad()

@@ -66,15 +66,21 @@ def ode_sample(model: Callable, noise: torch.Tensor, labels: torch.Tensor | None
     return out
 
 
+def ode_step(model: Callable, x: torch.Tensor, labels: torch.Tensor | None, s: float, s_next: float,
+             method: str) -> torch.Tensor:
+    """One step of the flow ODE from sigma s to s_next (Euler, or Heun, which skips its correction on a step that
+    lands on sigma = 0)."""
+    v = model(x, sigma_vector(s, x), labels)
+    x_next = euler_step(x, v, s, s_next)
+    if method == "heun" and s_next > 0:
+        x_next = heun_correct(x, v, model(x_next, sigma_vector(s_next, x), labels), s, s_next)
+    return x_next
+
+
 def _ode_chunk(model: Callable, x: torch.Tensor, labels: torch.Tensor | None, sig: list[float],
                method: str) -> torch.Tensor:
     for s, s_next in zip(sig[:-1], sig[1:]):
-        v = model(x, sigma_vector(s, x), labels)
-        x_next = euler_step(x, v, s, s_next)
-        if method == "heun" and s_next > 0:
-            v_next = model(x_next, sigma_vector(s_next, x), labels)
-            x_next = heun_correct(x, v, v_next, s, s_next)
-        x = x_next
+        x = ode_step(model, x, labels, s, s_next, method)
     return x
 
 
