@@ -12,8 +12,8 @@ import torch
 from _tiny import TinyFeatures
 from distreward.evaluation import (EvalPlan, Evaluator, converged_steps, evaluate_generator, evaluate_solvers,
                                    heun_for_nfe, nfe)
-from distreward.metrics import (GaussianStats, fd_bootstrap, fd_infinity_fit, frechet_distance, paired_difference,
-                                per_class_fd, per_class_stats)
+from distreward.metrics import (GaussianStats, density_coverage, fd_bootstrap, fd_infinity_fit, frechet_distance,
+                                paired_difference, per_class_fd, per_class_stats)
 from distreward.metrics.evidence import bootstrap_counts, bootstrap_fds
 from distreward.sampling.analytic import GaussianVelocity
 from distreward.sampling.generate import SamplerSpec
@@ -160,7 +160,8 @@ def test_nfe_and_heun_for_nfe():
 def test_default_plan_keeps_the_metrics_and_evidence_adds_keys(evaluator):
     net = GaussianVelocity(M, S)
     base, _ = evaluate_generator(net, evaluator, tiny_plan())
-    assert set(base) == {"fd_reward", "fd_eval", "fd", "kid", "kid_std", "precision", "recall", "n"}
+    assert set(base) == {"fd_reward", "fd_eval", "fd", "kid", "kid_std", "precision", "recall", "density", "coverage",
+                         "n"}
     more, _ = evaluate_generator(net, evaluator, tiny_plan(uncertainty=20, fd_infinity=True, per_class=True))
     for k, v in base.items():
         assert more[k] == v, k
@@ -169,6 +170,17 @@ def test_default_plan_keeps_the_metrics_and_evidence_adds_keys(evaluator):
     pc = more["fd_class"]["fmnist-eval"]
     assert set(pc["fd"]) == {0, 1, 2} and more["fd_eval_class_mean"] == pytest.approx(pc["mean"])
     assert more["fd_eval_class_worst"] == max(pc["fd"].values())
+
+
+def test_evaluator_adds_density_and_coverage_only_with_real_features(evaluator):
+    feats = [f[:40] + 0.01 for f in evaluator.real_feats]
+    m = evaluator.evaluate_features(feats)
+    assert {k: m[k] for k in ("density", "coverage")} == density_coverage(evaluator.real_feats[-1], feats[-1], k=5)
+    assert m["coverage"] > 0
+    stats = {label: GaussianStats.from_features(f) for label, f in zip(evaluator.labels, evaluator.real_feats)}
+    stats_only = Evaluator(ref_stats=stats, feature_nets=evaluator.nets, labels=evaluator.labels, cache_dir=None)
+    m = stats_only.evaluate_features(feats)
+    assert m["density"] is None and m["coverage"] is None and m["fd_eval"] is not None
 
 
 def test_evaluator_caches_per_class_real_statistics(tmp_path):

@@ -1,12 +1,13 @@
-"""Frechet distance, Gaussian statistics, KID and precision/recall against independent computations."""
+"""Frechet distance, Gaussian statistics, KID, precision/recall and density/coverage against independent
+computations."""
 
 import itertools
 
 import numpy as np
 import pytest
 
-from distreward.metrics import (GaussianStats, frechet_distance, frechet_distance_sqrtm, kid, precision_recall,
-                                sqrtm_psd)
+from distreward.metrics import (GaussianStats, density_coverage, frechet_distance, frechet_distance_sqrtm, kid,
+                                precision_recall, sqrtm_psd)
 from distreward.metrics.prdc import knn_radii
 
 
@@ -214,3 +215,64 @@ def test_precision_recall_errors():
         precision_recall(np.zeros((3, 2)), np.zeros((10, 2)), k=3)
     with pytest.raises(ValueError, match="dimensions"):
         precision_recall(np.zeros((10, 2)), np.zeros((10, 3)))
+
+
+# ------------------------------------------------------------------------------------ density / coverage
+
+def _density_coverage_brute(real, fake, k):
+    """Density and coverage from the full fake x real and real x real distance matrices."""
+    rr = np.sqrt(((real[:, None] - real[None]) ** 2).sum(-1))
+    np.fill_diagonal(rr, np.inf)
+    radius = np.sort(rr, axis=1)[:, k - 1]
+    inside = np.sqrt(((fake[:, None] - real[None]) ** 2).sum(-1)) <= radius[None, :]
+    return {"density": inside.sum() / (k * len(fake)), "coverage": inside.any(axis=0).mean()}
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_density_coverage_match_brute_force_and_chunking(k):
+    rng = np.random.default_rng(10)
+    real, fake = _features(rng, 47, 4), _features(rng, 31, 4, shift=0.4, scale=1.3)
+    expected = _density_coverage_brute(real, fake, k)
+    chunked = density_coverage(real, fake, k=k, batch=6)
+    assert chunked == pytest.approx(expected, rel=1e-12)
+    assert chunked == density_coverage(real, fake, k=k, batch=1000)
+
+
+def test_density_coverage_identical_and_same_distribution():
+    rng = np.random.default_rng(11)
+    real = _features(rng, 1000, 8)
+    same = density_coverage(real, real)
+    assert same["coverage"] == 1.0
+    assert same["density"] == pytest.approx(6 / 5, abs=0.01)      # each ball holds its centre and its 5 neighbours
+    fresh = density_coverage(real, _features(rng, 1000, 8))
+    assert 0.9 < fresh["density"] < 1.1 and fresh["coverage"] > 0.9
+
+
+def test_density_coverage_collapsed_onto_dense_real_points():
+    rng = np.random.default_rng(12)
+    real = _features(rng, 2000, 8)
+    dense = np.argsort(knn_radii(real, k=5))[:5]
+    collapsed = real[dense].repeat(200, axis=0) + 1e-3 * rng.standard_normal((1000, 8))
+    dc = density_coverage(real, collapsed)
+    assert dc["density"] > 1.5
+    assert dc["coverage"] < 0.05
+
+
+def test_density_coverage_drop_with_a_shift():
+    rng = np.random.default_rng(13)
+    real = _features(rng, 1000, 8)
+    base = density_coverage(real, _features(rng, 1000, 8))
+    shifted = density_coverage(real, _features(rng, 1000, 8, shift=1.0))
+    assert shifted["density"] < 0.5 * base["density"] and shifted["coverage"] < 0.5 * base["coverage"]
+    assert density_coverage(real, _features(rng, 500, 8, shift=50.0)) == {"density": 0.0, "coverage": 0.0}
+
+
+def test_density_coverage_errors():
+    with pytest.raises(ValueError, match="more than k=5 real samples, got 5"):
+        density_coverage(np.zeros((5, 2)), np.zeros((10, 2)))
+    with pytest.raises(ValueError, match="dimensions"):
+        density_coverage(np.zeros((10, 2)), np.zeros((10, 3)))
+    with pytest.raises(ValueError, match="no fake samples"):
+        density_coverage(np.random.default_rng(0).standard_normal((10, 2)), np.zeros((0, 2)))
+    with pytest.raises(ValueError, match="k must be"):
+        density_coverage(np.zeros((10, 2)), np.zeros((10, 2)), k=0)

@@ -18,6 +18,8 @@ TABLE_COLUMNS = [
     ("fd_eval", "FD (held-out features) ↓", "{:.3f}"),
     ("precision", "precision ↑", "{:.3f}"),
     ("recall", "recall ↑", "{:.3f}"),
+    ("density", "density", "{:.3f}"),
+    ("coverage", "coverage ↑", "{:.3f}"),
     ("classifier_logp", "log p(class), evaluation samples", "{:.4f}"),
     ("reward_mean", "reward mean (last iteration)", "{:.4g}"),
     ("n", "samples (FD is biased by n: compare rows of equal n)", "{:.0f}"),

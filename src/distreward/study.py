@@ -2,18 +2,20 @@
 protocol (evaluation/protocol.py; docs/rl.md "Studies and controls").
 
 Arms, each trained once per seed (cfg.seed = s) at the config's budget:
-  grpo      the config as given;
-  null      the same with the rewards of every iteration permuted across the batch (rl.null_control=permute): the
-            real rewards' scale and spread, no information about the samples;
+  grpo      the config with rl.algorithm=grpo (GRPO on SDE rollouts);
+  nft       the config with rl.algorithm=nft (the forward-process trainer on ODE samples, rl/nft.py; independent
+            starting noises);
+  null      the config's own trainer with the rewards of every iteration permuted across the batch
+            (rl.null_control=permute): the real rewards' scale and spread, no information about the samples;
   distill   the distillation control (rl.distill): the served grid's velocities regressed onto the base model's
             converged-solver trajectories, same labels, noise budget, optimizer, lr and EMA;
-  sample    the sample-wise reward (reward.name=classifier, the classifier log-prob) with the same trainer.
+  sample    the sample-wise reward (reward.name=classifier, the classifier log-prob) with the config's trainer.
 Then the base and every arm's EMA model are evaluated on the report seed with the served sampler and the
 converged solver (and the base with the training-free solver at the served NFE); study.json holds every row,
 study.md the table (mean ± std over seeds, per-seed rows) and study.png the picture.
 
     from distreward.study import run_study
-    run_study("fmnist_grpo", seeds=[0, 1, 2], arms=["grpo", "null", "distill"])
+    run_study("fmnist_grpo", seeds=[0, 1, 2], arms=["grpo", "nft", "null", "distill"])
 """
 
 from __future__ import annotations
@@ -37,23 +39,31 @@ from .utils.io import atomic_save_json, atomic_write_bytes
 from .utils.progress import phase
 from .utils.rundir import RunLock
 
-ARMS = ("grpo", "null", "distill", "sample")
+ARMS = ("grpo", "nft", "null", "distill", "sample")
 CONTROLS = ("null", "distill")
 SAMPLE_REWARD = {"name": "classifier", "features": "fmnist-reward"}
-FIGURES = ("fd_eval", "fd_reward", "recall", "fd_eval_class_worst")
+FIGURES = ("fd_eval", "fd_reward", "recall", "coverage", "fd_eval_class_worst")
 
 
 def arm_config(cfg, arm: str, seed: int):
     """The config of one arm and seed (a copy)."""
     c = copy.deepcopy(cfg)
     c.seed = int(seed)
-    if arm == "null":
+    if arm in ("grpo", "nft"):
+        c.rl.algorithm = arm
+        c.rl.shared_noise = bool(c.rl.shared_noise) and arm == "grpo"   # ODE samples need their own noises
+    elif arm == "null":
         c.rl.null_control = "permute"
     elif arm == "sample":
         c.reward = {**SAMPLE_REWARD, "reference_size": int(cfg.reward.get("reference_size", 1000))}
-    elif arm not in ("grpo", "distill"):
+    elif arm != "distill":
         raise ValueError(f"unknown study arm {arm!r}; choose from {', '.join(ARMS)}")
     return resolve(c)
+
+
+def default_arms(cfg, *, controls: bool = True, sample: bool = False) -> list[str]:
+    """The config's own trainer (rl.algorithm), then the controls and the sample-wise arm when asked."""
+    return [str(cfg.rl.get("algorithm") or "grpo"), *(CONTROLS if controls else ()), *(("sample",) if sample else ())]
 
 
 def train_arm(cfg, arm: str, seed: int, folder: Path, *, overwrite: bool, evaluator, progress: bool, base) -> Path:
@@ -88,17 +98,19 @@ def separation(summary: dict, a: str, b: str, key: str = "fd_eval") -> bool | No
 
 
 def run_study(config="fmnist_grpo", overrides=(), *, seeds: Sequence[int] = (0, 1, 2),
-              arms: Sequence[str] = ("grpo", "null", "distill"), run_dir=None, overwrite: bool = False,
+              arms: Sequence[str] | None = None, run_dir=None, overwrite: bool = False,
               progress: bool = True, evaluator=None, eval_cache="auto") -> dict:
     """Train every arm for every seed, evaluate with the evidence protocol, write study.json / study.md /
-    study.png under run_dir (default runs/study_<name>); returns study.json's content."""
+    study.png under run_dir (default runs/study_<name>); returns study.json's content. `arms` default: the
+    config's own trainer (rl.algorithm) with the controls (null, distill)."""
     t0 = time.perf_counter()
+    cfg = resolve(load_config(config, list(overrides)))
+    arms = default_arms(cfg) if arms is None else list(arms)
     bad = [a for a in arms if a not in ARMS]
     if bad or not arms:
         raise ValueError(f"unknown study arm(s) {bad or arms}; choose from {', '.join(ARMS)}")
     if not seeds:
         raise ValueError("a study needs at least one seed (--seeds 0 1 2)")
-    cfg = resolve(load_config(config, list(overrides)))
     root = Path(run_dir or f"runs/study_{cfg.name}")
     root.mkdir(parents=True, exist_ok=True)
     evaluator = evaluator or Evaluator.for_fmnist(device=cfg.device)
@@ -121,7 +133,8 @@ def run_study(config="fmnist_grpo", overrides=(), *, seeds: Sequence[int] = (0, 
         table["training_free"] = evaluate_models({"base": base}, evaluator, report,
                                                  {"training_free": solvers["training_free"]}, device=cfg.device,
                                                  progress=progress, cache=cache)["training_free"]
-        result = {"config": cfg.name, "seeds": list(seeds), "arms": list(arms), "n": proto.n,
+        result = {"config": cfg.name, "algorithm": str(cfg.rl.algorithm), "seeds": list(seeds), "arms": list(arms),
+                  "n": proto.n,
                   "report_seed": proto.report_seed, "validation_seed": proto.validation_seed,
                   "converged_search": search, "err": "one bootstrap standard error",
                   "solvers": {k: {"method": s.method, "steps": int(s.steps), "nfe": table[k]["base"]["nfe"]}
@@ -152,18 +165,21 @@ def write_study_report(root: Path, result: dict) -> Path:
         s = result["solvers"][sname]
         base = result["rows"][sname]["base"]
         lines += [f"## {sname}: {s['method']} {s['steps']} steps ({s['nfe']} NFE)", "",
-                  "| arm | FD held-out | FD reward features | recall | worst-class FD (held-out) |", "|---|---|---|---|---|",
+                  "| arm | FD held-out | FD reward features | recall | coverage | worst-class FD (held-out) |",
+                  "|---|---|---|---|---|---|",
                   f"| base | {with_error(base.get('fd_eval'), base.get('fd_eval_err'), '{:.4f}')} | "
                   f"{with_error(base.get('fd_reward'), base.get('fd_reward_err'))} | {base.get('recall', float('nan')):.3f} | "
-                  f"{base.get('fd_eval_class_worst', float('nan')):.4f} |"]
+                  f"{base.get('coverage') or float('nan'):.3f} | {base.get('fd_eval_class_worst', float('nan')):.4f} |"]
         summ = result["summary"][sname]
         for arm in arms:
             a = summ.get(arm, {})
             lines.append(f"| {arm} | {mean_std(a.get('fd_eval'))} | {mean_std(a.get('fd_reward'), '{:.3f}')} | "
-                         f"{mean_std(a.get('recall'), '{:.3f}')} | {mean_std(a.get('fd_eval_class_worst'))} |")
-        if "grpo" in arms and "null" in arms:
-            sep = separation(summ, "grpo", "null")
-            lines += ["", f"Every grpo seed below every null seed (held-out FD): {'yes' if sep else 'no'}."]
+                         f"{mean_std(a.get('recall'), '{:.3f}')} | {mean_std(a.get('coverage'), '{:.3f}')} | "
+                         f"{mean_std(a.get('fd_eval_class_worst'))} |")
+        for trainer in ("grpo", "nft"):
+            if trainer in arms and "null" in arms and trainer == result.get("algorithm", "grpo"):
+                sep = separation(summ, trainer, "null")
+                lines += ["", f"Every {trainer} seed below every null seed (held-out FD): {'yes' if sep else 'no'}."]
         lines += ["", "| model | FD held-out | FD reward features | recall |", "|---|---|---|---|"]
         for name, r in result["rows"][sname].items():
             lines.append(f"| {name} | {with_error(r.get('fd_eval'), r.get('fd_eval_err'), '{:.4f}')} | "

@@ -30,7 +30,7 @@ from distreward.utils.threads import set_threads
 COMMANDS: dict[str, tuple[str, str]] = {
     "train-features": ("train_features", "train the Fashion-MNIST feature networks (fmnist-reward / fmnist-eval)"),
     "stats": ("stats", "reference statistics (mu, sigma) of a dataset or image folder"),
-    "evaluate": ("evaluate", "FD on both feature networks, KID, precision, recall of an image set"),
+    "evaluate": ("evaluate", "FD on both feature networks, KID, precision, recall, density, coverage of an image set"),
     "train-base": ("train_base", "flow-matching training of a base generator with power-function EMA snapshots"),
     "phema": ("phema", "post-hoc EMA reconstruction from snapshots to any EMA length"),
     "sample": ("sample", "draw images from a generator with an ODE/SDE sampler"),

@@ -32,6 +32,7 @@ def run(args) -> int:
         extra += [(f"{k} {entry['method']} {entry['steps']}", v) for k, v in (entry or {}).get("models", {}).items()]
     for name, m in list(rows.items()) + extra:
         figures = ", ".join(f"{k} {m[k]:.4g}" + (f" ± {m[k + '_err']:.2g}" if m.get(k + "_err") is not None else "")
-                            for k in ("fd_reward", "fd_eval", "precision", "recall") if m.get(k) is not None)
+                            for k in ("fd_reward", "fd_eval", "precision", "recall", "density", "coverage")
+                            if m.get(k) is not None)
         print(f"  {name:>24}: {figures}")
     return 0

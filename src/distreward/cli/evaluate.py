@@ -1,4 +1,5 @@
-"""`distreward evaluate IMAGES --ref DATA`: FD on both feature networks, KID, precision and recall.
+"""`distreward evaluate IMAGES --ref DATA`: FD on both feature networks, KID, precision and recall, density and
+coverage.
 
     distreward evaluate fmnist-test --ref fmnist-train
     distreward evaluate samples.npz --ref fmnist-train --json runs/eval/metrics.json
@@ -7,7 +8,8 @@
 
 --ref is reference images (fmnist-train, fmnist-test, an .npz of uint8 images, an image folder) or one or more
 statistics .npz files (from `distreward stats`, or pytorch-fid style mu/sigma). With statistics only, FD is
-computed for the networks they match and KID / precision / recall (which need real features) are skipped.
+computed for the networks they match and KID / precision / recall / density / coverage (which need real
+features) are skipped.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="feature networks, the reward's first and the held-out one last (names or .safetensors paths)")
     p.add_argument("--max-images", type=int, default=None, help="evaluate a seeded random subset of N images")
     p.add_argument("--max-ref", type=int, default=None, help="use a seeded random subset of N reference images")
-    p.add_argument("--max-real", type=int, default=10000, help="reference features kept for KID and precision/recall")
+    p.add_argument("--max-real", type=int, default=10000,
+                   help="reference features kept for KID, precision/recall and density/coverage")
     p.add_argument("--k", type=int, default=3, help="nearest neighbour for precision/recall")
     p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (of up to 1000 samples each)")
     p.add_argument("--perturb", choices=("blur", "noise"), default=None, help="degrade the images first (sanity check)")
@@ -95,8 +98,8 @@ def run(args) -> int:
     ref_images, ref_stats = None, None
     if stats_refs:
         ref_stats = match_stats(stats_refs, list(args.features), [n.dim for n in nets])
-        print(f"reference: statistics for {', '.join(ref_stats)}; KID and precision/recall need reference images "
-              f"(e.g. --ref fmnist-train) and are skipped")
+        print(f"reference: statistics for {', '.join(ref_stats)}; KID, precision/recall and density/coverage need "
+              "reference images (e.g. --ref fmnist-train) and are skipped")
     else:
         ref_images, _ = load_images(args.ref[0])
         keep = sample_rows(ref_images.shape[0], args.max_ref, args.seed)

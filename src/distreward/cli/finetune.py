@@ -20,7 +20,8 @@ def run(args) -> int:
     if not is_main():
         return 0
     final = res["final"] or {}
-    figures = ", ".join(f"{k} {final[k]:.4g}" for k in ("fd_reward", "fd_eval", "precision", "recall")
+    figures = ", ".join(f"{k} {final[k]:.4g}"
+                        for k in ("fd_reward", "fd_eval", "precision", "recall", "density", "coverage")
                         if final.get(k) is not None)
     print(f"finetune: {out} (EMA model: {out / 'model_ema.safetensors'}){'; ' + figures if figures else ''}")
     return 0

@@ -39,7 +39,8 @@ def run(args) -> int:
         return 0
     rows = [(k, v) for k, v in res["baselines"].items()] + [("init", res["init"]), ("merged", res["merged"])]
     for name, m in rows:
-        figures = ", ".join(f"{k} {m[k]:.4g}" for k in ("fd_reward", "fd_eval", "precision", "recall")
+        figures = ", ".join(f"{k} {m[k]:.4g}"
+                            for k in ("fd_reward", "fd_eval", "precision", "recall", "density", "coverage")
                             if m.get(k) is not None)
         print(f"  {name:>14}: {figures}")
     print(f"merge: coefficients {out / 'coefficients.json'}, model {res['model']}")

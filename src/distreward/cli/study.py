@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..study import ARMS, CONTROLS, run_study
+from ..config import load_config
+from ..study import ARMS, default_arms, run_study
 from . import new_output
 
 
@@ -16,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="add the controls: the permuted-reward null and the distillation control")
     p.add_argument("--sample", action="store_true", help="add the sample-wise reward (classifier log-prob) arm")
     p.add_argument("--arms", nargs="+", choices=ARMS, default=None,
-                   help="the arms explicitly (default: grpo, plus the controls / sample arm when asked)")
+                   help="the arms explicitly (default: the config's trainer rl.algorithm, plus the controls / "
+                        "sample arm when asked)")
     p.add_argument("--run-dir", default=None, help="output folder (default: runs/study_<config name>)")
     p.add_argument("--overwrite", action="store_true",
                    help="train every arm afresh (default: resume or reuse runs of the same settings)")
@@ -26,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    arms = args.arms or ["grpo", *(CONTROLS if args.controls else ()), *(("sample",) if args.sample else ())]
+    arms = args.arms or default_arms(load_config(args.config, args.overrides), controls=args.controls,
+                                     sample=args.sample)
     out = args.run_dir and new_output(args.run_dir)
     result = run_study(args.config, args.overrides, seeds=args.seeds, arms=arms, run_dir=out,
                        overwrite=args.overwrite, progress=not args.no_progress,

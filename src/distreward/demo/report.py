@@ -79,13 +79,15 @@ def evidence_tables(ev: dict) -> list[str]:
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     conv = ev.get("converged", ev["served"])["models"]
     lines += ["", f"At the {SOLVER_TITLES['converged' if 'converged' in ev else 'served']}: recall, precision, "
-              "per-class FD (held-out; mean and worst class) and FD against Fashion-MNIST test:", "",
-              "| model | precision | recall | per-class FD mean | worst class | FD test (reward) | FD test (held-out) |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+              "density, coverage, per-class FD (held-out; mean and worst class) and FD against Fashion-MNIST test:", "",
+              "| model | precision | recall | density | coverage | per-class FD mean | worst class | FD test (reward) "
+              "| FD test (held-out) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m in models:
         r = conv.get(m, {})
         f = lambda k, fmt="{:.3f}": fmt.format(r[k]) if r.get(k) is not None else "–"   # noqa: E731
-        lines.append(f"| {m} | {f('precision')} | {f('recall')} | {f('fd_eval_class_mean', '{:.4f}')} | "
+        lines.append(f"| {m} | {f('precision')} | {f('recall')} | {f('density')} | {f('coverage')} | "
+                     f"{f('fd_eval_class_mean', '{:.4f}')} | "
                      f"{f('fd_eval_class_worst', '{:.4f}')} | "
                      f"{with_error(r.get('fd_reward_test'), r.get('fd_reward_test_err'))} | "
                      f"{with_error(r.get('fd_eval_test'), r.get('fd_eval_test_err'), '{:.4f}')} |")

@@ -28,7 +28,7 @@ from ..utils.rundir import changed_keys, file_sha256, plain_config
 
 DISTRIBUTION_PRESET = "fmnist_grpo"
 SAMPLE_PRESET = "fmnist_grpo_sample"
-METRIC_KEYS = ("fd_reward", "fd_eval", "precision", "recall", "kid", "n")
+METRIC_KEYS = ("fd_reward", "fd_eval", "precision", "recall", "density", "coverage", "kid", "n")
 
 
 @dataclass

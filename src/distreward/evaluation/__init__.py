@@ -1,7 +1,8 @@
 """Evaluation: an image set against the real data (`Evaluator`), and a generator through its sampler (`generator`).
 
     ev = Evaluator.for_fmnist()                      # Fashion-MNIST train as the reference, both embedded networks
-    ev.evaluate(images)                              # {'fd_reward', 'fd_eval', 'kid', 'kid_std', 'precision', 'recall', 'n'}
+    ev.evaluate(images)                              # {'fd_reward', 'fd_eval', 'kid', 'kid_std', 'precision', 'recall',
+                                                     #  'density', 'coverage', 'n'}
     evaluate_generator(net, ev, EvalPlan(n=2000, seed=1234))   # samples, then the same metrics (sharded under torchrun)
     evaluate_solvers(net, ev, plan, {"euler": spec1, "heun": spec2})   # several solvers on the same noise and labels
     evaluate_generator(net, ev, plan, cache=EvalCache("runs/.cache/evals"))   # stored once, reused under its key

@@ -1,14 +1,17 @@
-"""Image-level evaluation against a reference set: FD on two feature networks, KID, precision and recall.
+"""Image-level evaluation against a reference set: FD on two feature networks, KID, precision and recall,
+density and coverage.
 
     ev = Evaluator.for_fmnist()              # Fashion-MNIST train as the reference, both embedded networks
-    ev.evaluate(images)                      # {'fd_reward', 'fd_eval', 'kid', 'kid_std', 'precision', 'recall', 'n'}
+    ev.evaluate(images)                      # {'fd_reward', 'fd_eval', 'kid', 'kid_std', 'precision', 'recall',
+                                             #  'density', 'coverage', 'n'}
 
 `fd_reward` is the Frechet distance on the first network (the reward's own, `fmnist-reward`); `fd_eval` on the
 second, held-out one (`fmnist-eval`), so a gain cannot be an artefact of the reward's features. KID (x1e3, the
-customary scale; `kid_std` is the std over subsets) and precision/recall (k=3) are computed on the held-out
-(last) network's features. Real statistics use every reference image; KID and precision/recall use a seeded
-random subset of at most `max_real` of them. Real features are computed once and cached in `cache_dir`, in a
-file keyed by the networks' weights and the reference images, so repeated runs are fast.
+customary scale; `kid_std` is the std over subsets), precision/recall (k=3) and density/coverage (k=5) are
+computed on the held-out (last) network's features. Real statistics use every reference image; KID,
+precision/recall and density/coverage use a seeded random subset of at most `max_real` of them. Real features
+are computed once and cached in `cache_dir`, in a file keyed by the networks' weights and the reference images,
+so repeated runs are fast.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ import torch
 
 from ..data import check_images, load_fmnist, pad_to
 from ..features import compute_features, get_feature_network
-from ..metrics import GaussianStats, frechet_distance, kid, precision_recall, sqrtm_psd
+from ..metrics import GaussianStats, density_coverage, frechet_distance, kid, precision_recall, sqrtm_psd
 from ..metrics.evidence import class_stats_arrays, class_stats_from_arrays, labels_key, per_class_stats
 from ..utils.io import atomic_write_bytes
 
 KID_SCALE = 1e3
+DENSITY_COVERAGE_K = 5                    # the k of Naeem et al. 2020, independent of precision/recall's k
 DEFAULT_CACHE = "runs/.cache"
 _CACHE_VERSION = "1"
 
@@ -129,8 +133,9 @@ def sample_rows(n: int, limit: int | None, seed: int = 0) -> np.ndarray | None:
 class Evaluator:
     """Reference features/statistics computed once; `evaluate(images)` returns the metrics of an image set.
 
-    ref_images: float (N, C, H, W) in [-1, 1], or None with `ref_stats` (FD only: KID and precision/recall need
-    real features). ref_stats: {network label: GaussianStats} for networks whose real statistics are given.
+    ref_images: float (N, C, H, W) in [-1, 1], or None with `ref_stats` (FD only: KID, precision/recall and
+    density/coverage need real features). ref_stats: {network label: GaussianStats} for networks whose real
+    statistics are given.
     feature_nets: registry names, .safetensors paths or modules (the first is the reward's, the last the held-out);
     labels: their names in results (default: the names given, or the module's `feature_name`).
     ref_labels: the reference images' class labels (optional): then `real_class_stats[i]` holds each class's real
@@ -276,7 +281,8 @@ class Evaluator:
         values = list(fds.values())
         out = {"fd_reward": values[0], "fd_eval": values[1] if len(values) > 1 else None}
         out["fd"] = fds
-        out.update({"kid": None, "kid_std": None, "precision": None, "recall": None, "n": n})
+        out.update({"kid": None, "kid_std": None, "precision": None, "recall": None, "density": None, "coverage": None,
+                    "n": n})
         real = self.real_feats[-1]
         if real is not None:
             fake = feats[-1]
@@ -284,6 +290,8 @@ class Evaluator:
             out["kid"], out["kid_std"] = mean * KID_SCALE, std * KID_SCALE
             if n > self.k and real.shape[0] > self.k:
                 out.update(precision_recall(real, fake, k=self.k))
+            if real.shape[0] > DENSITY_COVERAGE_K:
+                out.update(density_coverage(real, fake, k=DENSITY_COVERAGE_K))
         return out
 
 
@@ -297,7 +305,11 @@ def format_metrics(m: dict) -> str:
         lines.append(f"FD {label:<15} {f(v)}" + ("" if v is not None else "  (no reference statistics for this network)"))
     why = "" if m["kid"] is not None else "  (needs reference images or features, not only statistics)"
     why_pr = why or ("" if m["precision"] is not None else "  (needs more images than k)")
+    why_dc = why or ("" if m.get("density") is not None
+                     else f"  (needs more than {DENSITY_COVERAGE_K} reference features)")
     lines.append(f"KID x1e3           {f(m['kid'])} +- {f(m['kid_std'])}{why}")
     lines.append(f"precision          {f(m['precision'])}{why_pr}")
     lines.append(f"recall             {f(m['recall'])}{why_pr}")
+    lines.append(f"density            {f(m.get('density'))}{why_dc}")
+    lines.append(f"coverage           {f(m.get('coverage'))}{why_dc}")
     return "\n".join(lines)

@@ -1,8 +1,8 @@
 """Evaluating a generator: draw the plan's n class-balanced samples, batch by batch, and score them.
 
 Under torchrun each rank samples a contiguous block of the batches and keeps only features (never all images);
-FD comes from the merged float64 sums, KID and precision/recall (where the evaluator has real features) from the
-gathered features. One process is the world-size-1 case of the same loop.
+FD comes from the merged float64 sums, KID, precision/recall and density/coverage (where the evaluator has real
+features) from the gathered features. One process is the world-size-1 case of the same loop.
 
 The evidence a comparison needs (docs/metrics.md): FD standard errors (`plan.uncertainty` bootstrap resamples),
 FD-infinity (`plan.fd_infinity`), per-class FD (`plan.per_class`), several solvers on the same noise and labels
@@ -79,7 +79,8 @@ def fd_from_stats(evaluator, stats: list) -> dict:
         fds[label] = None if st is None or g.n < 2 else frechet_distance(g.mu, g.sigma, st.mu, st.sigma, sigma2_half=half)
     values = list(fds.values())
     return {"fd_reward": values[0], "fd_eval": values[1] if len(values) > 1 else None, "fd": fds, "kid": None,
-            "kid_std": None, "precision": None, "recall": None, "n": int(stats[0].n)}
+            "kid_std": None, "precision": None, "recall": None, "density": None, "coverage": None,
+            "n": int(stats[0].n)}
 
 
 def sharded_metrics(evaluator, batches: Iterable[torch.Tensor], empty_shape) -> dict:

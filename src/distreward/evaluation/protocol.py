@@ -21,7 +21,8 @@ from .evaluator import evaluator_key
 from .generator import EvalPlan, converged_steps, evaluate_generator, evidence_metrics, heun_for_nfe, net_keys, nfe
 
 SOLVERS = ("served", "converged", "training_free")
-ROW_KEYS = ("fd_reward", "fd_reward_err", "fd_eval", "fd_eval_err", "precision", "recall", "kid", "n",
+ROW_KEYS = ("fd_reward", "fd_reward_err", "fd_eval", "fd_eval_err", "precision", "recall", "density", "coverage",
+            "kid", "n",
             "fd_reward_class_mean", "fd_reward_class_worst", "fd_eval_class_mean", "fd_eval_class_worst",
             "fd_reward_test", "fd_reward_test_err", "fd_eval_test", "fd_eval_test_err", "classifier_logp")
 

@@ -1,4 +1,5 @@
-"""Features -> numbers: Gaussian statistics, Frechet distance, KID, precision/recall. float64 numpy only.
+"""Features -> numbers: Gaussian statistics, Frechet distance, KID, precision/recall, density/coverage.
+float64 numpy only.
 
 Evidence around an FD (`evidence`): bootstrap standard errors, paired differences, FD-infinity, per-class FD.
 `merge_gaussian_stats` sums GaussianStats over torchrun ranks (metrics owns the all-reduce of its statistics).
@@ -10,8 +11,8 @@ from .evidence import (fd_bootstrap, fd_infinity, fd_infinity_fit, paired_differ
 from .gaussian import (GaussianStats, frechet_distance, frechet_distance_sqrtm, sqrtm_psd,
                        trace_sqrt_cholesky, trace_sqrt_product)
 from .kid import kid
-from .prdc import precision_recall
+from .prdc import density_coverage, precision_recall
 
 __all__ = ["GaussianStats", "frechet_distance", "frechet_distance_sqrtm", "sqrtm_psd", "trace_sqrt_product",
-           "trace_sqrt_cholesky", "kid", "precision_recall", "merge_gaussian_stats",
+           "trace_sqrt_cholesky", "kid", "precision_recall", "density_coverage", "merge_gaussian_stats",
            "fd_bootstrap", "paired_difference", "fd_infinity", "fd_infinity_fit", "per_class_fd", "per_class_stats"]

@@ -1,8 +1,11 @@
-"""Improved precision and recall (Kynkaanniemi et al. 2019) from k-nearest-neighbour balls in feature space.
+"""Improved precision and recall (Kynkaanniemi et al. 2019) and density and coverage (Naeem et al. 2020) from
+k-nearest-neighbour balls in feature space.
 
 Each set's manifold is the union of balls centred at its samples with radius the distance to the k-th nearest
 other sample of the same set. Precision: the fraction of fake samples inside the real manifold (fidelity).
-Recall: the fraction of real samples inside the fake manifold (coverage). float64, distances in row chunks.
+Recall: the fraction of real samples inside the fake manifold (coverage). Density and coverage use the real balls
+only: density counts how many real balls hold each fake sample (fidelity), coverage is the fraction of real balls
+that hold at least one fake sample (diversity). float64, distances in row chunks.
 """
 
 from __future__ import annotations
@@ -56,3 +59,43 @@ def precision_recall(real, fake, k: int = 3, batch: int = 1000) -> dict[str, flo
     precision = manifold_coverage(r, knn_radii(r, k, batch), f, batch)
     recall = manifold_coverage(f, knn_radii(f, k, batch), r, batch)
     return {"precision": precision, "recall": recall}
+
+
+def real_ball_hits(real: np.ndarray, radii: np.ndarray, fake: np.ndarray,
+                   batch: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """Per fake row, how many real balls (centre, squared radius) contain it; per real ball, whether any fake does."""
+    r_sq, f_sq = _sq_norms(real), _sq_norms(fake)
+    counts = np.zeros(fake.shape[0], dtype=np.int64)
+    hit = np.zeros(real.shape[0], dtype=bool)
+    for i in range(0, fake.shape[0], batch):
+        inside = pairwise_sq_dists(fake[i:i + batch], real, f_sq[i:i + batch], r_sq) <= radii[None, :]
+        counts[i:i + batch] = inside.sum(axis=1)
+        hit |= inside.any(axis=0)
+    return counts, hit
+
+
+# density (Naeem et al. 2020): 1/(k M) sum_j sum_i 1[fake_j in B(real_i, NND_k(real_i))]
+def density(counts: np.ndarray, k: int) -> float:
+    """Mean number of real balls around a fake sample, over k (about 1 for matching sets; can exceed 1)."""
+    return float(counts.sum()) / (k * counts.size)
+
+
+# coverage (Naeem et al. 2020): 1/N sum_i 1[some fake_j in B(real_i, NND_k(real_i))]
+def coverage(hit: np.ndarray) -> float:
+    """Fraction of real balls that contain at least one fake sample."""
+    return float(hit.mean())
+
+
+def density_coverage(real, fake, k: int = 5, batch: int = 1000) -> dict[str, float]:
+    """{'density', 'coverage'} of `fake` features against `real` features (both (N, d)), real k-NN radii with k=5."""
+    r, f = as_f64_rows(real), as_f64_rows(fake)
+    if r.shape[1] != f.shape[1]:
+        raise ValueError(f"density/coverage: features of different dimensions {r.shape[1]} and {f.shape[1]}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if r.shape[0] <= k:
+        raise ValueError(f"density/coverage need more than k={k} real samples, got {r.shape[0]}")
+    if f.shape[0] == 0:
+        raise ValueError("density/coverage: no fake samples")
+    counts, hit = real_ball_hits(r, knn_radii(r, k, batch), f, batch)
+    return {"density": density(counts, k), "coverage": coverage(hit)}

@@ -13,28 +13,22 @@ then log, evaluate the EMA weights, checkpoint, exactly as `rl.grpo.finetune` do
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
 from typing import Sequence
 
-import numpy as np
 import torch
 
-from ..build import (build_codec, build_evaluator, build_generator, eval_plan, is_preset_model, load_base, make_decoder,
-                     net_arch)
 from ..config import find_file
-from ..evaluation import Evaluator
-from ..sampling import check_sigmas, ode_step, sigma_schedule, sigma_vector, velocity_model
+from ..sampling import check_sigmas, ode_step, sigma_schedule, sigma_vector
 from ..sampling.steps import as_column
 from ..utils import dist as D
-from ..utils.checkpoint import rng_state, save_checkpoint
 from ..utils.io import RunDir, atomic_save_json
 from ..utils.progress import progress as tqdm
 from ..utils.rundir import add_inputs, input_files, only_raise, prepare_run, weight_files
 from ..utils.runlog import RunLog
-from .loopstate import EmaEvaluation, restore_checkpoint, save_merge_input
+from .loopstate import EmaEvaluation, Policy, restore_checkpoint, run_evaluator, save_merge_input, save_state
 from .losses import trained_steps
 from .rollout import draw_labels, start_noise
 from .settings import resolve, window
@@ -189,35 +183,19 @@ def distill_run(cfg, run: RunDir, device, *, resume: bool, net, evaluator, progr
     balanced, shared_noise = rl.labels == "balanced", bool(rl.shared_noise)
     train_mode, train_fraction = str(rl.train_steps.mode), float(rl.train_steps.fraction)
     train_window, train_count = window(rl.train_steps.window), rl.train_steps.get("count")
-    cfg_scale, null_label = float(cfg.model.get("cfg_scale") or 1.0), cfg.model.get("num_classes")
     eval_every, checkpoint_every, grid = int(cfg.eval.every), int(cfg.checkpoint.every), int(cfg.eval.grid)
     teacher_steps, method = teacher_steps_of(cfg), str(cfg.distill.teacher_method)
     m = substeps(teacher_steps, T)
 
-    # Policy (trained), the frozen teacher (the base) and EMA weights (evaluated, saved).
-    if net is None:
-        preset = is_preset_model(cfg.model)
-        net = build_generator(cfg.model, device, seed=seed) if preset else load_base(cfg.model, device)
-    arch = net_arch(net, cfg.model)
-    codec = build_codec(cfg.model, device, seed=seed)
-    decode = make_decoder(codec)                # evaluation only: the teacher and the policy stay in latent space
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    net = net.to(device).eval()
-    teacher = copy.deepcopy(net).requires_grad_(False)
-    ema = copy.deepcopy(net).requires_grad_(False)
-    model = velocity_model(net, arch, cfg_scale, null_label)
-    teacher_model = velocity_model(teacher, arch, cfg_scale, null_label)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=float(rl.lr), betas=tuple(rl.adam_betas),
-                                  weight_decay=float(rl.weight_decay))
+    # Policy (trained), the frozen teacher (the base) and EMA weights (evaluated, saved). The teacher and the policy
+    # stay in latent space; the decoder serves the evaluation.
+    pol = Policy.build(cfg, device, net, seed)
+    net, ema, gen = pol.net, pol.ema, pol.generator
+    model, teacher_model = pol.model, pol.velocity(pol.frozen_copy())
+    optimizer = pol.optimizer(rl)
 
-    if evaluator is None and cfg.eval.get("features") is not None:
-        evaluator = build_evaluator(cfg, device)
-    elif evaluator is None and eval_every > 0:
-        evaluator = Evaluator.for_fmnist(device=device)
-    one_draw = codec is None and arch == "unet" and not cfg.eval.get("sampler")
-    plan = eval_plan(cfg, noise="seed" if one_draw else "batch")
+    evaluator = run_evaluator(cfg, device, evaluator, needed=eval_every > 0)
+    plan = pol.eval_plan(cfg, 1)
     sigmas = sigma_schedule(T, shift=float(rl.shift))
     add_inputs(run, weight_files(evaluator))
 
@@ -227,7 +205,7 @@ def distill_run(cfg, run: RunDir, device, *, resume: bool, net, evaluator, progr
     if st is not None:
         start, history, evals = int(st["iteration"]), list(st["history"]), list(st["evals"])
     log = RunLog(run.root, start=start)
-    evaluate = EmaEvaluation(ema, evaluator, plan, evals, log, arch=arch, decode=decode, device=device,
+    evaluate = EmaEvaluation(ema, evaluator, plan, evals, log, arch=pol.arch, decode=pol.decode, device=device,
                              samples=run.samples, grid=grid, iterations=iterations, progress=progress, main=True)
     evaluate.first(start, initial_eval, eval_every)
 
@@ -256,10 +234,8 @@ def distill_run(cfg, run: RunDir, device, *, resume: bool, net, evaluator, progr
         if evaluator is not None and eval_every > 0 and ((it + 1) % eval_every == 0 or last):
             evaluate(it + 1)
         if (it + 1) % checkpoint_every == 0 or last:
-            save_checkpoint(ckpt_path, {"net": net.state_dict(), "ema": ema.state_dict(),
-                                        "optimizer": optimizer.state_dict(), "rng": rng_state(gen),
-                                        "iteration": it + 1, "history": history, "evals": evals})
-            save_merge_input(ema, run.checkpoints / f"ema_{it + 1:05d}.safetensors", {**info, "iteration": it + 1})
+            save_state(ckpt_path, pol, optimizer, None, {"iteration": it + 1, "history": history, "evals": evals},
+                       merge_extra={**info, "iteration": it + 1})
     bar.close()
     log.close()
 

@@ -16,30 +16,24 @@ the reference set is replicated, gradients are summed, evaluation is sharded, an
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
-from ..build import (build_codec, build_evaluator, build_generator, eval_plan, is_preset_model, load_base, make_decoder,
-                     net_arch)
-from ..config import find_file, to_dict
-from ..evaluation import Evaluator
-from ..sampling import sigma_schedule, velocity_model
+from ..config import find_file
+from ..sampling import sigma_schedule
 from ..utils import dist as D
-from ..utils.checkpoint import rng_state, save_checkpoint
 from ..utils.io import RunDir, atomic_save_json
 from ..utils.progress import progress as tqdm
 from ..utils.rundir import add_inputs, input_files, only_raise, prepare_run, weight_files
 from ..utils.runlog import RunLog
 from . import parallel
-from .loopstate import EmaEvaluation, restore_checkpoint, save_merge_input
+from .loopstate import EmaEvaluation, Policy, restore_checkpoint, run_evaluator, run_reward, save_merge_input, save_state
 from .losses import group_advantages, trained_steps
+from .nft import nft_run
 from .rollout import collect, draw_labels, ode_rows, rollout_noise_levels
 from .settings import DEFAULTS, check_world, resolve, window
-from .setup import ReferenceSampler, build_reward_for_run, load_reward_state, reward_state
 from .update import update
 
 __all__ = ["CHANGEABLE", "DEFAULTS", "finetune"]
@@ -53,7 +47,8 @@ def finetune(cfg, run_dir, *, resume: bool = False, overwrite: bool = False, all
              net: torch.nn.Module | None = None, reward=None, evaluator=None,
              progress: bool = True, on_iteration: Callable[[int, dict], None] | None = None,
              initial_eval: dict | None = None) -> dict:
-    """Run GRPO for cfg.rl.iterations; returns {"final": eval metrics of the EMA model, "evals", "history", ...,
+    """Run GRPO (or, with rl.algorithm = nft, the forward-process trainer of rl/nft.py) for cfg.rl.iterations;
+    returns {"final": eval metrics of the EMA model, "evals", "history", ...,
     "net", "ema", "reward", "final_images"}. "final_images": the final evaluation's images when this call ran it
     (all eval.n in one process with a pixel UNet, rank 0's first eval.grid otherwise), else None.
 
@@ -73,8 +68,9 @@ def finetune(cfg, run_dir, *, resume: bool = False, overwrite: bool = False, all
     run = prepare_run(run_dir, cfg, command="finetune", resume=resume, overwrite=overwrite,
                       allow_changes=allow_changes, changeable=CHANGEABLE, main=D.is_main(),
                       inputs=input_files(cfg, find_file))
+    trainer = nft_run if cfg.rl.algorithm == "nft" else grpo_run
     try:
-        return grpo_run(cfg, run, device, resume=resume, net=net, reward=reward, evaluator=evaluator,
+        return trainer(cfg, run, device, resume=resume, net=net, reward=reward, evaluator=evaluator,
                         progress=progress, on_iteration=on_iteration, initial_eval=initial_eval)
     finally:
         run.close()
@@ -97,38 +93,19 @@ def grpo_run(cfg, run: RunDir, device, *, resume: bool, net, reward, evaluator, 
     null_permute = rl.get("null_control", "none") == "permute"   # the null control: real rewards, random samples
     train_mode, train_fraction = str(rl.train_steps.mode), float(rl.train_steps.fraction)
     train_window, train_count = window(rl.train_steps.window), rl.train_steps.get("count")
-    cfg_scale, null_label = float(cfg.model.get("cfg_scale") or 1.0), cfg.model.get("num_classes")
     eval_every, checkpoint_every, grid = int(cfg.eval.every), int(cfg.checkpoint.every), int(cfg.eval.grid)
 
     # Policy (trained), frozen reference (the base policy of the KL term) and EMA weights (evaluated, saved).
-    if net is None:
-        preset = is_preset_model(cfg.model)
-        net = build_generator(cfg.model, device, seed=seed) if preset else load_base(cfg.model, device)
-    arch = net_arch(net, cfg.model)
-    codec = build_codec(cfg.model, device, seed=seed)
-    decode = make_decoder(codec)
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    net = net.to(device).eval()                 # eval mode: no dropout, so log p_old and log p_theta agree
-    ref_net = copy.deepcopy(net).requires_grad_(False)
-    ema = copy.deepcopy(net).requires_grad_(False)
-    model = velocity_model(net, arch, cfg_scale, null_label)              # the policy p_theta
-    ref_model = velocity_model(ref_net, arch, cfg_scale, null_label)      # p_ref, the KL term's base policy
-    optimizer = torch.optim.AdamW(net.parameters(), lr=float(rl.lr), betas=tuple(rl.adam_betas),
-                                  weight_decay=float(rl.weight_decay))
+    pol = Policy.build(cfg, device, net, seed)
+    net, ema, gen, arch, decode = pol.net, pol.ema, pol.generator, pol.arch, pol.decode
+    model = pol.model                                   # the policy p_theta
+    ref_model = pol.velocity(pol.frozen_copy())         # p_ref, the KL term's base policy
+    optimizer = pol.optimizer(rl)
 
     # Evaluation (the EMA weights with the served sampler) and the reward with its reference set.
-    if evaluator is None and cfg.eval.get("features") is not None:
-        evaluator = build_evaluator(cfg, device)
-    elif evaluator is None and (eval_every > 0 or reward is None):
-        evaluator = Evaluator.for_fmnist(device=device)
-    one_draw = world == 1 and codec is None and arch == "unet" and not cfg.eval.get("sampler")
-    plan = eval_plan(cfg, noise="seed" if one_draw else "batch")
-    if reward is None:
-        sampler = ReferenceSampler.of_run(cfg, int(cfg.reward.get("reference_size", 1000)))
-        reward = build_reward_for_run(to_dict(cfg)["reward"], sampler, net, run.root, evaluator, model=model,
-                                      decode=decode, progress=progress)
+    evaluator = run_evaluator(cfg, device, evaluator, needed=eval_every > 0 or reward is None)
+    plan = pol.eval_plan(cfg, world)
+    reward = run_reward(cfg, run, reward, pol, evaluator, progress=progress)
     sigmas = sigma_schedule(T, shift=float(rl.shift))
     ode_reference = rl.get("reference", "rollout") == "ode" and parallel.has_own_after_step(reward)
     rows = parallel.group_rows(P, G)             # this rank's rows of the P x G batch: whole groups
@@ -136,9 +113,8 @@ def grpo_run(cfg, run: RunDir, device, *, resume: bool, net, reward, evaluator, 
 
     ckpt_path = run.checkpoints / "last.pt"
     start, history, evals = 0, [], []
-    st = restore_checkpoint(ckpt_path, net, ema, optimizer, gen) if resume else None
+    st = restore_checkpoint(ckpt_path, net, ema, optimizer, gen, reward=reward) if resume else None
     if st is not None:
-        load_reward_state(reward, st["reward"])
         start, history, evals = int(st["iteration"]), list(st["history"]), list(st["evals"])
     log = RunLog(run.root, start=start, enabled=main)
     evaluate = EmaEvaluation(ema, evaluator, plan, evals, log, arch=arch, decode=decode, device=device,
@@ -186,14 +162,8 @@ def grpo_run(cfg, run: RunDir, device, *, resume: bool, net, reward, evaluator, 
         if evaluator is not None and eval_every > 0 and ((it + 1) % eval_every == 0 or last):
             evaluate(it + 1)
         if (it + 1) % checkpoint_every == 0 or last:
-            if main:
-                save_checkpoint(ckpt_path, {"net": net.state_dict(), "ema": ema.state_dict(),
-                                            "optimizer": optimizer.state_dict(), "reward": reward_state(reward),
-                                            "rng": rng_state(gen), "iteration": it + 1, "history": history,
-                                            "evals": evals})
-                save_merge_input(ema, run.checkpoints / f"ema_{it + 1:05d}.safetensors",
-                                 {"rl": "grpo", "reward": cfg.reward.name, "iteration": it + 1})
-            D.barrier()
+            save_state(ckpt_path, pol, optimizer, reward, {"iteration": it + 1, "history": history, "evals": evals},
+                       merge_extra={"rl": "grpo", "reward": cfg.reward.name, "iteration": it + 1}, main=main)
         if on_iteration is not None:
             on_iteration(it + 1, record)
     bar.close()

@@ -36,3 +36,10 @@ def check_config(cfg, world: int = 1, *, own_reward: bool = False) -> None:
     """Refuse settings GRPO cannot run with, naming the key, the value and what is allowed: the schema's checks
     (`schema.validate`, a ConfigError) and the split over `world` processes."""
     check_world(validate("finetune", cfg, own_reward=own_reward), world)
+
+
+def nft_rollout_grid(cfg) -> tuple[str, int]:
+    """The forward-process trainer's rollout ODE (method, steps): nft.method with nft.steps, or with the served
+    sampler's step count (eval.steps) when nft.steps is null."""
+    steps = cfg.nft.get("steps")
+    return str(cfg.nft.method), int(cfg.eval.steps if steps is None else steps)

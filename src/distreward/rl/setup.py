@@ -21,7 +21,7 @@ from ..build import feature_network, real_stats_for
 from ..evaluation import evaluator_network, network_hash
 from ..features import compute_features
 from ..reward import build_reward
-from ..sampling import sigma_schedule
+from ..sampling import ode_sample, sigma_schedule
 from ..sampling.generate import balanced_labels
 from ..utils import dist as D
 from ..utils.io import atomic_write_bytes
@@ -29,6 +29,7 @@ from ..utils.rundir import cache_valid, plain_config, save_cache_key
 from ..utils.progress import progress as tqdm
 from .parallel import rollout_rows
 from .rollout import reference_noise_levels
+from .settings import nft_rollout_grid
 
 REFERENCE_CACHE = "base_reference_features.npy"
 
@@ -58,24 +59,31 @@ class ReferenceSampler:
     num_classes: int
     device: str = "cpu"
     extra: str = "{}"
+    method: str = "euler"       # heun: the ODE sampler with Heun steps (noise_levels must be 0)
 
     @classmethod
     def of_run(cls, cfg, n: int) -> "ReferenceSampler":
-        """The sampler of a GRPO run's config (rl.reference decides the noise levels)."""
+        """The sampler of a finetune run's config: GRPO's rollouts or Euler ODE (rl.reference decides the noise
+        levels), or the forward-process trainer's rollout ODE (rl.algorithm = nft)."""
         rl, model = cfg.rl, cfg.model
         levels = reference_noise_levels(rl)
+        steps, method = int(rl.steps), "euler"
+        if rl.get("algorithm", "grpo") == "nft":
+            (method, steps), levels = nft_rollout_grid(cfg), 0.0
         extra = {"cfg_scale": float(model.get("cfg_scale") or 1.0), "vae": plain_config({"v": model.get("vae")})["v"]}
-        return cls(n=int(n), seed=int(cfg.seed), steps=int(rl.steps), shift=float(rl.shift),
+        return cls(n=int(n), seed=int(cfg.seed), steps=steps, shift=float(rl.shift),
                    noise_levels=tuple(levels) if isinstance(levels, list) else float(levels),
                    batch_size=int(rl.batch_size), image_shape=tuple(model.image_shape),
-                   num_classes=int(model.num_classes), device=str(cfg.device), extra=json.dumps(extra, sort_keys=True))
+                   num_classes=int(model.num_classes), device=str(cfg.device), extra=json.dumps(extra, sort_keys=True),
+                   method=method)
 
     def key(self, net, feature_net) -> dict:
         """Everything the initial rows depend on (written beside the cache and compared before reusing it)."""
         levels = list(self.noise_levels) if isinstance(self.noise_levels, tuple) else self.noise_levels
+        method = {} if self.method == "euler" else {"method": self.method}
         return {"n": self.n, "seed": self.seed, "steps": self.steps, "shift": self.shift, "noise_levels": levels,
                 "batch_size": self.batch_size, "image_shape": list(self.image_shape), "num_classes": self.num_classes,
-                **json.loads(self.extra), "base": network_hash(net), "features": network_hash(feature_net)}
+                **json.loads(self.extra), **method, "base": network_hash(net), "features": network_hash(feature_net)}
 
 
 @torch.no_grad()
@@ -92,9 +100,14 @@ def reference_features(model, decode, feature_net, sampler: ReferenceSampler, *,
         lab = labels[i:i + bs]
         noise = torch.randn((lab.shape[0], *shape), generator=gen)
         rows = D.shard_indices(lab.shape[0])
-        traj = rollout_rows(model, noise, lab, sigmas, levels, gen, rows, sampler.device)
+        if sampler.method == "euler":
+            x = rollout_rows(model, noise, lab, sigmas, levels, gen, rows, sampler.device).xs[-1]
+        elif len(rows):
+            my_lab = None if lab is None else lab[rows.start:rows.stop].to(sampler.device)
+            x = ode_sample(model, noise[rows.start:rows.stop].to(sampler.device), my_lab, sigmas.to(sampler.device),
+                           sampler.method)
         if len(rows):
-            out.append(compute_features(feature_net, decode(traj.xs[-1]).cpu(), batch_size=bs))
+            out.append(compute_features(feature_net, decode(x).cpu(), batch_size=bs))
             index.append(np.arange(i + rows.start, i + rows.stop))
     dim = int(feature_net.dim)
     feats = D.all_gather_rows(np.concatenate(out) if out else np.zeros((0, dim)))

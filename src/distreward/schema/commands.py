@@ -171,6 +171,8 @@ class TrainSteps:
 
 @dataclass
 class GrpoRL:
+    algorithm: str = key("grpo", "the trainer: GRPO on SDE rollouts, or the forward-process trainer on ODE samples "
+                                 "(nft section)", choices=("grpo", "nft"))
     iterations: int = key(30, "GRPO iterations", ge=1)
     labels_per_iter: int = key(16, "P: groups (one label each) per iteration, split over the ranks", ge=1)
     labels: str = key("balanced", "label stream: every class equally often (balanced) or random",
@@ -304,6 +306,18 @@ class Distill:
 
 
 @dataclass
+class Nft:
+    """The forward-process trainer (rl.algorithm = nft, distreward.rl.nft): ODE samples of the old policy, rewards
+    turned into optimality weights, the flow-matching loss of implicit positive / negative policies."""
+    method: str = key("heun", "ODE method of the rollouts", choices=ODE_METHODS)
+    steps: Optional[int] = key(None, "ODE steps of the rollouts (null: eval.steps, the served sampler's)", ge=1)
+    beta: float = key(1.0, "strength of the implicit policies v+- = v_old +- beta (v_theta - v_old)", gt=0)
+    timesteps: int = key(2, "forward-process noise levels (sigma ~ U(0, 1)) per sample and update", ge=1)
+    old_decay: float = key(0.0, "eta: v_old <- eta v_old + (1 - eta) v_theta after each iteration (0: on-policy)",
+                           ge=0, lt=1)
+
+
+@dataclass
 class Finetune:
     """`distreward finetune` (and the demo's GRPO runs): GRPO with a distribution-wise or sample-wise reward."""
     name: str = name_key("grpo")
@@ -318,6 +332,7 @@ class Finetune:
     evidence: Evidence = section(Evidence, "how the demo and `distreward study` report models: seeds, converged "
                                            "solver, uncertainty")
     distill: Distill = section(Distill, "the distillation control of `distreward study`")
+    nft: Nft = section(Nft, "the forward-process trainer (rl.algorithm = nft)")
     dry_run: Optional[Partial] = dry_run_key()
     dry_run_of: Optional[str] = dry_run_of_key()
 
@@ -328,6 +343,9 @@ def check_finetune(cfg: dict) -> None:
     if reward.get("name") == "distribution" and reward.get("credit") == "group":
         fail("reward.credit", "group", "group credit gives every member of a group the group's reward, so the "
              "group-relative advantages are all zero; use reward.credit=sample (each sample replaces the same row)")
+    if rl["algorithm"] == "nft" and rl["shared_noise"]:
+        fail("rl.shared_noise", True, "the forward-process trainer samples with the deterministic ODE: a group sharing "
+             "one starting noise holds G identical samples and no reward spread; use rl.shared_noise=false")
     ts = rl["train_steps"]
     if rl["noise_steps"] == "window" and ts["mode"] != "window":
         fail("rl.noise_steps", "window", "needs rl.train_steps.mode=window: the stochastic steps must be known "
