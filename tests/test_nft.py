@@ -220,3 +220,27 @@ def test_two_processes_equal_one(tmp_path):
             torch.testing.assert_close(v, one["net"][k], rtol=1e-4, atol=2e-5)
     assert all(torch.equal(res[0]["net"][k], res[1]["net"][k]) for k in res[0]["net"])     # in sync, bit for bit
     assert res[0]["evals"] == res[1]["evals"] and len(res[0]["evals"]) == 2   # the sharded evaluation, gathered
+
+
+def test_per_class_reward_runs_with_the_evaluators_class_statistics(tmp_path):
+    """reward.per_class: the run builds one reference set per class from the evaluator's per-class real statistics
+    (N / classes initial rows each) and each iteration's rows go to their class's set."""
+    from distreward.evaluation import Evaluator
+    from distreward.reward import ClassDistributionReward
+
+    g = torch.Generator().manual_seed(11)
+    ref = (0.6 * torch.randn((240, *SHAPE), generator=g)).clamp(-1, 1)
+    ev = Evaluator(ref, feature_nets=(TinyFeatures(1, 6), TinyFeatures(2, 6)), labels=["fmnist-reward", "fmnist-eval"],
+                   cache_dir=None, max_real=200, ref_labels=torch.arange(240) % 3)
+    cfg = nft_cfg(2, every=0)
+    cfg["reward"] = {"name": "distribution", "per_class": True, "reference_size": 30}
+    res = finetune(cfg, tmp_path / "run", net=make_net(), evaluator=ev, progress=False)
+    reward = res["reward"]
+    assert isinstance(reward, ClassDistributionReward) and sorted(reward.sets) == [0, 1, 2]
+    assert all(s.n == 10 for s in reward.sets.values())
+    assert sum(s.pushed for s in reward.sets.values()) == 2 * 12           # every sample went to its class's set
+    assert all(math.isfinite(h["fd_ref"]) and h["r_std"] > 0 for h in res["history"])
+    plain = Evaluator(ref, feature_nets=(TinyFeatures(1, 6), TinyFeatures(2, 6)),
+                      labels=["fmnist-reward", "fmnist-eval"], cache_dir=None, max_real=200)
+    with pytest.raises(ValueError, match="per-class real statistics"):
+        finetune(cfg, tmp_path / "plain", net=make_net(), evaluator=plain, progress=False)

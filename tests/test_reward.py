@@ -8,8 +8,8 @@ import torch
 from scipy.stats import spearmanr
 
 from distreward.metrics import GaussianStats, frechet_distance
-from distreward.reward import (ClassifierLogProbReward, DistributionReward, KNNRealismReward, ReferenceSet,
-                               build_reward, plain_set_rewards)
+from distreward.reward import (ClassDistributionReward, ClassifierLogProbReward, DistributionReward,
+                               KNNRealismReward, ReferenceSet, build_reward, plain_set_rewards)
 
 
 def mixture(rng, centers, basis, spec, weights, n):
@@ -287,6 +287,38 @@ def test_distribution_reward_scores_features_and_pushes_them():
     assert ref.ptr == 6
     grouped = DistributionReward(net, ref, credit="group")(x, None, groups=groups)
     assert len(torch.unique(grouped)) == 2
+
+
+def test_per_class_reward_scores_each_sample_against_its_own_class():
+    """reward.per_class: class c's samples are scored (and pushed) by class c's set against class c's statistics;
+    the classes' sets are those of build_reward with per_class and the initial rows' labels."""
+    net = TinyNet()
+    init, init_labels = feats(net, images(60, 2)), np.arange(60) % 3
+    class_stats = {c: GaussianStats.from_features(feats(net, images(300, 10 + c)) + 0.2 * c) for c in range(3)}
+    reward = build_reward({"name": "distribution", "per_class": True}, feature_net=net, init_features=init,
+                          class_stats=class_stats, init_labels=torch.from_numpy(init_labels))
+    assert isinstance(reward, ClassDistributionReward) and sorted(reward.sets) == [0, 1, 2]
+    x, labels = images(7, 3), torch.tensor([2, 0, 1, 2, 2, 0, 1])
+    r = reward(x, labels, groups=np.arange(7))
+    for c in range(3):
+        alone = ReferenceSet(init[init_labels == c], class_stats[c].mu, class_stats[c].sigma)
+        idx = (labels == c).numpy()
+        np.testing.assert_allclose(r.numpy()[idx], alone.rewards(feats(net, x)[idx], mode="exact"), rtol=1e-5,
+                                   atol=1e-9)
+    before = {c: s.fd() for c, s in reward.sets.items()}
+    assert reward.fd() == pytest.approx(np.mean(list(before.values())))
+    state = reward.state_dict()
+    reward.after_step(x, labels)
+    assert [reward.sets[c].ptr for c in range(3)] == [2, 2, 3]
+    np.testing.assert_allclose(reward.sets[2].rows[:3], feats(net, x)[[0, 3, 4]], rtol=1e-6)
+    reward.load_state_dict(state)
+    assert {c: s.fd() for c, s in reward.sets.items()} == pytest.approx(before)
+    with pytest.raises(ValueError, match="class labels"):
+        reward(x, None)
+    with pytest.raises(ValueError, match="class.*3"):
+        reward(x, torch.tensor([3, 0, 1, 2, 2, 0, 1]))
+    with pytest.raises(ValueError, match="per-class statistics"):
+        build_reward({"name": "distribution", "per_class": True}, feature_net=net, init_features=init)
 
 
 def test_push_features_pushes_rows_and_forgets_the_scored_batch():

@@ -2,7 +2,7 @@
 
 Base, the GRPO models and the merged models, on the report seed (fresh: used by no other stage), with the served
 sampler, a converged Heun solver (its step count searched on the base model with the validation seed, or the
-preset's) and a training-free Heun solver at the served NFE; FD with bootstrap standard errors on both feature
+preset's), and the base with a training-free Heun solver at the served NFE; FD with bootstrap standard errors on both feature
 networks, against Fashion-MNIST train and test, per-class FD; and FD against NFE for Euler and Heun (the plot).
 Its result gives metrics.json its `served`, `converged` and `training_free` entries.
 """
@@ -53,7 +53,9 @@ def evidence_key(ctx: DemoContext) -> dict:
 
 
 def stage_evidence(ctx: DemoContext) -> dict:
-    """Every model with the three solvers on the report seed, and the FD-vs-NFE curve."""
+    """Every model with the served and the converged solver on the report seed, the base with the training-free
+    solver at the served NFE (the control a fine-tuned model's served gain is read against), and the FD-vs-NFE
+    curve."""
     proto = protocol(ctx)
     base_plan = eval_plan(ctx.cfg, noise="seed")
     search = find_converged_steps(ctx.base_net, ctx.evaluator, base_plan, proto, device=ctx.cfg.device,
@@ -66,8 +68,13 @@ def stage_evidence(ctx: DemoContext) -> dict:
                                split and split_figures(split, "_test", proto.uncertainty, proto.report_seed))
     print(f"[demo] evidence: {len(models)} models x {len(solvers)} solvers ({', '.join(f'{k}: {s.method} {s.steps}' for k, s in solvers.items())}), "
           f"n = {proto.n}, report seed {proto.report_seed}")
-    table = evaluate_models(models, ctx.evaluator, plan, solvers, device=ctx.cfg.device, progress=ctx.progress,
+    trained = {k: solvers[k] for k in ("served", "converged")}
+    table = evaluate_models(models, ctx.evaluator, plan, trained, device=ctx.cfg.device, progress=ctx.progress,
                             cache=ctx.eval_cache, figures=figures)
+    table["training_free"] = evaluate_models({"base": models["base"]}, ctx.evaluator, plan,       # the base's control
+                                             {"training_free": solvers["training_free"]}, device=ctx.cfg.device,
+                                             progress=ctx.progress, cache=ctx.eval_cache,
+                                             figures=figures)["training_free"]
     curve = []
     if proto.curve_n:
         curve_models = {k: v for k, v in models.items() if k in ("base", "distribution", "sample")}

@@ -1,6 +1,7 @@
 """Reward objects: images (+ labels, + group ids) -> one float32 reward per image, higher is better.
 
-`DistributionReward` is the method's subset-replace FD reward (METHOD.md §3); `ClassifierLogProbReward` and
+`DistributionReward` is the method's subset-replace FD reward (METHOD.md §3), `ClassDistributionReward` the same
+with one reference set per class (credit for what a sample fixes in its own class); `ClassifierLogProbReward` and
 `KNNRealismReward` are the sample-wise baselines of METHOD.md §6, kept simple: they exist to show reward hacking.
 All return CPU float32 tensors (B,).
 """
@@ -110,6 +111,60 @@ class DistributionReward(Reward):
         self.ref.load_state_dict(sd["reference_set"])
 
 
+class ClassDistributionReward(Reward):
+    """The distribution-wise reward with one reference set per class (reward.per_class): a sample of class c is
+    scored by what it does to class c's set against class c's real statistics, r(x) = FD_c(G_c) -
+    FD_c(G_c - {s} + {x}), so it is credited for what it fixes in its own class; after a step each class's set takes
+    that class's new rows. `fd()` is the mean of the classes' FDs."""
+
+    name = "distribution"
+
+    def __init__(self, feature_net: torch.nn.Module, sets: Mapping[int, ReferenceSet], *, mode: str = "fast",
+                 credit: str = "sample", scale: float = 1.0, batch_size: int = 500):
+        ReferenceSet._check_mode(mode, credit)
+        if not sets:
+            raise ValueError("a per-class distribution reward needs at least one class's reference set")
+        self.net, self.sets = feature_net, {int(c): s for c, s in sets.items()}
+        self.mode, self.credit, self.scale, self.batch_size = mode, credit, float(scale), int(batch_size)
+
+    def features(self, images: torch.Tensor) -> np.ndarray:
+        _check_batch(images)
+        return _features(self.net, images, self.batch_size).double().cpu().numpy()
+
+    def _by_class(self, labels) -> dict[int, np.ndarray]:
+        if labels is None:
+            raise ValueError("the per-class distribution reward needs the samples' class labels")
+        lab = np.asarray(labels.cpu() if torch.is_tensor(labels) else labels).astype(np.int64)
+        missing = sorted(set(lab.tolist()) - set(self.sets))
+        if missing:
+            raise ValueError(f"no reference set for class(es) {missing}: the real data has no statistics for them")
+        return {c: np.flatnonzero(lab == c) for c in np.unique(lab).tolist()}
+
+    def __call__(self, images, labels=None, groups=None) -> torch.Tensor:
+        f = self.features(images)
+        r = np.zeros(f.shape[0])
+        g = None if groups is None else np.asarray(groups.cpu() if torch.is_tensor(groups) else groups)
+        for c, idx in self._by_class(labels).items():
+            r[idx] = self.sets[c].rewards(f[idx], groups=None if g is None else g[idx], mode=self.mode,
+                                          credit=self.credit)
+        return torch.from_numpy(r * self.scale).float()
+
+    def after_step(self, images, labels=None) -> None:
+        f = self.features(images)
+        for c, idx in self._by_class(labels).items():
+            self.sets[c].push(f[idx])
+
+    def fd(self) -> float:
+        return float(np.mean([s.fd() for s in self.sets.values()]))
+
+    def state_dict(self) -> dict:
+        return {"reference_sets": {c: s.state_dict() for c, s in self.sets.items()}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for c, st in sd["reference_sets"].items():
+            self.sets[int(c)].load_state_dict(st)
+
+
 class ClassifierLogProbReward(Reward):
     """log p(label | image) under a classifier with `.logits(images) -> (B, classes)` (e.g. fmnist-reward)."""
 
@@ -210,11 +265,13 @@ _KEYS = REWARD_KEYS
 
 
 def build_reward(cfg, device="cpu", *, feature_net=None, real_stats=None, init_features=None,
-                 real_features=None) -> Reward:
+                 real_features=None, class_stats=None, init_labels=None) -> Reward:
     """A reward from a config dict (keys in docs/reward.md), e.g. {"name": "distribution", "mode": "fast"}.
 
     Arrays given as arguments win over the paths in the config: `real_stats` (GaussianStats / (mu, sigma)),
-    `init_features` (N, d) for the initial reference set, `real_features` (M, d) for the k-NN reward.
+    `init_features` (N, d) for the initial reference set, `real_features` (M, d) for the k-NN reward. With
+    per_class: true the distribution reward needs `class_stats` ({class: GaussianStats}, the real data's per class)
+    and `init_labels` (N,), the classes of the initial rows.
     """
     if hasattr(cfg, "_metadata"):  # an OmegaConf node
         cfg = OmegaConf.to_container(cfg, resolve=True)
@@ -241,18 +298,41 @@ def build_reward(cfg, device="cpu", *, feature_net=None, real_stats=None, init_f
 
     real_stats = real_stats if real_stats is not None else cfg.get("real_stats")
     init_features = init_features if init_features is not None else cfg.get("init_features")
-    if real_stats is None:
+    if real_stats is None and not cfg.get("per_class"):
         raise ValueError("the distribution reward needs real statistics: pass real_stats= or set 'real_stats' to a .npz "
                          "made by 'distreward stats'")
     if init_features is None:
         raise ValueError("the distribution reward needs an initial reference set: pass init_features=(N, d), the features "
                          "of N samples of the starting model, or set 'init_features' to a .npy path")
-    mu, sigma = _real_mu_sigma(real_stats)
     mode, credit = str(cfg.get("mode", "fast")), str(cfg.get("credit", "sample"))
     if mode not in MODES or credit not in CREDITS:
         raise ValueError(f"mode must be one of {MODES} and credit one of {CREDITS}, got {mode!r}, {credit!r}")
+    options = {"eps": float(cfg.get("eps", 1e-10)), "quad_step": float(cfg.get("quad_step", 0.3))}
+    if cfg.get("per_class"):
+        return ClassDistributionReward(feature_net, class_sets(_load_array(init_features, "initial reference features"),
+                                                               init_labels, class_stats, **options),
+                                       mode=mode, credit=credit, scale=float(cfg.get("scale", 1.0)),
+                                       batch_size=batch_size)
+    mu, sigma = _real_mu_sigma(real_stats)
     ref = ReferenceSet(_load_array(init_features, "initial reference features"), mu, sigma,
                        eps=float(cfg.get("eps", 1e-10)), quad_step=float(cfg.get("quad_step", 0.3)),
                        refresh_every=cfg.get("refresh_every"))
     return DistributionReward(feature_net, ref, mode=mode, credit=credit, scale=float(cfg.get("scale", 1.0)),
                               batch_size=batch_size)
+
+
+def class_sets(features: np.ndarray, labels, class_stats, **options) -> dict[int, ReferenceSet]:
+    """One ReferenceSet per class: the initial rows of that class against that class's real statistics."""
+    if class_stats is None or labels is None:
+        raise ValueError("reward.per_class needs the real data's per-class statistics and the initial rows' labels "
+                         "(an evaluator built with class labels, e.g. Evaluator.for_fmnist); or set per_class: false")
+    lab = np.asarray(labels.cpu() if torch.is_tensor(labels) else labels).astype(np.int64)
+    if lab.shape[0] != features.shape[0]:
+        raise ValueError(f"{lab.shape[0]} labels for {features.shape[0]} initial reference rows")
+    sets = {}
+    for c in np.unique(lab).tolist():
+        if class_stats.get(c) is None:
+            raise ValueError(f"no real statistics for class {c}: the real data has none of its images")
+        mu, sigma = _real_mu_sigma(class_stats[c])
+        sets[c] = ReferenceSet(features[lab == c], mu, sigma, **options)
+    return sets

@@ -151,6 +151,7 @@ def build_reward_for_run(reward_cfg: dict, sampler: ReferenceSampler, net, run_d
         real_stats = real_stats_for(features_name, rcfg["real_stats"], int(feature_net.dim))
     elif real_stats is None and features_name == "random":
         real_stats = real_stats_for("random", None, int(feature_net.dim))
+    class_stats = class_statistics(evaluator, features_name) if rcfg.get("per_class") else None
     key = sampler.key(net, feature_net)
     if D.broadcast_object(cache_matches(Path(run_dir), key)):      # rank 0's answer: every rank reads the same file
         feats = np.load(Path(run_dir) / REFERENCE_CACHE, allow_pickle=False)
@@ -159,4 +160,16 @@ def build_reward_for_run(reward_cfg: dict, sampler: ReferenceSampler, net, run_d
         if D.is_main():
             save_reference(Path(run_dir), key, feats)
     return build_reward(rcfg, device=device, feature_net=feature_net, real_stats=real_stats,
-                        init_features=feats)
+                        init_features=feats, class_stats=class_stats,
+                        init_labels=balanced_labels(sampler.n, sampler.num_classes))
+
+
+def class_statistics(evaluator, name: str) -> dict:
+    """The evaluator's per-class real statistics of its network `name` (reward.per_class)."""
+    labels = list(getattr(evaluator, "labels", None) or [])
+    stats = evaluator.real_class_stats[labels.index(name)] if name in labels else None
+    if stats is None:
+        raise ValueError(f"reward.per_class needs per-class real statistics of the {name!r} features: the evaluator "
+                         "has none (build it with the real images' class labels, as Evaluator.for_fmnist does), or "
+                         "set reward.per_class=false")
+    return stats

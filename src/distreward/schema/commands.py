@@ -24,7 +24,7 @@ ODE_METHODS = ("euler", "heun")
 # The keys each reward of distreward.reward.build_reward takes (it refuses others).
 REWARD_KEYS: dict[str, frozenset[str]] = {
     "distribution": frozenset({"name", "features", "weights", "mode", "credit", "scale", "eps", "quad_step",
-                               "batch_size", "real_stats", "init_features", "refresh_every"}),
+                               "batch_size", "real_stats", "init_features", "refresh_every", "per_class"}),
     "classifier": frozenset({"name", "features", "weights", "batch_size"}),
     "knn": frozenset({"name", "features", "weights", "k", "reduce", "batch_size", "real_features"}),
 }
@@ -231,6 +231,9 @@ class GrpoReward:
                                        absent="N samples of the base model")
     refresh_every: Optional[int] = key(ABSENT, "distribution: rows pushed between exact recomputations of the sums",
                                        ge=1, absent="N")
+    per_class: bool = key(ABSENT, "distribution: one reference set per class (N / classes rows each) against that "
+                                  "class's real statistics: a sample is credited for what it fixes in its own class",
+                          absent="off: one set against the marginal statistics")
     k: int = key(ABSENT, "knn: neighbour count", ge=1, absent="3")
     reduce: str = key(ABSENT, "knn: distance to the k-th neighbour or the mean of the k nearest",
                       choices=("kth", "mean"), absent="kth")
