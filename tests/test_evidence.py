@@ -173,9 +173,15 @@ def test_default_plan_keeps_the_metrics_and_evidence_adds_keys(evaluator):
 
 
 def test_evaluator_adds_density_and_coverage_only_with_real_features(evaluator):
+    """On a seeded subset of as many real rows as generated ones (Naeem et al. compare equal sizes)."""
+    from distreward.evaluation.evaluator import sample_rows
+
     feats = [f[:40] + 0.01 for f in evaluator.real_feats]
     m = evaluator.evaluate_features(feats)
-    assert {k: m[k] for k in ("density", "coverage")} == density_coverage(evaluator.real_feats[-1], feats[-1], k=5)
+    real = evaluator.real_feats[-1]
+    rows = sample_rows(real.shape[0], 40, evaluator.seed)
+    assert rows is not None and len(rows) == 40
+    assert {k: m[k] for k in ("density", "coverage")} == density_coverage(real[rows], feats[-1], k=5)
     assert m["coverage"] > 0
     stats = {label: GaussianStats.from_features(f) for label, f in zip(evaluator.labels, evaluator.real_feats)}
     stats_only = Evaluator(ref_stats=stats, feature_nets=evaluator.nets, labels=evaluator.labels, cache_dir=None)

@@ -9,7 +9,9 @@ density and coverage.
 second, held-out one (`fmnist-eval`), so a gain cannot be an artefact of the reward's features. KID (x1e3, the
 customary scale; `kid_std` is the std over subsets), precision/recall (k=3) and density/coverage (k=5) are
 computed on the held-out (last) network's features. Real statistics use every reference image; KID,
-precision/recall and density/coverage use a seeded random subset of at most `max_real` of them. Real features
+precision/recall and density/coverage use a seeded random subset of at most `max_real` of them (density/coverage
+a further seeded subset of as many real rows as generated ones: the radii of its real k-NN balls shrink with the
+number of real rows, so unequal sizes move both figures). Real features
 are computed once and cached in `cache_dir`, in a file keyed by the networks' weights and the reference images,
 so repeated runs are fast.
 """
@@ -290,8 +292,10 @@ class Evaluator:
             out["kid"], out["kid_std"] = mean * KID_SCALE, std * KID_SCALE
             if n > self.k and real.shape[0] > self.k:
                 out.update(precision_recall(real, fake, k=self.k))
-            if real.shape[0] > DENSITY_COVERAGE_K:
-                out.update(density_coverage(real, fake, k=DENSITY_COVERAGE_K))
+            rows = sample_rows(real.shape[0], n, self.seed)     # as many real rows as fake ones (Naeem et al.)
+            real_dc = real if rows is None else real[rows]
+            if real_dc.shape[0] > DENSITY_COVERAGE_K:
+                out.update(density_coverage(real_dc, fake, k=DENSITY_COVERAGE_K))
         return out
 
 
