@@ -14,7 +14,6 @@ then log, evaluate the EMA weights, checkpoint, exactly as `rl.grpo.finetune` do
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Sequence
 
@@ -137,13 +136,6 @@ def distill_update(net, model, ema, optimizer, xs: torch.Tensor, labels: torch.T
 
 # --------------------------------------------------------------------------------------------- the run
 
-def launched_world() -> int:
-    """How many processes this one runs among: torchrun's WORLD_SIZE, or the size of a process group already
-    initialised."""
-    env = os.environ.get("WORLD_SIZE", "").strip()
-    return max(int(env) if env.isdigit() else 1, D.world_size())
-
-
 def check_single_process(world: int) -> None:
     """The distillation control has no multi-process split: refuse a torchrun launch before any work."""
     if int(world) > 1:
@@ -162,7 +154,7 @@ def distill(cfg, run_dir, *, resume: bool = False, overwrite: bool = False, allo
     behave as finetune's (docs/runs.md); `initial_eval`: the base model's evaluation when the caller has it.
     """
     cfg = resolve(cfg, own_reward=True)      # checked in full before any work; no reward is built
-    check_single_process(launched_world())
+    check_single_process(D.launched_world_size())
     device = torch.device(str(cfg.device))
     run = prepare_run(run_dir, cfg, command="distill", resume=resume, overwrite=overwrite,
                       allow_changes=allow_changes, changeable=CHANGEABLE, inputs=input_files(cfg, find_file))

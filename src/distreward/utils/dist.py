@@ -86,6 +86,12 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def launched_world_size() -> int:
+    """How many processes this one was launched among: torchrun's WORLD_SIZE (before or after init_distributed),
+    or the size of a process group already initialised."""
+    return max(_env_int("WORLD_SIZE", 1), world_size())
+
+
 def local_rank() -> int:
     return _env_int("LOCAL_RANK", 0) if is_distributed() else 0
 
