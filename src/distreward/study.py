@@ -34,14 +34,13 @@ from .evaluation.protocol import Protocol, evaluate_models, find_converged_steps
 from .models import load_generator
 from .report import save_figure, with_error
 from .rl import distill, finetune
-from .rl.settings import resolve
+from .rl.settings import resolve, with_sample_reward
 from .utils.io import atomic_save_json, atomic_write_bytes
 from .utils.progress import phase
 from .utils.rundir import RunLock
 
 ARMS = ("grpo", "nft", "null", "distill", "sample")
 CONTROLS = ("null", "distill")
-SAMPLE_REWARD = {"name": "classifier", "features": "fmnist-reward"}
 FIGURES = ("fd_eval", "fd_reward", "recall", "coverage", "fd_eval_class_worst")
 
 
@@ -55,7 +54,7 @@ def arm_config(cfg, arm: str, seed: int):
     elif arm == "null":
         c.rl.null_control = "permute"
     elif arm == "sample":
-        c.reward = {**SAMPLE_REWARD, "reference_size": int(cfg.reward.get("reference_size", 1000))}
+        return with_sample_reward(c)
     elif arm != "distill":
         raise ValueError(f"unknown study arm {arm!r}; choose from {', '.join(ARMS)}")
     return resolve(c)

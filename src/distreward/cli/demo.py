@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "evaluations; default: runs/.cache/evals, beside the real-feature cache)")
     p.add_argument("--no-eval-cache", action="store_true", help="evaluate every model afresh, without the cache")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="overrides for both GRPO presets, anywhere among the options, e.g. "
+                   help="overrides of the fine-tuning preset (both runs), anywhere among the options, e.g. "
                         "model.path=my-base.safetensors rl.iterations=10")
 
 

@@ -1,4 +1,5 @@
-"""The main job (`make demo`): base model -> distribution-wise GRPO (-> sample-wise baseline) -> RL merging ->
+"""The main job (`make demo`): base model -> RL fine-tuning with the distribution-wise reward (the fmnist_nft
+preset's forward-process trainer; -> the sample-wise baseline with the same trainer) -> RL merging ->
 evidence (every model at the served, a converged and a training-free solver, on a fresh seed) -> report.
 
 `run_demo` runs the stages of BUILTIN_STAGES, then the registered ones. Each stage writes its result to
@@ -35,7 +36,7 @@ from .evidence import evidence_key, stage_evidence
 from .merge import (check_merge_configs, has_snapshots, merge_ema_key, merge_ema_section, merge_rl_key,
                     merge_rl_section, stage_merge_ema, stage_merge_rl)
 from .report import write_report
-from .stages import (DISTRIBUTION_PRESET, EXTRA_STAGES, METRIC_KEYS, SAMPLE_PRESET, DemoContext, Stage, make_context,
+from .stages import (DISTRIBUTION_PRESET, EXTRA_STAGES, METRIC_KEYS, DemoContext, Stage, make_context,
                      register_stage, run_stages, with_extra_stages)
 
 # The demo's stages, in order (a stage that is not enabled is skipped).
@@ -57,7 +58,7 @@ STAGE_KEYS = {"base": base_key, "distribution": grpo_key("cfg"), "sample": grpo_
 
 def run_demo(run_dir="runs/demo", *, compare: bool = False, threads: int | None = None, overrides=(),
              fresh: bool = False, progress: bool = True, evaluator=None, eval_cache="auto") -> dict:
-    """Run (or finish) the demo; returns metrics.json's content. `overrides`: key=value for both GRPO presets;
+    """Run (or finish) the demo; returns metrics.json's content. `overrides`: key=value for the fine-tuning config (both runs);
     `compare`: also the sample-wise baseline; `fresh`: run every stage again; `evaluator`: instead of the
     Fashion-MNIST one; `eval_cache`: where the model evaluations (base, cross-check, merge baselines) are cached
     across demos ("auto": <evaluator cache_dir>/evals, i.e. runs/.cache/evals; a folder; None: off). The cache
@@ -67,7 +68,7 @@ def run_demo(run_dir="runs/demo", *, compare: bool = False, threads: int | None 
     t0 = time.perf_counter()
     ctx = make_context(run_dir, compare=compare, overrides=overrides, progress=progress, evaluator=evaluator,
                        eval_cache=eval_cache)
-    check_merge_configs(ctx)        # every config is checked before the first stage (the GRPO ones by make_context)
+    check_merge_configs(ctx)        # every config is checked before the first stage (the fine-tuning ones by make_context)
     ctx.fresh = fresh
     with RunLock(ctx.run_dir, "demo"):      # one demo per run directory at a time
         append_provenance(ctx.run_dir, provenance_entry(
@@ -82,7 +83,7 @@ def run_demo(run_dir="runs/demo", *, compare: bool = False, threads: int | None 
     return json.loads((ctx.run_dir / "metrics.json").read_text())
 
 
-__all__ = ["BUILTIN_STAGES", "DISTRIBUTION_PRESET", "EXTRA_STAGES", "METRIC_KEYS", "SAMPLE_PRESET", "STAGE_KEYS",
+__all__ = ["BUILTIN_STAGES", "DISTRIBUTION_PRESET", "EXTRA_STAGES", "METRIC_KEYS", "STAGE_KEYS",
            "DemoContext", "Stage",
            "classifier_logp", "crosscheck_steps", "evaluate_model", "make_context", "register_stage", "run_demo",
            "run_stages", "write_report"]

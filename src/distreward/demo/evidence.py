@@ -1,6 +1,6 @@
 """The demo's evidence stage: every model of the demo reported with the evidence protocol (evaluation/protocol.py).
 
-Base, the GRPO models and the merged models, on the report seed (fresh: used by no other stage), with the served
+Base, the fine-tuned models and the merged models, on the report seed (fresh: used by no other stage), with the served
 sampler, a converged Heun solver (its step count searched on the base model with the validation seed, or the
 preset's), and the base with a training-free Heun solver at the served NFE; FD with bootstrap standard errors on both feature
 networks, against Fashion-MNIST train and test, per-class FD; and FD against NFE for Euler and Heun (the plot).

@@ -1,5 +1,6 @@
-"""The GRPO stages of the demo: the base model, GRPO with the distribution-wise reward (`distribution`) and with
-the sample-wise baseline (`sample`), and the cross-check at another step count of the ODE sampler (`crosscheck`).
+"""The fine-tuning stages of the demo: the base model, the preset's trainer (`rl.algorithm`: GRPO or the
+forward-process trainer) with the distribution-wise reward (`distribution`) and with the sample-wise baseline
+(`sample`), and the cross-check at another step count of the ODE sampler (`crosscheck`).
 
 Every model is evaluated with the inference ODE sampler on cfg.eval.n class-balanced samples from one draw of
 eval.seed: the same starting points and labels for every model.
@@ -66,7 +67,8 @@ def stage_base(ctx: DemoContext) -> dict:
 
 
 def grpo_stage(name: str, cfg_attr: str) -> Callable[[DemoContext], dict]:
-    """A stage fine-tuning a copy of the base model with GRPO on the context's config `cfg_attr` (cfg or
+    """A stage fine-tuning a copy of the base model (`rl.finetune`: the config's trainer) on the context's config
+    `cfg_attr` (cfg or
     sample_cfg); its result: the final EMA model's metrics, reward means, the FD curves."""
     def run(ctx: DemoContext) -> dict:
         cfg = getattr(ctx, cfg_attr)
@@ -108,7 +110,7 @@ def base_key(ctx: DemoContext) -> dict:
 
 
 def grpo_key(cfg_attr: str) -> Callable[[DemoContext], dict]:
-    """A GRPO stage's key: its whole config, the base model, the evaluator, the base stage (its initial eval)."""
+    """A fine-tuning stage's key: its whole config, the base model, the evaluator, the base stage (its initial eval)."""
     def key(ctx: DemoContext) -> dict:
         return {**evaluation_key(ctx), "cfg": plain_config(getattr(ctx, cfg_attr)), "base_stage": ctx.digests.get("base")}
     return key

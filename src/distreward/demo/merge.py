@@ -1,7 +1,7 @@
 """The merging stages of the demo: `merge_ema` and `merge_rl` (RL over merging coefficients, docs/merge.md).
 
 - merge_ema: the base model's power-EMA snapshots; RL-merged vs the best post-hoc EMA length of the grid.
-- merge_rl: the GRPO run's checkpoints plus the base; RL-merged vs the last GRPO checkpoint (its EMA weights),
+- merge_rl: the fine-tuning run's checkpoints plus the base; RL-merged vs its last checkpoint (its EMA weights),
   both sampled with the inference ODE sampler.
 Each stage's result (a row of the report's table: the merged model's metrics) carries `baseline`,
 `baseline_fd_eval` and `merged_fd_eval`, so metrics.json holds both figures. Sizes are the presets' `demo`
@@ -87,8 +87,8 @@ def merge_rl_key(ctx: DemoContext) -> dict:
 
 
 def grpo_inputs(ctx: DemoContext) -> list[Path]:
-    """The GRPO stage's weight files in training order: its periodic .safetensors checkpoints, then the final raw
-    and EMA weights (the EMA, what GRPO reports, is last: the `last` baseline). The last periodic checkpoint is the
+    """The distribution stage's weight files in training order: its periodic .safetensors checkpoints, then the final raw
+    and EMA weights (the EMA, what the run reports, is last: the `last` baseline). The last periodic checkpoint is the
     final EMA itself (checkpoints/ema_<iterations>): files of the same weights are listed once, at their last
     place, so the uniform soup does not count the final EMA twice."""
     d = ctx.run_dir / "distribution"
@@ -98,7 +98,7 @@ def grpo_inputs(ctx: DemoContext) -> list[Path]:
 
 
 def merge_rl_config(ctx: DemoContext):
-    """The merge_rl stage's config: the GRPO merge preset over the base model and the distribution stage's files."""
+    """The merge_rl stage's config: the fine-tuned-checkpoint merge preset over the base model and the distribution stage's files."""
     cfg = merge_config(GRPO_PRESET, ctx)
     cfg.merge.checkpoints = [str(find_file(ctx.cfg.model.path))] + [str(p) for p in grpo_inputs(ctx)]
     return cfg
@@ -131,7 +131,7 @@ merge_ema_section = section("RL merging of the base model's EMA snapshots (merge
                             "RL over the coefficients of the power-EMA snapshots vs the best post-hoc EMA length "
                             "(grid, chosen by FD on the reward's features). Same ODE sampler; the validation seed "
                             "(the evidence section reports the merged model on the report seed).")
-merge_rl_section = section("RL merging of the GRPO checkpoints plus the base (merge_rl)",
-                           "RL over the coefficients of base + GRPO weights vs the last GRPO checkpoint (its EMA), "
+merge_rl_section = section("RL merging of the fine-tuning checkpoints plus the base (merge_rl)",
+                           "RL over the coefficients of base + fine-tuned weights vs the last checkpoint (its EMA), "
                            "all sampled with the deterministic inference ODE sampler on the validation seed (the "
                            "evidence section reports the merged model on the report seed).")

@@ -52,13 +52,20 @@ def write_metrics(ctx: DemoContext, stages: list[Stage]) -> tuple[dict, dict]:
 
 
 def introduction(ctx: DemoContext, rows: dict) -> list[str]:
-    """The report's title, what was evaluated and how, the GRPO settings."""
+    """The report's title, what was evaluated and how, the trainer's settings."""
     cfg = ctx.cfg
     rl = cfg.rl
-    return ["# distreward demo: GRPO with a distribution-wise reward on Fashion-MNIST", "",
-            f"Base model `{cfg.model.path}`. GRPO: {rl.iterations} iterations of {rl.labels_per_iter} labels x "
-            f"{rl.group_size} samples, T = {rl.steps} SDE steps, a = {rl.noise_level}, beta = {rl.beta}, "
-            f"lr = {rl.lr}, clip eps = {rl.clip_eps}; reward `{cfg.reward.name}`"
+    if rl.algorithm == "nft":
+        trainer = (f"The forward-process trainer (rl.algorithm nft): {rl.iterations} iterations of "
+                   f"{rl.labels_per_iter} labels x {rl.group_size} samples drawn with the {cfg.nft.method} ODE "
+                   f"({cfg.nft.steps or cfg.eval.steps} steps), beta = {cfg.nft.beta}, {cfg.nft.timesteps} noise levels "
+                   f"per sample, lr = {rl.lr}")
+    else:
+        trainer = (f"GRPO: {rl.iterations} iterations of {rl.labels_per_iter} labels x {rl.group_size} samples, "
+                   f"T = {rl.steps} SDE steps, a = {rl.noise_level}, beta = {rl.beta}, lr = {rl.lr}, "
+                   f"clip eps = {rl.clip_eps}")
+    return ["# distreward demo: RL fine-tuning with a distribution-wise reward on Fashion-MNIST", "",
+            f"Base model `{cfg.model.path}`. {trainer}; reward `{cfg.reward.name}`"
             + (f" vs the sample-wise `{ctx.sample_cfg.reward.name}` baseline on the same budget." if "sample" in rows
                else "."), ""]
 
@@ -153,7 +160,7 @@ def evidence_section(ctx: DemoContext, ev: dict) -> list[str]:
 
 
 def grpo_summaries(rows: dict, base: dict) -> list[str]:
-    """One line per GRPO run (validation seed, during training): reward means, the classifier log-prob."""
+    """One line per fine-tuning run (validation seed, during training): reward means, the classifier log-prob."""
     lines = []
     for name in ("distribution", "sample"):
         if name in rows:
@@ -188,7 +195,7 @@ def write_report(ctx: DemoContext, stages: list[Stage], elapsed: float) -> Path:
     if curves:
         plot_fd_curves(curves, ctx.run_dir / "fd_curve.png", base=base.get("validation", base) if base else None,
                        reference=ref_curves)
-        lines += ["FD over GRPO iterations (validation seed):", "", "![FD over GRPO iterations](fd_curve.png)", ""]
+        lines += ["FD over the fine-tuning iterations (validation seed):", "", "![FD over the fine-tuning iterations](fd_curve.png)", ""]
     lines += ["## Samples", "", "Same noise seeds and labels (one class per column) in every grid.", ""]
     for s in stages:
         png = ctx.run_dir / f"samples_{s.name}.png"

@@ -18,16 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from omegaconf import OmegaConf
+
 from ..build import load_base
 from ..config import find_file, load_config
 from ..evaluation import EvalCache, Evaluator, eval_cache_for
 from ..evaluation.evaluator import evaluator_key
-from ..rl.settings import resolve
+from ..rl.settings import resolve, with_sample_reward
 from ..utils.io import atomic_save_json
 from ..utils.rundir import changed_keys, file_sha256, plain_config
 
-DISTRIBUTION_PRESET = "fmnist_grpo"
-SAMPLE_PRESET = "fmnist_grpo_sample"
+DISTRIBUTION_PRESET = "fmnist_nft"     # the forward-process trainer (docs/rl.md "Choosing the demo's trainer")
 METRIC_KEYS = ("fd_reward", "fd_eval", "precision", "recall", "density", "coverage", "kid", "n")
 
 
@@ -110,10 +111,13 @@ class DemoContext:
 
 def make_context(run_dir, *, compare: bool = False, overrides=(), sample_overrides=(), progress: bool = True,
                  evaluator=None, eval_cache: Any = "auto") -> DemoContext:
-    """The context of a demo run: both GRPO presets with `overrides` (and `sample_overrides` for the baseline);
+    """The context of a demo run: the distribution-wise preset with `overrides`, and the sample-wise baseline: the
+    same config with the classifier reward (`rl.settings.with_sample_reward`), then `sample_overrides`;
     `eval_cache`: "auto", a folder, an `EvalCache` or None (see `DemoContext.eval_cache`)."""
     cfg = resolve(load_config(DISTRIBUTION_PRESET, overrides))
-    sample_cfg = resolve(load_config(SAMPLE_PRESET, list(overrides) + list(sample_overrides)))
+    sample_cfg = with_sample_reward(cfg)
+    if sample_overrides:
+        sample_cfg = resolve(OmegaConf.merge(sample_cfg, OmegaConf.from_dotlist(list(sample_overrides))))
     return DemoContext(run_dir=Path(run_dir), cfg=cfg, sample_cfg=sample_cfg, compare=compare, progress=progress,
                        _evaluator=evaluator, eval_cache_setting=eval_cache)
 
@@ -144,7 +148,7 @@ STAGES_FILE = "stages.json"     # <run_dir>/stages.json: {stage: {"digest", "key
 
 
 def default_key(ctx: DemoContext) -> dict:
-    """The key of a stage without its own: both GRPO configs, --compare, the base model, the evaluator and the
+    """The key of a stage without its own: both fine-tuning configs, --compare, the base model, the evaluator and the
     digests of every stage before it."""
     return {"cfg": plain_config(ctx.cfg), "sample_cfg": plain_config(ctx.sample_cfg), "compare": ctx.compare,
             "base": ctx.base_sha256(), "evaluator": ctx.evaluator_key, "earlier": dict(ctx.digests)}

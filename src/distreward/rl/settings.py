@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from omegaconf import ListConfig
@@ -43,3 +44,16 @@ def nft_rollout_grid(cfg) -> tuple[str, int]:
     sampler's step count (eval.steps) when nft.steps is null."""
     steps = cfg.nft.get("steps")
     return str(cfg.nft.method), int(cfg.eval.steps if steps is None else steps)
+
+
+# The sample-wise baseline's reward (METHOD.md section 6): the reward network's classifier log-probability of the
+# intended class.
+SAMPLE_REWARD = {"name": "classifier", "features": "fmnist-reward"}
+
+
+def with_sample_reward(cfg):
+    """A copy of a finetune config with the sample-wise baseline's reward in place of its own (the same trainer,
+    budget and settings otherwise), checked."""
+    c = copy.deepcopy(cfg)
+    c.reward = {**SAMPLE_REWARD, "reference_size": int(cfg.reward.get("reference_size", 1000))}
+    return resolve(c)
