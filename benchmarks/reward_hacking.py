@@ -45,6 +45,14 @@ def train(name: str, extra: dict, args) -> dict:
             else "-FD of the reference set (reward features)", "evals": evals}
 
 
+def own_change(run: dict, iteration: int) -> float:
+    """The run's own reward at `iteration` (the training batch's, iteration 0: the first batch's) as a change from
+    its start, in % of |start|: the two rewards live on different scales."""
+    own = run["own_reward"]
+    x0, x = own[0], own[max(iteration - 1, 0)]
+    return 100.0 * (x - x0) / abs(x0)
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -53,13 +61,13 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for run in result["runs"]:
         its = [e["iteration"] for e in run["evals"]]
-        own = [run["own_reward"][i - 1] if i > 0 else run["own_reward"][0] for i in its]
+        own = [own_change(run, i) for i in its]
         for ax, key in zip(axes[:2], ("recall", "coverage")):
             ys = [e[key] for e in run["evals"]]
-            ax.plot(own, ys, "o-", label=f"{run['name']}")
+            ax.plot(own, ys, "o-", label=f"{run['name']}: {run['own_reward_name']}")
             for x, y, i in zip(own, ys, its):
                 ax.annotate(str(i), (x, y), fontsize=7, xytext=(2, 2), textcoords="offset points")
-            ax.set_xlabel(f"own reward ({'; '.join(sorted({r['own_reward_name'] for r in result['runs']}))})"[:60])
+            ax.set_xlabel("own reward: change from the start (% of |start|)")
             ax.set_ylabel(f"{key} (held-out features)")
         axes[2].plot(its, [e["fd_eval"] for e in run["evals"]], "o-", label=run["name"])
     axes[0].set_title("own reward vs recall (labels: iteration)")
