@@ -451,3 +451,29 @@ def test_demo_stages_are_reused_only_with_the_same_key(tmp_path, monkeypatch):
     ctx.fresh = True                                            # --fresh: everything again, clean
     run_stages(ctx, [stage])
     assert calls[-1] is True and len(calls) == 5
+
+
+def test_a_key_the_saved_run_lacks_is_no_change_at_its_default(tmp_path):
+    """A run saved before a key existed (e.g. one added to the schema since) resumes when the key is at its
+    default; any other value of that key is a change and refused by name."""
+    from distreward.utils.rundir import check_changes
+
+    defaults = {"rl": {"lr": 1e-4, "algorithm": "grpo"}, "nft": {"beta": 1.0}}
+    old = {"rl": {"lr": 1e-4}}
+    assert check_changes(tmp_path, old, {"rl": {"lr": 1e-4, "algorithm": "grpo"}, "nft": {"beta": 1.0}}, [], {},
+                         defaults) == []
+    with pytest.raises(RunDirError, match=r"rl.algorithm: \(absent\) -> nft"):
+        check_changes(tmp_path, old, {"rl": {"lr": 1e-4, "algorithm": "nft"}}, [], {}, defaults)
+    with pytest.raises(RunDirError, match="rl.algorithm"):           # without the defaults every new key is a change
+        check_changes(tmp_path, old, {"rl": {"lr": 1e-4, "algorithm": "grpo"}}, [], {})
+    with pytest.raises(RunDirError, match="nft.beta"):               # a default of another type is not the default
+        check_changes(tmp_path, old, {"rl": {"lr": 1e-4}, "nft": {"beta": 1}}, [], {}, defaults)
+    t = TRAINERS["finetune"]
+    run = tmp_path / "run"
+    t.run(run, t.cfg(2))
+    saved = OmegaConf.load(run / "config.yaml")
+    del saved.rl["algorithm"]                                          # as written before rl.algorithm existed
+    del saved["nft"]
+    OmegaConf.save(saved, run / "config.yaml")
+    t.run(run, t.cfg(3), resume=True, allow_changes=["rl.iterations"])
+    assert {c["key"] for c in read_provenance(run)[-1]["changes"]} == {"rl.iterations"}

@@ -318,7 +318,7 @@ def run_merge(cfg, run_dir, *, resume: bool = False, overwrite: bool = False, al
     device = str(D.init_distributed(cfg.device))      # cuda:LOCAL_RANK under torchrun; as given in one process
     ckpts = open_checkpoints(cfg.merge) if ckpts is None else ckpts
     run = prepare_run(run_dir, cfg, command="merge", resume=resume, overwrite=overwrite, allow_changes=allow_changes,
-                      changeable=CHANGEABLE, main=D.is_main(), keep=INPUT_FOLDERS,
+                      changeable=CHANGEABLE, main=D.is_main(), keep=INPUT_FOLDERS, defaults=DEFAULTS,
                       inputs=input_files(cfg, find_file) + list(ckpts.paths))
     try:
         return merge_run(cfg, run, device, resume=resume, ckpts=ckpts, sample_fn=sample_fn, feature_fn=feature_fn,

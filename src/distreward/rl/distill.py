@@ -30,7 +30,7 @@ from ..utils.runlog import RunLog
 from .loopstate import EmaEvaluation, Policy, restore_checkpoint, run_evaluator, save_merge_input, save_state
 from .losses import trained_steps
 from .rollout import draw_labels, start_noise
-from .settings import resolve, window
+from .settings import DEFAULTS, resolve, window
 from .update import ema_update
 
 __all__ = ["CHANGEABLE", "distill", "distill_loss", "target_velocity", "teacher_grid", "teacher_trajectory",
@@ -156,7 +156,7 @@ def distill(cfg, run_dir, *, resume: bool = False, overwrite: bool = False, allo
     cfg = resolve(cfg, own_reward=True)      # checked in full before any work; no reward is built
     check_single_process(D.launched_world_size())
     device = torch.device(str(cfg.device))
-    run = prepare_run(run_dir, cfg, command="distill", resume=resume, overwrite=overwrite,
+    run = prepare_run(run_dir, cfg, command="distill", resume=resume, overwrite=overwrite, defaults=DEFAULTS,
                       allow_changes=allow_changes, changeable=CHANGEABLE, inputs=input_files(cfg, find_file))
     try:
         return distill_run(cfg, run, device, resume=resume, net=net, evaluator=evaluator, progress=progress,

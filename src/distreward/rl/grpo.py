@@ -65,7 +65,7 @@ def finetune(cfg, run_dir, *, resume: bool = False, overwrite: bool = False, all
     device = D.init_distributed(cfg.device)
     cfg.device = str(device)
     check_world(cfg, D.world_size())
-    run = prepare_run(run_dir, cfg, command="finetune", resume=resume, overwrite=overwrite,
+    run = prepare_run(run_dir, cfg, command="finetune", resume=resume, overwrite=overwrite, defaults=DEFAULTS,
                       allow_changes=allow_changes, changeable=CHANGEABLE, main=D.is_main(),
                       inputs=input_files(cfg, find_file))
     trainer = nft_run if cfg.rl.algorithm == "nft" else grpo_run

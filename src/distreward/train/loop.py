@@ -145,7 +145,7 @@ def train_base(cfg, run_dir: str | os.PathLike, *, device: str | torch.device = 
     spec = str(cfg["data"]["images"])
     data_files = fmnist_files(FMNIST_SPECS[spec]) if spec in FMNIST_SPECS else []
     run = prepare_run(run_dir, cfg, command="train-base", resume=resume, overwrite=overwrite,
-                      allow_changes=allow_changes, changeable=CHANGEABLE,
+                      allow_changes=allow_changes, changeable=CHANGEABLE, defaults=DEFAULTS,
                       inputs=input_files(cfg, find_file) + data_files)
     try:
         return base_run(cfg, run, device, images, labels, sched, resume=resume, progress=progress,

@@ -399,9 +399,13 @@ def empty_run_dir(root: Path, keep: Sequence[str] = ()) -> None:
 
 
 def check_changes(root: Path, old: Mapping, new: Mapping, allow_changes: Sequence[str],
-                  changeable: Mapping[str, Callable | None]) -> list[dict]:
-    """The changes of a resume that are allowed and honourable ({key, from, to}); raises naming every other."""
+                  changeable: Mapping[str, Callable | None], defaults: Mapping | None = None) -> list[dict]:
+    """The changes of a resume that are allowed and honourable ({key, from, to}); raises naming every other. A key
+    the saved config lacks whose new value is its default in `defaults` is not a change."""
     changes = changed_keys(old, new)
+    base = flatten(plain_config(defaults)) if defaults is not None else {}
+    changes = {k: (a, b) for k, (a, b) in changes.items()
+               if not (a == _ABSENT and k in base and base[k] == b and type(base[k]) is type(b))}
     allowed = set(allow_changes)
     bad = []
     for k, (a, b) in changes.items():
@@ -449,13 +453,15 @@ def check_threads(root: Path, history: list[dict]) -> None:
 def prepare_run(path: str | os.PathLike, cfg: Any, *, command: str, resume: bool, overwrite: bool = False,
                 allow_changes: Sequence[str] = (), changeable: Mapping[str, Callable | None] | Iterable[str] = (),
                 main: bool = True, inputs: Iterable[str | os.PathLike] | None = None, keep: Sequence[str] = (),
-                save_config: bool = True) -> RunDir:
+                save_config: bool = True, defaults: Mapping | None = None) -> RunDir:
     """Lock and check a run directory before any work; returns its `RunDir` (close it, or use it as a context
     manager, when the run ends).
 
     `changeable`: the settings this trainer can honour on resume, as names or {name: check(old, new) -> reason
     or None}; `inputs`: the input files (default: those the config names, `input_files(cfg)`); `keep`: entries of
-    the directory that are inputs, not a previous run (kept by `overwrite`). Only the main process (`main`) looks
+    the directory that are inputs, not a previous run (kept by `overwrite`); `defaults`: the command's default config
+    (a key the saved run lacks, e.g. one added to the schema since, is no change when the new value is its default).
+    Only the main process (`main`) looks
     at or writes files; under torchrun every rank gets the main process's verdict (the same error on every rank).
     Writes config.yaml (the new config) and appends this invocation to provenance.json.
     """
@@ -467,7 +473,7 @@ def prepare_run(path: str | os.PathLike, cfg: Any, *, command: str, resume: bool
         try:
             info = _prepare_main(run, cfg, command=command, resume=resume, overwrite=overwrite,
                                  allow_changes=allow_changes, changeable=changeable, inputs=inputs, keep=keep,
-                                 save_config=save_config)
+                                 save_config=save_config, defaults=defaults)
         except BaseException as e:
             run.close()
             if D.world_size() <= 1:
@@ -487,7 +493,7 @@ def prepare_run(path: str | os.PathLike, cfg: Any, *, command: str, resume: bool
 
 
 def _prepare_main(run: RunDir, cfg, *, command, resume, overwrite, allow_changes, changeable, inputs, keep,
-                  save_config) -> dict:
+                  save_config, defaults=None) -> dict:
     root = run.root
     if resume and overwrite:
         raise RunDirError("give either --resume (continue the run) or --overwrite (replace it), not both")
@@ -515,7 +521,7 @@ def _prepare_main(run: RunDir, cfg, *, command, resume, overwrite, allow_changes
             except Exception as e:      # a damaged YAML: name it
                 raise RunDirError(f"{saved} is not readable ({str(e).splitlines()[0]}); restore it, or start over "
                                   "with --overwrite") from None
-            changes = check_changes(root, old, new, allow_changes, changeable)
+            changes = check_changes(root, old, new, allow_changes, changeable, defaults)
             for c in changes:
                 print(f"{root}: resume: applying {c['key']}: {show(c['from'])} -> {show(c['to'])}", file=sys.stderr)
         check_inputs(root, history, hashes)
