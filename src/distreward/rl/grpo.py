@@ -24,12 +24,12 @@ import torch
 from ..config import find_file
 from ..sampling import sigma_schedule
 from ..utils import dist as D
-from ..utils.io import RunDir, atomic_save_json
+from ..utils.io import RunDir
 from ..utils.progress import progress as tqdm
 from ..utils.rundir import add_inputs, input_files, only_raise, prepare_run, weight_files
 from ..utils.runlog import RunLog
 from . import parallel
-from .loopstate import EmaEvaluation, Policy, restore_checkpoint, run_evaluator, run_reward, save_merge_input, save_state
+from .loopstate import EmaEvaluation, Policy, finish_run, restore_checkpoint, run_evaluator, run_reward, save_state
 from .losses import group_advantages, trained_steps
 from .nft import nft_run
 from .rollout import collect, draw_labels, ode_rows, rollout_noise_levels
@@ -169,15 +169,5 @@ def grpo_run(cfg, run: RunDir, device, *, resume: bool, net, reward, evaluator, 
     bar.close()
     log.close()
 
-    if main:
-        extra = {"rl": "grpo", "reward": cfg.reward.name, "iterations": iterations}
-        save_merge_input(ema, run.path("model_ema.safetensors"), extra)
-        save_merge_input(net, run.path("model.safetensors"), extra)
-    result = {"final": evals[-1] if evals else None, "evals": evals, "history": history,
-              "reward_mean_first": history[0]["r_mean"] if history else None,
-              "reward_mean": history[-1]["r_mean"] if history else None}
-    if main:
-        atomic_save_json(run.path("result.json"), result)
-    D.barrier()
-    result.update({"net": net, "ema": ema, "reward": reward, "final_images": evaluate.final_images})
-    return result
+    return finish_run(run, pol, reward, evaluate, history, evals,
+                      {"rl": "grpo", "reward": cfg.reward.name, "iterations": iterations}, main=main)

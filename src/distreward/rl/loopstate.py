@@ -21,7 +21,7 @@ from ..report import save_image_grid
 from ..sampling import velocity_model
 from ..utils import dist as D
 from ..utils.checkpoint import checkpoint_exists, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from ..utils.io import RunDir
+from ..utils.io import RunDir, atomic_save_json
 from ..utils.runlog import RunLog
 from .setup import ReferenceSampler, build_reward_for_run, load_reward_state, reward_state
 
@@ -164,3 +164,20 @@ def save_merge_input(weights: torch.nn.Module, path: Path, extra: dict) -> None:
     meta = getattr(weights, "generator_meta", None)
     if meta is not None:
         save_generator(path, weights, meta["arch"], meta["kwargs"], extra=extra)
+
+
+def finish_run(run: RunDir, policy: Policy, reward, evaluate: "EmaEvaluation", history: list, evals: list,
+               extra: dict, *, main: bool = True) -> dict:
+    """The end of a reward-driven run: the EMA and raw weights as merge inputs (model_ema / model.safetensors, with
+    `extra` in their metadata), result.json ({final, evals, history, reward_mean_first, reward_mean}) written by
+    rank 0; returns that result with the live objects (net, ema, reward, final_images) added."""
+    if main:
+        save_merge_input(policy.ema, run.path("model_ema.safetensors"), extra)
+        save_merge_input(policy.net, run.path("model.safetensors"), extra)
+    result = {"final": evals[-1] if evals else None, "evals": evals, "history": history,
+              "reward_mean_first": history[0]["r_mean"] if history else None,
+              "reward_mean": history[-1]["r_mean"] if history else None}
+    if main:
+        atomic_save_json(run.path("result.json"), result)
+    D.barrier()
+    return {**result, "net": policy.net, "ema": policy.ema, "reward": reward, "final_images": evaluate.final_images}

@@ -30,13 +30,12 @@ import torch
 from ..sampling import ode_sample, sigma_schedule
 from ..train.flow import flow_interpolate, flow_loss, flow_target
 from ..utils import dist as D
-from ..utils.io import RunDir, atomic_save_json
+from ..utils.io import RunDir
 from ..utils.progress import progress as tqdm
 from ..utils.rundir import add_inputs, weight_files
 from ..utils.runlog import RunLog
 from . import parallel
-from .loopstate import EmaEvaluation, Policy, restore_checkpoint, run_evaluator, run_reward, save_merge_input, \
-    save_state
+from .loopstate import EmaEvaluation, Policy, finish_run, restore_checkpoint, run_evaluator, run_reward, save_state
 from .losses import group_advantages
 from .parallel import all_reduce_floats, all_reduce_grads_
 from .rollout import draw_labels, start_noise
@@ -218,15 +217,5 @@ def nft_run(cfg, run: RunDir, device, *, resume: bool, net, reward, evaluator, p
     bar.close()
     log.close()
 
-    if main:
-        extra = {"rl": "nft", "reward": cfg.reward.name, "iterations": iterations}
-        save_merge_input(pol.ema, run.path("model_ema.safetensors"), extra)
-        save_merge_input(pol.net, run.path("model.safetensors"), extra)
-    result = {"final": evals[-1] if evals else None, "evals": evals, "history": history,
-              "reward_mean_first": history[0]["r_mean"] if history else None,
-              "reward_mean": history[-1]["r_mean"] if history else None}
-    if main:
-        atomic_save_json(run.path("result.json"), result)
-    D.barrier()
-    result.update({"net": pol.net, "ema": pol.ema, "reward": reward, "final_images": evaluate.final_images})
-    return result
+    return finish_run(run, pol, reward, evaluate, history, evals,
+                      {"rl": "nft", "reward": cfg.reward.name, "iterations": iterations}, main=main)
