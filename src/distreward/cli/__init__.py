@@ -34,7 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-base": ("train_base", "flow-matching training of a base generator with power-function EMA snapshots"),
     "phema": ("phema", "post-hoc EMA reconstruction from snapshots to any EMA length"),
     "sample": ("sample", "draw images from a generator with an ODE/SDE sampler"),
-    "finetune": ("finetune", "GRPO fine-tuning with a distribution-wise (or sample-wise) reward"),
+    "finetune": ("finetune", "RL fine-tuning (GRPO or the forward-process trainer, rl.algorithm) with a "
+                             "distribution-wise (or sample-wise) reward"),
     "merge": ("merge", "RL over merging coefficients of checkpoints / EMA snapshots"),
     "demo": ("demo", "the main job on the embedded default (Fashion-MNIST): fine-tune, evaluate, report"),
     "study": ("study", "a fine-tuning config against its controls (permuted-reward null, distillation) over seeds"),
