@@ -308,7 +308,11 @@ def test_per_class_reward_scores_each_sample_against_its_own_class():
     before = {c: s.fd() for c, s in reward.sets.items()}
     assert reward.fd() == pytest.approx(np.mean(list(before.values())))
     state = reward.state_dict()
-    reward.after_step(x, labels)
+    calls = []
+    hook = net.register_forward_hook(lambda *a: calls.append(1))
+    reward.after_step(x, labels)                    # the batch just scored: its features are reused
+    hook.remove()
+    assert calls == []
     assert [reward.sets[c].ptr for c in range(3)] == [2, 2, 3]
     np.testing.assert_allclose(reward.sets[2].rows[:3], feats(net, x)[[0, 3, 4]], rtol=1e-6)
     reward.load_state_dict(state)

@@ -59,6 +59,27 @@ def _features(net: torch.nn.Module, images: torch.Tensor, batch_size: int) -> to
     return torch.cat(out)
 
 
+class ScoredBatchFeatures:
+    """features(images) -> (B, d) float64 rows of the feature network, remembering the last batch's: a set reward's
+    after_step pushes the batch it has just scored without a second pass through the network."""
+
+    def __init__(self, net: torch.nn.Module, batch_size: int):
+        self.net, self.batch_size = net, int(batch_size)
+        self._last = None  # (images, version, features)
+
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        _check_batch(images)
+        last = self._last
+        if last is not None and last[0] is images and last[1] == images._version:
+            return last[2]
+        f = _features(self.net, images, self.batch_size).double().cpu().numpy()
+        self._last = (images, images._version, f)
+        return f
+
+    def forget(self) -> None:
+        self._last = None
+
+
 class DistributionReward(Reward):
     """r(x) = FD(G) - FD(G - {s} + {x}) in the feature space of `feature_net` (METHOD.md §3).
 
@@ -77,16 +98,7 @@ class DistributionReward(Reward):
                              f"{reference_set.dim}-d: build both with the same network")
         self.net, self.ref = feature_net, reference_set
         self.mode, self.credit, self.scale, self.batch_size = mode, credit, float(scale), int(batch_size)
-        self._last = None  # (images, version, features): after_step reuses the features of the scored batch
-
-    def features(self, images: torch.Tensor) -> np.ndarray:
-        _check_batch(images)
-        last = self._last
-        if last is not None and last[0] is images and last[1] == images._version:
-            return last[2]
-        f = _features(self.net, images, self.batch_size).double().cpu().numpy()
-        self._last = (images, images._version, f)
-        return f
+        self.features = ScoredBatchFeatures(feature_net, self.batch_size)
 
     def __call__(self, images, labels=None, groups=None) -> torch.Tensor:
         r = self.ref.rewards(self.features(images), groups=groups, mode=self.mode, credit=self.credit)
@@ -96,7 +108,7 @@ class DistributionReward(Reward):
         """Push (B, d) feature rows into the reference set (the oldest rows go) and forget the cached features of
         the last scored batch. For callers that hold the features already (e.g. gathered over ranks)."""
         self.ref.push(features)
-        self._last = None
+        self.features.forget()
 
     def after_step(self, images, labels=None) -> None:
         self.push_features(self.features(images))
@@ -126,10 +138,7 @@ class ClassDistributionReward(Reward):
             raise ValueError("a per-class distribution reward needs at least one class's reference set")
         self.net, self.sets = feature_net, {int(c): s for c, s in sets.items()}
         self.mode, self.credit, self.scale, self.batch_size = mode, credit, float(scale), int(batch_size)
-
-    def features(self, images: torch.Tensor) -> np.ndarray:
-        _check_batch(images)
-        return _features(self.net, images, self.batch_size).double().cpu().numpy()
+        self.features = ScoredBatchFeatures(feature_net, self.batch_size)
 
     def _by_class(self, labels) -> dict[int, np.ndarray]:
         if labels is None:
@@ -153,6 +162,7 @@ class ClassDistributionReward(Reward):
         f = self.features(images)
         for c, idx in self._by_class(labels).items():
             self.sets[c].push(f[idx])
+        self.features.forget()
 
     def fd(self) -> float:
         return float(np.mean([s.fd() for s in self.sets.values()]))

@@ -27,7 +27,7 @@ from ..utils.io import RunDir, atomic_save_json
 from ..utils.progress import progress as tqdm
 from ..utils.rundir import add_inputs, input_files, only_raise, prepare_run, weight_files
 from ..utils.runlog import RunLog
-from .loopstate import EmaEvaluation, Policy, restore_checkpoint, run_evaluator, save_merge_input, save_state
+from .loopstate import EmaEvaluation, Policy, due, restore_checkpoint, run_evaluator, save_merge_input, save_state
 from .losses import trained_steps
 from .rollout import draw_labels, start_noise
 from .settings import DEFAULTS, resolve, window
@@ -222,10 +222,9 @@ def distill_run(cfg, run: RunDir, device, *, resume: bool, net, evaluator, progr
         history.append(record)
         log.log(record)
         bar.set_postfix(loss=f"{stats['loss_distill']:.4g}")
-        last = it + 1 == iterations
-        if evaluator is not None and eval_every > 0 and ((it + 1) % eval_every == 0 or last):
+        if evaluator is not None and due(it + 1, eval_every, iterations):
             evaluate(it + 1)
-        if (it + 1) % checkpoint_every == 0 or last:
+        if due(it + 1, checkpoint_every, iterations):
             save_state(ckpt_path, pol, optimizer, None, {"iteration": it + 1, "history": history, "evals": evals},
                        merge_extra={**info, "iteration": it + 1})
     bar.close()

@@ -29,7 +29,7 @@ from ..utils.progress import progress as tqdm
 from ..utils.rundir import add_inputs, input_files, only_raise, prepare_run, weight_files
 from ..utils.runlog import RunLog
 from . import parallel
-from .loopstate import EmaEvaluation, Policy, finish_run, restore_checkpoint, run_evaluator, run_reward, save_state
+from .loopstate import EmaEvaluation, Policy, due, finish_run, restore_checkpoint, run_evaluator, run_reward, save_state
 from .losses import group_advantages, trained_steps
 from .nft import nft_run
 from .rollout import collect, draw_labels, ode_rows, rollout_noise_levels
@@ -158,10 +158,9 @@ def grpo_run(cfg, run: RunDir, device, *, resume: bool, net, reward, evaluator, 
         history.append({k: v for k, v in record.items() if not k.startswith("rho_mean/")})
         log.log(record)
         bar.set_postfix(r=f"{record['r_mean']:.3g}", fd_ref=f"{fd_ref:.3g}" if fd_ref is not None else "-")
-        last = it + 1 == iterations
-        if evaluator is not None and eval_every > 0 and ((it + 1) % eval_every == 0 or last):
+        if evaluator is not None and due(it + 1, eval_every, iterations):
             evaluate(it + 1)
-        if (it + 1) % checkpoint_every == 0 or last:
+        if due(it + 1, checkpoint_every, iterations):
             save_state(ckpt_path, pol, optimizer, reward, {"iteration": it + 1, "history": history, "evals": evals},
                        merge_extra={"rl": "grpo", "reward": cfg.reward.name, "iteration": it + 1}, main=main)
         if on_iteration is not None:

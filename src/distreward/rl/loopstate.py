@@ -79,6 +79,12 @@ class Policy:
         return eval_plan(cfg, noise="seed" if one_draw else "batch")
 
 
+def due(it: int, every: int, iterations: int) -> bool:
+    """Whether iteration `it` (counted from 1) gets a periodic action of period `every` (0: never): a multiple of
+    `every`, or the run's last iteration."""
+    return every > 0 and (it % every == 0 or it == iterations)
+
+
 def run_evaluator(cfg, device, evaluator, *, needed: bool):
     """The run's evaluator: the caller's, else cfg.eval.features', else (when `needed`) Fashion-MNIST's."""
     if evaluator is None and cfg.eval.get("features") is not None:

@@ -35,7 +35,7 @@ from ..utils.progress import progress as tqdm
 from ..utils.rundir import add_inputs, weight_files
 from ..utils.runlog import RunLog
 from . import parallel
-from .loopstate import EmaEvaluation, Policy, finish_run, restore_checkpoint, run_evaluator, run_reward, save_state
+from .loopstate import EmaEvaluation, Policy, due, finish_run, restore_checkpoint, run_evaluator, run_reward, save_state
 from .losses import group_advantages
 from .parallel import all_reduce_floats, all_reduce_grads_
 from .rollout import draw_labels, start_noise
@@ -205,10 +205,9 @@ def nft_run(cfg, run: RunDir, device, *, resume: bool, net, reward, evaluator, p
         history.append(record)
         log.log(record)
         bar.set_postfix(r=f"{record['r_mean']:.3g}", fd_ref=f"{fd_ref:.3g}" if fd_ref is not None else "-")
-        last = it + 1 == iterations
-        if evaluator is not None and eval_every > 0 and ((it + 1) % eval_every == 0 or last):
+        if evaluator is not None and due(it + 1, eval_every, iterations):
             evaluate(it + 1)
-        if (it + 1) % checkpoint_every == 0 or last:
+        if due(it + 1, checkpoint_every, iterations):
             save_state(ckpt_path, pol, optimizer, reward, {"old": old.state_dict(), "iteration": it + 1,
                                                            "history": history, "evals": evals},
                        merge_extra={"rl": "nft", "reward": cfg.reward.name, "iteration": it + 1}, main=main)
