@@ -44,8 +44,9 @@ def tiny_setup(tmp_path):
                  "rl.group_size=3", "rl.steps=3", "rl.train_steps.window=1", "reward.reference_size=24",
                  "eval.n=20", "eval.steps=3", "eval.every=1", "eval.grid=10", "eval.batch_size=20",
                  "checkpoint.every=1", "demo.crosscheck_steps=2", "evidence.n=30", "evidence.uncertainty=5",
-                 "evidence.search_n=20", "evidence.search_start=1", "evidence.search_max=4", "evidence.curve_n=20",
-                 "evidence.curve_nfe=[2,4]", "evidence.report_seed=99", "evidence.validation_seed=7"]
+                 "evidence.converged_steps=null", "evidence.search_n=20", "evidence.search_start=1",
+                 "evidence.search_max=4", "evidence.curve_n=20", "evidence.curve_nfe=[2,4]",
+                 "evidence.report_seed=99", "evidence.validation_seed=7"]
     return tmp_path, ev, overrides
 
 

@@ -39,6 +39,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("merge", "RL over merging coefficients of checkpoints / EMA snapshots"),
     "demo": ("demo", "the main job on the embedded default (Fashion-MNIST): fine-tune, evaluate, report"),
     "study": ("study", "a fine-tuning config against its controls (permuted-reward null, distillation) over seeds"),
+    "merge-study": ("merge_study", "every merge searcher at the same image budget over seeds, against the merge "
+                                   "baselines"),
 }
 
 # Exceptions that mean bad input or a bad environment (exit code 2, one line); anything else is a bug.

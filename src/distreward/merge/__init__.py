@@ -9,6 +9,8 @@
 - `run_merge(cfg, run_dir)`: baselines (last, uniform, post-hoc EMA grid, greedy soup), the search loop, the merged
   model. The reward is `distreward.reward.ReferenceSet.set_rewards`: r_c = FD(G) - FD(G - S + X_c) for a
   candidate's n samples X_c.
+- `study.run_merge_study`: every searcher at the same image budget over seeds against the baselines, reported with
+  the evidence protocol (`distreward merge-study`).
 """
 
 from ..sampling.generate import shared_noise
