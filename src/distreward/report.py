@@ -154,6 +154,13 @@ def plot_fd_vs_nfe(rows: list[dict], path: str | os.PathLike, keys=("fd_reward",
     return save_figure(fig, path)
 
 
+def mean_std(entry: dict | None, fmt: str = "{:.4f}") -> str:
+    """'0.2160 ± 0.0940' of a summary entry {"mean", "std"} over seeds (the mean alone with one seed, '–' without)."""
+    if not entry:
+        return "–"
+    return fmt.format(entry["mean"]) + (f" ± {fmt.format(entry['std'])}" if entry.get("std") is not None else "")
+
+
 def with_error(value, err, fmt: str = "{:.3f}") -> str:
     """'3.056 ± 0.081' (the value alone without an error, '–' without a value)."""
     if value is None:

@@ -32,7 +32,7 @@ from .config import load_config
 from .evaluation import Evaluator, eval_cache_for
 from .evaluation.protocol import Protocol, evaluate_models, find_converged_steps
 from .models import load_generator
-from .report import save_figure, with_error
+from .report import mean_std, save_figure, with_error
 from .rl import distill, finetune
 from .rl.settings import resolve, with_sample_reward
 from .utils.io import atomic_save_json, atomic_write_bytes
@@ -144,12 +144,6 @@ def run_study(config="fmnist_grpo", overrides=(), *, seeds: Sequence[int] = (0, 
         write_study_report(root, result)
     print(f"[study] {root / 'study.md'}")
     return result
-
-
-def mean_std(entry: dict | None, fmt: str = "{:.4f}") -> str:
-    if not entry:
-        return "–"
-    return fmt.format(entry["mean"]) + (f" ± {fmt.format(entry['std'])}" if entry.get("std") is not None else "")
 
 
 def write_study_report(root: Path, result: dict) -> Path:

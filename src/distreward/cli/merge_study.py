@@ -8,6 +8,7 @@ import argparse
 
 from ..merge.search import SEARCHERS
 from ..merge.study import EVIDENCE_PRESET, run_merge_study
+from ..report import mean_std
 from . import new_output
 
 
@@ -48,6 +49,5 @@ def run(args) -> int:
         for s, figs in result["summary"][sname].items():
             e = figs.get("fd_eval")
             if e:
-                print(f"    {s:>9}: {e['mean']:.4f}" + (f" ± {e['std']:.4f}" if e.get("std") is not None else "")
-                      + f" over {len(e['seeds'])} seeds")
+                print(f"    {s:>9}: {mean_std(e)} over {len(e['seeds'])} seeds")
     return 0

@@ -7,6 +7,7 @@ import argparse
 
 from ..config import load_config
 from ..study import ARMS, default_arms, run_study
+from ..report import mean_std
 from . import new_output
 
 
@@ -41,6 +42,5 @@ def run(args) -> int:
         for arm, figs in result["summary"][sname].items():
             e = figs.get("fd_eval")
             if e:
-                print(f"    {arm:>8}: {e['mean']:.4f}" + (f" ± {e['std']:.4f}" if e.get("std") is not None else "")
-                      + f" over {len(e['seeds'])} seeds")
+                print(f"    {arm:>8}: {mean_std(e)} over {len(e['seeds'])} seeds")
     return 0

@@ -33,7 +33,7 @@ from ..evaluation import Evaluator, eval_cache_for
 from ..evaluation.generator import EvalPlan
 from ..evaluation.protocol import Protocol, evaluate_models, find_converged_steps
 from ..models import load_generator
-from ..report import save_figure, with_error
+from ..report import mean_std, save_figure, with_error
 from ..sampling.generate import SamplerSpec
 from ..utils.io import atomic_save_json, atomic_write_bytes
 from ..utils.progress import phase
@@ -257,8 +257,8 @@ def write_report(root: Path, result: dict) -> Path:
                          f"{r.get('coverage') or float('nan'):.3f} |")
         for s in searchers:
             a = summ.get(s, {})
-            lines.append(f"| **{s}** | {fmt_ms(a.get('fd_eval'), '{:.4f}')} | {fmt_ms(a.get('fd_reward'))} | "
-                         f"{fmt_ms(a.get('recall'))} | {fmt_ms(a.get('coverage'))} |")
+            lines.append(f"| **{s}** | {mean_std(a.get('fd_eval'))} | {mean_std(a.get('fd_reward'), '{:.3f}')} | "
+                         f"{mean_std(a.get('recall'), '{:.3f}')} | {mean_std(a.get('coverage'), '{:.3f}')} |")
         lines += ["", "| searcher | " + " | ".join(f"beats {b}?" for b in next(iter(result['verdicts'][sname].values()), {}))
                   + " |", "|---|" + "---|" * len(next(iter(result['verdicts'][sname].values()), {}))]
         for s, v in result["verdicts"][sname].items():
@@ -279,12 +279,6 @@ def write_report(root: Path, result: dict) -> Path:
               "", "![budget curve](merge_study.png)", ""]
     plot_curves(result, root / "merge_study.png")
     return atomic_write_bytes(root / "merge_study.md", "\n".join(lines).encode())
-
-
-def fmt_ms(entry: dict | None, fmt: str = "{:.3f}") -> str:
-    if not entry:
-        return "–"
-    return fmt.format(entry["mean"]) + (f" ± {fmt.format(entry['std'])}" if entry.get("std") is not None else "")
 
 
 def plot_curves(result: dict, path: Path) -> Path:
