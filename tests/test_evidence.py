@@ -215,6 +215,26 @@ def test_evaluate_solvers_uses_the_same_noise_for_every_solver(evaluator):
     assert res["heun"]["fd_reward_diff_err"] > 0
 
 
+def test_rows_of_one_plan_pair_through_their_bootstrap_replicates(evaluator):
+    """protocol.paired_difference from two rows' replicates = the paired bootstrap of their features."""
+    from distreward.evaluation.protocol import paired_difference as rows_difference, relative_gain
+
+    net = GaussianVelocity(M, S)
+    res = evaluate_solvers(net, evaluator, tiny_plan(uncertainty=20),
+                           {"a": SamplerSpec(steps=4, method="euler"), "heun": heun_for_nfe(7)}, reference="a")
+    a, h = res["a"], res["heun"]
+    assert len(a["fd_reward_boot"]) == 20 and np.std(a["fd_reward_boot"], ddof=1) == pytest.approx(a["fd_reward_err"])
+    diff, err = rows_difference(h, a, "fd_reward")
+    assert diff == pytest.approx(h["fd_reward_diff"]) and err == pytest.approx(h["fd_reward_diff_err"])
+    assert err < np.hypot(a["fd_reward_err"], h["fd_reward_err"])     # the shared noise cancels
+    assert relative_gain(h, a, "fd_reward") == pytest.approx((h["fd_reward"] / a["fd_reward"] - 1, err / a["fd_reward"]))
+    bare = [{k: v for k, v in r.items() if not k.endswith("_boot")} for r in (h, a)]
+    assert rows_difference(*bare, "fd_reward") is None          # without replicates: independent errors
+    ratio = h["fd_reward"] / a["fd_reward"]
+    assert relative_gain(*bare, "fd_reward")[1] == pytest.approx(
+        ratio * np.hypot(h["fd_reward_err"] / h["fd_reward"], a["fd_reward_err"] / a["fd_reward"]))
+
+
 def test_converged_steps_stops_when_doubling_no_longer_changes_fd(evaluator):
     net = GaussianVelocity(M, S)                              # exact velocity: only discretisation error is left
     steps, trace = converged_steps(net, evaluator, tiny_plan(uncertainty=30), method="euler", start=1, max_steps=64)

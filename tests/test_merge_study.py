@@ -89,9 +89,12 @@ def test_merge_study_curves_baselines_report(tiny):
         for s in ("ppo", "random"):
             vals = [rows[f"{s}/seed{x}"]["fd_eval"] for x in (0, 1)]
             assert summ[s]["fd_eval"]["mean"] == pytest.approx(np.mean(vals))
+            boots = np.mean([rows[f"{s}/seed{x}"]["fd_eval_boot"] for x in (0, 1)], axis=0)
             for b, v in res["verdicts"][sname][s].items():
                 assert v["margin"] == pytest.approx(rows[b]["fd_eval"] - np.mean(vals))
-                assert v["beats"] == (v["margin"] > v["err"] and max(vals) < rows[b]["fd_eval"])
+                paired = np.std(np.asarray(rows[b]["fd_eval_boot"]) - boots, ddof=1)
+                assert v["err"] == pytest.approx(np.hypot(paired, np.std(vals, ddof=1) / 2 ** 0.5))
+                assert v["beats"] == (v["margin"] > v["err"])
     root = tmp_path / "study"
     assert json.loads((root / "merge_study.json").read_text())["rows"] == json.loads(json.dumps(res["rows"]))
     md = (root / "merge_study.md").read_text()
@@ -112,6 +115,15 @@ def test_merge_study_refuses_bad_requests(tiny):
         study(tiny, points=[0, 2])
     with pytest.raises(ValueError, match="solvers"):
         study(tiny, solvers=("exact",))
+
+
+
+def test_merge_study_refuses_edm2_pickles(tmp_path):
+    from distreward.merge.study import run_merge_study
+
+    with pytest.raises(ValueError, match="EDM2 pickles or latent models"):
+        run_merge_study("edm2_xs_img512", run_dir=tmp_path / "edm2")
+    assert not (tmp_path / "edm2").exists()
 
 
 def heun(steps):

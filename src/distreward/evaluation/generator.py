@@ -136,7 +136,10 @@ def evidence_metrics(evaluator, feats: list[np.ndarray], labels: torch.Tensor | 
                      fd_infinity: bool = False, per_class: bool = False, seed: int = 0) -> dict:
     """The evidence keys for generated features (one (n, d) array per network; `labels`: their class labels).
 
-    uncertainty > 0: `fd_err` {label: one bootstrap standard error} and `fd_reward_err`, `fd_eval_err`;
+    uncertainty > 0: `fd_err` {label: one bootstrap standard error} and `fd_reward_err`, `fd_eval_err`, with the
+    replicates behind them, `fd_reward_boot`, `fd_eval_boot` (lists: the FD of each resample; every evaluation with
+    the same n, uncertainty and seed resamples the same rows, so two rows of one plan pair replicate by replicate,
+    `protocol.paired_difference`);
     fd_infinity: `fd_inf` and `fd_reward_inf`, `fd_eval_inf`; per_class: `fd_class` {label: {'fd': {class:
     FD}, 'mean', 'worst', 'worst_class'}} and `fd_reward_class_mean`, `fd_reward_class_worst` (same for fd_eval).
     Networks without real statistics give None."""
@@ -149,8 +152,12 @@ def evidence_metrics(evaluator, feats: list[np.ndarray], labels: torch.Tensor | 
         return vals
 
     if uncertainty:
-        errs = each("fd_err", lambda f, st, half: evidence.fd_bootstrap(f, st, uncertainty, seed, sigma_half=half)[1])
-        out.update({f"{key}_err": errs[label] for label, key, *_ in sides})
+        reps = {label: (None if st is None else evidence.bootstrap_fds(f, st, uncertainty, seed, sigma_half=half))
+                for label, _, f, st, half in sides}
+        out["fd_err"] = {label: (None if r is None else float(r.std(ddof=1))) for label, r in reps.items()}
+        for label, key, *_ in sides:
+            out[f"{key}_err"] = out["fd_err"][label]
+            out[f"{key}_boot"] = None if reps[label] is None else reps[label].tolist()
     if fd_infinity:
         infs = each("fd_inf", lambda f, st, half: evidence.fd_infinity(f, st, seed=seed, sigma_half=half))
         out.update({f"{key}_inf": infs[label] for label, key, *_ in sides})

@@ -15,13 +15,16 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
+import numpy as np
+
 from ..sampling.generate import SamplerSpec
 from .cache import EvalCache, ImageFigures
 from .evaluator import evaluator_key
 from .generator import EvalPlan, converged_steps, evaluate_generator, evidence_metrics, heun_for_nfe, net_keys, nfe
 
 SOLVERS = ("served", "converged", "training_free")
-ROW_KEYS = ("fd_reward", "fd_reward_err", "fd_eval", "fd_eval_err", "precision", "recall", "density", "coverage",
+ROW_KEYS = ("fd_reward", "fd_reward_err", "fd_eval", "fd_eval_err", "fd_reward_boot", "fd_eval_boot",
+            "precision", "recall", "density", "coverage",
             "kid", "n",
             "fd_reward_class_mean", "fd_reward_class_worst", "fd_eval_class_mean", "fd_eval_class_worst",
             "fd_reward_test", "fd_reward_test_err", "fd_eval_test", "fd_eval_test_err", "classifier_logp")
@@ -146,12 +149,26 @@ def fd_vs_nfe(models: Mapping[str, object], evaluator, plan: EvalPlan, nfes, *, 
     return rows
 
 
+def paired_difference(row: Mapping, ref: Mapping, key: str = "fd_eval") -> tuple[float, float] | None:
+    """(row[key] - ref[key], its paired standard error) of two rows of one evaluation plan (the same noise, labels
+    and bootstrap resamples: two models or two solvers of one table): the std of the replicate-by-replicate
+    differences `<key>_boot`, in which the draw of noise both rows share cancels. None without replicates."""
+    a, b = row.get(f"{key}_boot"), ref.get(f"{key}_boot")
+    if a is None or b is None or len(a) != len(b) or row.get("n") != ref.get("n"):
+        return None
+    return float(row[key] - ref[key]), float(np.std(np.asarray(a) - np.asarray(b), ddof=1))
+
+
 def relative_gain(row: Mapping, base: Mapping, key: str) -> tuple[float, float] | None:
-    """(FD_model / FD_base - 1, its standard error from both rows' errors, treated as independent: an upper
-    bound for paired rows) of metric `key`; None when a value or error is missing."""
+    """(FD_model / FD_base - 1, its standard error) of metric `key` for two rows of one plan: the paired error
+    (`paired_difference`) when both rows carry their bootstrap replicates, else from both rows' errors treated as
+    independent (an upper bound for paired rows); None when a value or error is missing."""
     a, b = row.get(key), base.get(key)
     ea, eb = row.get(f"{key}_err"), base.get(f"{key}_err")
     if None in (a, b, ea, eb) or not b:
         return None
+    paired = paired_difference(row, base, key)
+    if paired is not None:
+        return a / b - 1.0, paired[1] / b
     ratio = a / b
     return ratio - 1.0, ratio * ((ea / a) ** 2 + (eb / b) ** 2) ** 0.5 if a else float("nan")

@@ -130,22 +130,33 @@ def summarize(rows: dict[str, dict], searchers: Sequence[str], seeds: Sequence[i
     return out
 
 
-def verdicts(rows: dict[str, dict], summary: dict, baselines: Sequence[str]) -> dict:
-    """{searcher: {baseline: {"margin", "err", "beats"}}}: margin = baseline FD - the searcher's mean FD (held-out);
-    beats when the margin exceeds the baseline's bootstrap standard error and every seed is below the baseline."""
+def verdicts(rows: dict[str, dict], searchers: Sequence[str], seeds: Sequence[int], baselines: Sequence[str],
+             key: str = "fd_eval") -> dict:
+    """{searcher: {baseline: {"margin", "err", "beats"}}} on one solver's rows: margin = the baseline's FD minus the
+    searcher's mean FD over seeds; err = one standard error of that margin, from the evaluation (the paired
+    bootstrap: every replicate's baseline FD minus the seeds' mean FD on the same resampled rows) and from the
+    seeds (their spread / sqrt(seeds)), added in quadrature; beats when margin > err. Without bootstrap replicates
+    the evaluation part is the baseline's own standard error (an upper bound)."""
     out = {}
-    for s, figs in summary.items():
-        e = figs.get("fd_eval")
-        if not e:
+    for s in searchers:
+        runs = [rows[f"{s}/seed{x}"] for x in seeds if f"{s}/seed{x}" in rows]
+        if not runs or any(r.get(key) is None for r in runs):
             continue
+        vals = np.array([r[key] for r in runs], np.float64)
+        seed_err = float(vals.std(ddof=1) / np.sqrt(len(vals))) if len(vals) > 1 else 0.0
         out[s] = {}
         for b in baselines:
-            row = rows.get(b)
-            if not row or row.get("fd_eval") is None:
+            ref = rows.get(b)
+            if not ref or ref.get(key) is None:
                 continue
-            margin, err = row["fd_eval"] - e["mean"], row.get("fd_eval_err") or 0.0
-            out[s][b] = {"margin": margin, "err": err,
-                         "beats": bool(margin > err and max(e["seeds"]) < row["fd_eval"])}
+            boots = [r.get(f"{key}_boot") for r in runs] + [ref.get(f"{key}_boot")]
+            if all(x is not None for x in boots) and len({len(x) for x in boots}) == 1:
+                diff = np.asarray(boots[-1]) - np.mean([np.asarray(x) for x in boots[:-1]], axis=0)
+                eval_err = float(diff.std(ddof=1))
+            else:
+                eval_err = float(ref.get(f"{key}_err") or 0.0)
+            margin, err = float(ref[key] - vals.mean()), float(np.hypot(eval_err, seed_err))
+            out[s][b] = {"margin": margin, "err": err, "beats": bool(margin > err)}
     return out
 
 
@@ -173,6 +184,10 @@ def run_merge_study(config="fmnist_merge_ema", overrides=(), *, checkpoints: Seq
     if bad or not solvers:
         raise ValueError(f"report solvers must be among converged, served; got {list(solvers)}")
     cfg = study_config(config, overrides, size=size, checkpoints=checkpoints)
+    if cfg.merge.get("format") == "edm2-pkl" or cfg.model.get("vae") is not None:
+        raise ValueError(f"{cfg.name}: merge-study reports pixel-space generators of our own format on the "
+                         "embedded default's evaluator; for EDM2 pickles or latent models run `distreward merge "
+                         "--config ... rl.algorithm=ppo|cma|random` once per searcher and seed")
     ev = dict(load_config(evidence).get("evidence") or {}) if isinstance(evidence, (str, Path)) else dict(evidence or {})
     if report_n:
         ev["n"] = int(report_n)
@@ -219,7 +234,7 @@ def run_merge_study(config="fmnist_merge_ema", overrides=(), *, checkpoints: Seq
                   "converged_search": search,
                   "solvers": {k: {"method": spec[k].method, "steps": int(spec[k].steps)} for k in solvers},
                   "rows": table, "summary": summary,
-                  "verdicts": {k: verdicts(table[k], summary[k], list(base_files)) for k in solvers},
+                  "verdicts": {k: verdicts(table[k], searchers, seeds, list(base_files)) for k in solvers},
                   "err": "one bootstrap standard error", "seconds": round(time.perf_counter() - t0, 1)}
         atomic_save_json(root / "merge_study.json", result)
         write_report(root, result)
@@ -262,7 +277,7 @@ def write_report(root: Path, result: dict) -> Path:
         lines += ["", "| searcher | " + " | ".join(f"beats {b}?" for b in next(iter(result['verdicts'][sname].values()), {}))
                   + " |", "|---|" + "---|" * len(next(iter(result['verdicts'][sname].values()), {}))]
         for s, v in result["verdicts"][sname].items():
-            lines.append(f"| {s} | " + " | ".join(f"{'yes' if x['beats'] else 'no'} ({x['margin']:+.4f} vs ± {x['err']:.4f})"
+            lines.append(f"| {s} | " + " | ".join(f"{'yes' if x['beats'] else 'no'} ({x['margin']:+.4f} ± {x['err']:.4f})"
                                                   for x in v.values()) + " |")
         lines.append("")
     lines += [f"## Budget curve (validation seed {val['seed']}, n = {val['n']}, {val['sampler']})", "",
