@@ -132,3 +132,21 @@ def test_stage_list_and_register_stage(monkeypatch):
     names = [s.name for s in demo.stages.with_extra_stages(demo.BUILTIN_STAGES)]
     assert names == ["base", "distribution", "sample", "crosscheck", "merge_ema", "evidence", "merge_rl", "mine"]
     assert demo.stages.with_extra_stages(demo.BUILTIN_STAGES)[-1] is mine
+
+
+def test_merge_stages_take_the_reward_statistics_of_the_fmnist_evaluator(tiny_setup):
+    """The merge stages reuse the Fashion-MNIST evaluator's train statistics of the reward network (the ones the
+    merge would compute) and compute their own for any other evaluator."""
+    from distreward import demo
+    from distreward.demo.merge import EMA_PRESET, merge_config, reward_real_stats
+
+    tmp_path, ev, overrides = tiny_setup
+    ctx = demo.make_context(tmp_path / "ctx", overrides=overrides, progress=False, evaluator=ev)
+    cfg = merge_config(EMA_PRESET, ctx)
+    assert reward_real_stats(ctx, cfg) is None                 # not the Fashion-MNIST train evaluator
+    ev.split = "train"
+    mu, sigma = reward_real_stats(ctx, cfg)
+    st = ev.real_stats[list(ev.labels).index("fmnist-reward")]
+    assert mu is st.mu and sigma is st.sigma
+    cfg.reward.real_stats = "my_stats.npz"                     # the reward's own statistics file wins
+    assert reward_real_stats(ctx, cfg) is None

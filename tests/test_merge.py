@@ -312,4 +312,10 @@ def test_phema_baselines_use_the_train_solve(tmp_path):
     results = {"phema@0.07": {"fd_reward": 1.0, "fd_eval": 2.0}, "phema@0.12": {"fd_reward": 3.0, "fd_eval": 1.0}}
     np.testing.assert_array_equal(initial_mean("phema", cs, base, results), base["phema@0.07"])
     assert best_phema(results) == "phema@0.07" and best_phema({"last": {"fd_reward": 0.0}}) is None
+    # merge.init best: the baseline with the lowest fd_reward (a held-out winner is not chosen)
+    results = {k: {"fd_reward": r, "fd_eval": e, "w": base[k].tolist()}
+               for k, r, e in (("last", 2.0, 0.5), ("uniform", 1.5, 3.0), ("phema@0.07", 1.0, 2.0))}
+    np.testing.assert_array_equal(initial_mean("best", cs, base, results), base["phema@0.07"])
+    with pytest.raises(ValueError, match="merge.init"):
+        initial_mean("median", cs, base, results)
 

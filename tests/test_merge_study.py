@@ -107,6 +107,16 @@ def test_merge_study_curves_baselines_report(tiny):
     assert again["rows"] == res["rows"] and again["curves"] == res["curves"]
     assert (root / "ppo" / "seed0" / "result.json").stat().st_mtime_ns == before
 
+    # other settings: the run starts over (no stale point kept)
+    with pytest.raises(ValueError, match="already ran to 2 iterations"):
+        study(tiny, points=[1])                  # its final models would be the 2-iteration ones
+    import distreward.merge.study as ms
+    other = ms.run_merge_study("fmnist_merge_grpo", OVERRIDES + ["policy.init_std=0.3"],
+                               checkpoints=[str(p) for p in inputs], searchers=["ppo"], seeds=[0], points=[1],
+                               size="preset", run_dir=root, evidence=EVIDENCE, progress=False, evaluator=ev,
+                               eval_cache=None, parts=parts)
+    assert other["curves"]["ppo/seed0"][0]["w"] != res["curves"]["ppo/seed0"][0]["w"]
+
 
 def test_merge_study_refuses_bad_requests(tiny):
     with pytest.raises(ValueError, match="searcher"):

@@ -65,10 +65,21 @@ def has_snapshots(ctx: DemoContext) -> bool:
     return snapshot_folder(ctx) is not None
 
 
+def reward_real_stats(ctx: DemoContext, cfg) -> tuple | None:
+    """(mu, Sigma) of the merge reward's network on Fashion-MNIST train, taken from the demo's Fashion-MNIST evaluator
+    (the statistics the merge would compute itself, over the same 60,000 images); None for any other evaluator or a
+    reward with its own statistics file."""
+    ev, name = ctx.evaluator, str(cfg.reward.features)
+    if getattr(ev, "split", None) != "train" or cfg.reward.get("real_stats") or name not in list(ev.labels):
+        return None
+    st = ev.real_stats[list(ev.labels).index(name)]
+    return None if st is None else (st.mu, st.sigma)
+
+
 def stage_merge_ema(ctx: DemoContext) -> dict:
     cfg = merge_config(EMA_PRESET, ctx)
     res = run_merge(cfg, ctx.stage_dir("merge_ema"), **ctx.trainer_args(), evaluator=ctx.evaluator,
-                    progress=ctx.progress, eval_cache=ctx.eval_cache)
+                    progress=ctx.progress, eval_cache=ctx.eval_cache, real_stats=reward_real_stats(ctx, cfg))
     return summary(res, res["best_ema"] or "last")
 
 
@@ -105,8 +116,9 @@ def merge_rl_config(ctx: DemoContext):
 
 
 def stage_merge_rl(ctx: DemoContext) -> dict:
-    res = run_merge(merge_rl_config(ctx), ctx.stage_dir("merge_rl"), **ctx.trainer_args(), evaluator=ctx.evaluator,
-                    progress=ctx.progress, eval_cache=ctx.eval_cache)
+    cfg = merge_rl_config(ctx)
+    res = run_merge(cfg, ctx.stage_dir("merge_rl"), **ctx.trainer_args(), evaluator=ctx.evaluator,
+                    progress=ctx.progress, eval_cache=ctx.eval_cache, real_stats=reward_real_stats(ctx, cfg))
     return summary(res, "last")
 
 

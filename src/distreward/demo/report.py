@@ -113,8 +113,9 @@ def verdict(change: tuple[float, float] | None) -> str:
 def evidence_findings(ev: dict) -> list[str]:
     """What the numbers show, stated from them: each model vs the base at each solver (held-out FD, then reward
     FD), and what the training-free solver gives the base at the served cost."""
-    lines = ["What the numbers show (relative FD change vs the base at the same solver, ± one standard error from "
-             "both rows; 'better'/'worse' only beyond two standard errors):", ""]
+    lines = ["What the numbers show (relative FD change vs the base at the same solver, ± one paired standard "
+             "error: both rows on the same noise, labels and bootstrap resamples; 'better'/'worse' only beyond two "
+             "standard errors):", ""]
     served_base = ev["served"]["models"].get("base")
     for m in ev["served"]["models"]:
         if m == "base":

@@ -79,19 +79,22 @@ def search_curve(cfg, searcher: str, seed: int, points: Sequence[int], folder: P
     key["seed"], key["rl"]["algorithm"], key["rl"]["iterations"] = int(seed), searcher, None
     key = plain_config(key)
     saved = json.loads(record.read_text()) if record.is_file() else {}
-    done = {r["iterations"]: r for r in saved.get("rows", [])} if saved.get("key") == key else {}
+    stale = bool(saved) and saved.get("key") != key     # other settings: that run starts over
+    done = {} if stale else {r["iterations"]: r for r in saved.get("rows", [])}
+    below = [p for p in points if done and p < max(done) and p not in done]
+    if below or (done and max(points) < max(done)):
+        raise ValueError(f"{folder} already ran to {max(done)} iterations (points {sorted(done)}); ask for points "
+                         f"among those and up to at least {max(done)}, or give a new study folder (--run-dir)")
     rows = []
     for p in points:
         if p in done:
             rows.append(done[p])
             continue
-        if done and p < max(done):
-            raise ValueError(f"{folder} already ran to {max(done)} iterations; a budget point below it ({p}) needs a "
-                             "new study folder (--run-dir)")
         c = copy.deepcopy(cfg)
         c.rl.algorithm, c.seed, c.rl.iterations = searcher, int(seed), int(p)
-        res = run_merge(c, folder, resume=bool(done), overwrite=not done,
-                        allow_changes=("rl.iterations",) if done else (),
+        first = stale and not rows       # else resume: a killed point continues from its checkpoint
+        res = run_merge(c, folder, resume=not first, overwrite=first,
+                        allow_changes=() if first else ("rl.iterations",),
                         evaluator=evaluator, progress=progress, eval_cache=cache, **(parts or {}))
         m = res["merged"]
         rows.append({"iterations": int(p), "images": images_at(c, p), "fd_reward": m.get("fd_reward"),
@@ -110,10 +113,8 @@ def baseline_files(res: dict, cfg, folder: Path) -> dict[str, Path]:
     out = {}
     for name in BASELINES:
         if name in b:
-            path = folder / f"{name}.safetensors"
-            if not path.is_file():
-                ckpts.save(path, np.asarray(b[name]["w"], np.float64), extra={"baseline": name})
-            out[name] = path
+            out[name] = ckpts.save(folder / f"{name}.safetensors", np.asarray(b[name]["w"], np.float64),
+                                   extra={"baseline": name})
     return out
 
 

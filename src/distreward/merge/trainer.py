@@ -269,16 +269,26 @@ def best_phema(results: dict[str, dict]) -> str | None:
     return min(ph, key=lambda k: results[k][SELECT_BY]) if ph else None
 
 
+def best_baseline(results: dict[str, dict]) -> str:
+    """The baseline with the lowest SELECT_BY on the validation evaluation (the inputs alone, one@<i>, included)."""
+    scored = [k for k, r in results.items() if r.get(SELECT_BY) is not None]
+    if not scored:
+        raise ValueError(f"merge.init best: no baseline has {SELECT_BY}; use uniform, last or phema")
+    return min(scored, key=lambda k: results[k][SELECT_BY])
+
+
 def initial_mean(init, ckpts: CheckpointSet, baselines: dict[str, np.ndarray], results: dict[str, dict]) -> np.ndarray:
-    """merge.init: phema (the best EMA length by SELECT_BY, uniform when no snapshot metadata), uniform, last, or a
-    list."""
+    """merge.init: phema (the best EMA length by SELECT_BY, uniform when no snapshot metadata), best (the best
+    baseline by SELECT_BY), uniform, last, or a list."""
     if isinstance(init, str):
         if init == "phema":
             best = best_phema(results)
             return baselines[best].copy() if best else baselines["uniform"].copy()
+        if init == "best":
+            return np.asarray(results[best_baseline(results)]["w"], np.float64)
         if init in ("uniform", "last"):
             return baselines[init].copy()
-        raise ValueError(f"merge.init must be phema, uniform, last or a list of {ckpts.k} numbers, got {init!r}")
+        raise ValueError(f"merge.init must be phema, best, uniform, last or a list of {ckpts.k} numbers, got {init!r}")
     w = np.asarray(list(init), np.float64)
     if w.shape != (ckpts.k,):
         raise ValueError(f"merge.init has {w.size} coefficients for {ckpts.k} checkpoints")

@@ -374,8 +374,10 @@ class MergeInputs:
                                                "the `last` baseline)")
     snapshots: Optional[str] = key(None, "or a folder of EMA snapshots (train-base's snapshots/)")
     include: Optional[list[str]] = key([], "files appended to the inputs (e.g. the base next to GRPO checkpoints)")
-    init: Union[str, list[float]] = key("phema", "initial mean: the best post-hoc EMA length of the grid, uniform, "
-                                                 "the last input, or K numbers", choices=("phema", "uniform", "last"))
+    init: Union[str, list[float]] = key("phema", "initial mean: the best post-hoc EMA length of the grid, the best "
+                                                 "baseline (both by fd_reward on the validation evaluation), "
+                                                 "uniform, the last input, or K numbers",
+                                        choices=("phema", "best", "uniform", "last"))
     constraint: str = key("sum1", "candidates projected onto sum(w) = 1, or not", choices=("sum1", "none"))
     format: Optional[str] = key(ABSENT, "input files: our .safetensors, or EDM2 pickles (converted once)",
                                 choices=("safetensors", "edm2-pkl"), absent="safetensors")
