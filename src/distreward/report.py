@@ -7,6 +7,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .data import to_uint8_images
@@ -152,6 +153,21 @@ def plot_fd_vs_nfe(rows: list[dict], path: str | os.PathLike, keys=("fd_reward",
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     return save_figure(fig, path)
+
+
+def seed_summary(rows: dict[str, dict], names, seeds, figures) -> dict:
+    """{name: {figure: {"mean", "std" (ddof 1; None with one seed), "seeds": [...]}}} of a table's rows keyed
+    "<name>/seed<s>" (the studies' arms or searchers); missing rows and values are left out."""
+    out = {}
+    for name in names:
+        out[name] = {}
+        for k in figures:
+            vals = [rows[f"{name}/seed{s}"].get(k) for s in seeds if f"{name}/seed{s}" in rows]
+            vals = [v for v in vals if v is not None]
+            if vals:
+                out[name][k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1
+                                else None, "seeds": vals}
+    return out
 
 
 def mean_std(entry: dict | None, fmt: str = "{:.4f}") -> str:

@@ -32,7 +32,7 @@ from .config import load_config
 from .evaluation import Evaluator, eval_cache_for
 from .evaluation.protocol import Protocol, evaluate_models, find_converged_steps
 from .models import load_generator
-from .report import mean_std, save_figure, with_error
+from .report import mean_std, save_figure, seed_summary, with_error
 from .rl import distill, finetune
 from .rl.settings import resolve, with_sample_reward
 from .utils.io import atomic_save_json, atomic_write_bytes
@@ -73,20 +73,6 @@ def train_arm(cfg, arm: str, seed: int, folder: Path, *, overwrite: bool, evalua
     phase(f"study: {arm} seed {seed} -> {folder}")
     trainer(c, folder, resume=not overwrite, overwrite=overwrite, net=copy.deepcopy(base), evaluator=evaluator,
             progress=progress)
-    return out
-
-
-def summarize(rows: dict[str, dict], arms: Sequence[str], seeds: Sequence[int]) -> dict:
-    """{arm: {figure: {"mean", "std", "seeds": [...]}}} of a solver's rows ({"<arm>/seed<s>": row})."""
-    out = {}
-    for arm in arms:
-        out[arm] = {}
-        for k in FIGURES:
-            vals = [rows[f"{arm}/seed{s}"].get(k) for s in seeds if f"{arm}/seed{s}" in rows]
-            vals = [v for v in vals if v is not None]
-            if vals:
-                out[arm][k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1
-                               else None, "seeds": vals}
     return out
 
 
@@ -138,7 +124,7 @@ def run_study(config="fmnist_grpo", overrides=(), *, seeds: Sequence[int] = (0, 
                   "converged_search": search, "err": "one bootstrap standard error",
                   "solvers": {k: {"method": s.method, "steps": int(s.steps), "nfe": table[k]["base"]["nfe"]}
                               for k, s in solvers.items()},
-                  "rows": table, "summary": {k: summarize(table[k], arms, seeds) for k in ("served", "converged")},
+                  "rows": table, "summary": {k: seed_summary(table[k], arms, seeds, FIGURES) for k in ("served", "converged")},
                   "seconds": round(time.perf_counter() - t0, 1)}
         atomic_save_json(root / "study.json", result)
         write_study_report(root, result)

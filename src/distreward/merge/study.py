@@ -33,7 +33,7 @@ from ..evaluation import Evaluator, eval_cache_for
 from ..evaluation.generator import EvalPlan
 from ..evaluation.protocol import Protocol, evaluate_models, find_converged_steps
 from ..models import load_generator
-from ..report import mean_std, save_figure, with_error
+from ..report import mean_std, save_figure, seed_summary, with_error
 from ..sampling.generate import SamplerSpec
 from ..utils.io import atomic_save_json, atomic_write_bytes
 from ..utils.progress import phase
@@ -48,6 +48,7 @@ EVIDENCE_PRESET = "fmnist_nft"
 # Baselines reported beside the searchers (those the run has): the last input, the uniform soup, the best post-hoc
 # EMA length (chosen on the reward's features of the validation evaluation), the greedy soup.
 BASELINES = ("last", "uniform", "best_ema", "greedy_soup")
+FIGURES = ("fd_eval", "fd_reward", "recall", "coverage")     # summarised over seeds
 
 
 def study_config(config, overrides=(), *, size: str = "demo", checkpoints: Sequence[str] | None = None):
@@ -115,19 +116,6 @@ def baseline_files(res: dict, cfg, folder: Path) -> dict[str, Path]:
         if name in b:
             out[name] = ckpts.save(folder / f"{name}.safetensors", np.asarray(b[name]["w"], np.float64),
                                    extra={"baseline": name})
-    return out
-
-
-def summarize(rows: dict[str, dict], searchers: Sequence[str], seeds: Sequence[int]) -> dict:
-    """{searcher: {figure: {"mean", "std", "seeds"}}} of one solver's rows ({"<searcher>/seed<s>": row})."""
-    out = {}
-    for s in searchers:
-        out[s] = {}
-        for k in ("fd_eval", "fd_reward", "recall", "coverage"):
-            vals = [rows[f"{s}/seed{x}"][k] for x in seeds if rows.get(f"{s}/seed{x}", {}).get(k) is not None]
-            if vals:
-                out[s][k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
-                             "seeds": vals}
     return out
 
 
@@ -223,7 +211,7 @@ def run_merge_study(config="fmnist_merge_ema", overrides=(), *, checkpoints: Seq
               f"{', '.join(f'{k} {spec[k].method} {spec[k].steps}' for k in solvers)}")
         table = evaluate_models(models, evaluator, proto.report_plan(plan, evaluator), {k: spec[k] for k in solvers},
                                 device=cfg.device, progress=progress, cache=cache)
-        summary = {k: summarize(table[k], searchers, seeds) for k in solvers}
+        summary = {k: seed_summary(table[k], searchers, seeds, FIGURES) for k in solvers}
         result = {"config": cfg.name, "inputs": last["checkpoints"], "searchers": list(searchers),
                   "seeds": list(seeds), "points": points, "candidates": int(cfg.rl.candidates),
                   "samples": int(cfg.rl.samples), "reference_size": int(cfg.reward.reference_size),
