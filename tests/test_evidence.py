@@ -172,6 +172,20 @@ def test_default_plan_keeps_the_metrics_and_evidence_adds_keys(evaluator):
     assert more["fd_eval_class_worst"] == max(pc["fd"].values())
 
 
+def test_evaluator_keeps_the_real_side_between_sets(evaluator):
+    """KID and precision/recall from the evaluator's kept real-side work equal the one-call functions, set after set."""
+    from distreward.metrics import kid, precision_recall
+
+    real = evaluator.real_feats[-1]
+    for shift in (0.01, 0.2, 0.01):
+        feats = [f[:40] + shift for f in evaluator.real_feats]
+        m = evaluator.evaluate_features(feats)
+        mean, std = kid(real, feats[-1], num_subsets=evaluator.kid_subsets, max_subset_size=evaluator.kid_subset_size,
+                        seed=evaluator.seed)
+        assert (m["kid"], m["kid_std"]) == pytest.approx((mean * 1e3, std * 1e3), rel=1e-9, abs=1e-12)
+        assert {k: m[k] for k in ("precision", "recall")} == precision_recall(real, feats[-1], k=evaluator.k)
+
+
 def test_evaluator_adds_density_and_coverage_only_with_real_features(evaluator):
     """On a seeded subset of as many real rows as generated ones (Naeem et al. compare equal sizes)."""
     from distreward.evaluation.evaluator import sample_rows

@@ -173,6 +173,35 @@ def test_kid_same_distribution_near_zero_shifted_positive():
     assert shifted > 0.05 and shifted > 20 * abs(same)
 
 
+def _kid_by_definition(a, b, num_subsets, max_subset_size, seed):
+    """The estimator written out: the subsets drawn as kid() draws them, MMD^2 of each from its three kernels."""
+    from distreward.metrics.kid import mmd2_unbiased, polynomial_kernel
+
+    m = min(len(a), len(b), max_subset_size)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(num_subsets):
+        x, y = a[rng.choice(len(a), m, replace=False)], b[rng.choice(len(b), m, replace=False)]
+        values.append(mmd2_unbiased(polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)))
+    return float(np.mean(values)), float(np.std(values))
+
+
+@pytest.mark.parametrize("n_real,n_fake,size", [(400, 100, 1000), (400, 100, 60), (80, 300, 1000), (300, 300, 300)])
+def test_kid_reference_kept_between_sets_equals_the_estimator(n_real, n_fake, size):
+    """Whole generated set per subset (the row-mean shortcut) or not, one reference scoring several sets: the
+    per-subset definition's values up to float64 rounding."""
+    from distreward.metrics import KIDReference
+
+    rng = np.random.default_rng(6)
+    real = _features(rng, n_real, 8)
+    ref = KIDReference(real, num_subsets=7, max_subset_size=size, seed=2)
+    for shift in (0.0, 0.3, 0.0):
+        fake = _features(rng, n_fake, 8, shift=shift)
+        expected = _kid_by_definition(real, fake, 7, size, 2)
+        assert ref(fake) == pytest.approx(expected, rel=1e-9, abs=1e-13)
+        assert kid(real, fake, num_subsets=7, max_subset_size=size, seed=2) == pytest.approx(expected, rel=1e-9, abs=1e-13)
+
+
 def test_kid_errors():
     with pytest.raises(ValueError, match="dimensions"):
         kid(np.zeros((5, 3)), np.zeros((5, 4)))

@@ -29,7 +29,8 @@ import torch
 
 from ..data import check_images, load_fmnist, pad_to
 from ..features import compute_features, get_feature_network
-from ..metrics import GaussianStats, density_coverage, frechet_distance, kid, precision_recall, sqrtm_psd
+from ..metrics import (GaussianStats, KIDReference, density_coverage, frechet_distance, knn_radii, precision_recall,
+                       sqrtm_psd)
 from ..metrics.evidence import class_stats_arrays, class_stats_from_arrays, labels_key, per_class_stats
 from ..utils.io import atomic_write_bytes
 
@@ -194,6 +195,7 @@ class Evaluator:
             arrays = [torch.from_numpy(np.ascontiguousarray(a)) for a in (st.mu, st.sigma)]
             self.ref_stats_key[label] = _hash_tensors(arrays).hexdigest()
         self.real_sigma_half = [sqrtm_psd(st.sigma) if st is not None else None for st in self.real_stats]
+        self._real_memo: dict = {}                # see real_side
 
     @classmethod
     def for_fmnist(cls, device: str | torch.device = "cpu", split: str = "train", max_real: int = 10000,
@@ -264,8 +266,8 @@ class Evaluator:
         """Metrics of an image set (float (N, C, H, W) in [-1, 1]); see the module docstring for the keys."""
         return self.evaluate_features(self.features(images))
 
-    def evaluate_features(self, feats: Sequence[np.ndarray]) -> dict:
-        """The same metrics from precomputed features, one (N, d) array per network, in order."""
+    def frechet_distances(self, feats: Sequence[np.ndarray]) -> dict[str, float | None]:
+        """{network label: FD of the features against its real statistics} (None where it has none)."""
         if len(feats) != len(self.nets):
             raise ValueError(f"expected features for {len(self.nets)} networks, got {len(feats)}")
         n = int(feats[0].shape[0])
@@ -280,6 +282,12 @@ class Evaluator:
                 raise ValueError(f"need at least 2 images for a covariance, got {n}")
             g = GaussianStats.from_features(f)
             fds[label] = frechet_distance(g.mu, g.sigma, st.mu, st.sigma, sigma2_half=half)
+        return fds
+
+    def evaluate_features(self, feats: Sequence[np.ndarray]) -> dict:
+        """The same metrics from precomputed features, one (N, d) array per network, in order."""
+        fds = self.frechet_distances(feats)
+        n = int(feats[0].shape[0])
         values = list(fds.values())
         out = {"fd_reward": values[0], "fd_eval": values[1] if len(values) > 1 else None}
         out["fd"] = fds
@@ -288,15 +296,30 @@ class Evaluator:
         real = self.real_feats[-1]
         if real is not None:
             fake = feats[-1]
-            mean, std = kid(real, fake, num_subsets=self.kid_subsets, max_subset_size=self.kid_subset_size, seed=self.seed)
+            mean, std = self.real_side("kid")(fake)
             out["kid"], out["kid_std"] = mean * KID_SCALE, std * KID_SCALE
             if n > self.k and real.shape[0] > self.k:
-                out.update(precision_recall(real, fake, k=self.k))
+                out.update(precision_recall(real, fake, k=self.k, real_radii=self.real_side("radii", self.k)))
             rows = sample_rows(real.shape[0], n, self.seed)     # as many real rows as fake ones (Naeem et al.)
             real_dc = real if rows is None else real[rows]
             if real_dc.shape[0] > DENSITY_COVERAGE_K:
-                out.update(density_coverage(real_dc, fake, k=DENSITY_COVERAGE_K))
+                out.update(density_coverage(real_dc, fake, k=DENSITY_COVERAGE_K,
+                                            real_radii=self.real_side("radii", DENSITY_COVERAGE_K, n)))
         return out
+
+    def real_side(self, what: str, k: int = 0, n: int | None = None):
+        """What the metrics need of the held-out network's real features alone, computed once per evaluator:
+        "kid": the KIDReference; "radii": the k-NN radii of the real rows (`n`: of the seeded subset of n rows
+        density/coverage use)."""
+        key = (what, k, n)
+        if key not in self._real_memo:
+            real = self.real_feats[-1]
+            if what == "kid":
+                self._real_memo[key] = KIDReference(real, self.kid_subsets, self.kid_subset_size, self.seed)
+            else:
+                rows = None if n is None else sample_rows(real.shape[0], n, self.seed)
+                self._real_memo[key] = knn_radii(real if rows is None else real[rows], k)
+        return self._real_memo[key]
 
 
 def format_metrics(m: dict) -> str:

@@ -90,7 +90,7 @@ def split_figures(evaluator, suffix: str, uncertainty: int, seed: int) -> ImageF
 
     def fn(images) -> dict:
         feats = evaluator.features(images)
-        fds = evaluator.evaluate_features(feats)["fd"]
+        fds = evaluator.frechet_distances(feats)
         errs = evidence_metrics(evaluator, feats, None, uncertainty=uncertainty, seed=seed)["fd_err"]
         out = {}
         for label, name in zip(evaluator.labels, net_keys(evaluator)):

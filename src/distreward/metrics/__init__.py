@@ -10,9 +10,10 @@ from .evidence import (fd_bootstrap, fd_infinity, fd_infinity_fit, paired_differ
                        per_class_stats)
 from .gaussian import (GaussianStats, frechet_distance, frechet_distance_sqrtm, sqrtm_psd,
                        trace_sqrt_cholesky, trace_sqrt_product)
-from .kid import kid
-from .prdc import density_coverage, precision_recall
+from .kid import KIDReference, kid
+from .prdc import density_coverage, knn_radii, precision_recall
 
 __all__ = ["GaussianStats", "frechet_distance", "frechet_distance_sqrtm", "sqrtm_psd", "trace_sqrt_product",
-           "trace_sqrt_cholesky", "kid", "precision_recall", "density_coverage", "merge_gaussian_stats",
+           "trace_sqrt_cholesky", "kid", "KIDReference", "precision_recall", "density_coverage", "knn_radii",
+           "merge_gaussian_stats",
            "fd_bootstrap", "paired_difference", "fd_infinity", "fd_infinity_fit", "per_class_fd", "per_class_stats"]

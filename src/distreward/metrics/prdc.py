@@ -49,14 +49,15 @@ def manifold_coverage(centres: np.ndarray, radii: np.ndarray, queries: np.ndarra
     return float(inside.mean())
 
 
-def precision_recall(real, fake, k: int = 3, batch: int = 1000) -> dict[str, float]:
-    """{'precision', 'recall'} of `fake` features against `real` features (both (N, d)), k-NN radii with k=3."""
+def precision_recall(real, fake, k: int = 3, batch: int = 1000, real_radii: np.ndarray | None = None) -> dict[str, float]:
+    """{'precision', 'recall'} of `fake` features against `real` features (both (N, d)), k-NN radii with k=3.
+    `real_radii`: knn_radii(real, k), when the caller keeps them between generated sets."""
     r, f = as_f64_rows(real), as_f64_rows(fake)
     if r.shape[1] != f.shape[1]:
         raise ValueError(f"precision/recall: features of different dimensions {r.shape[1]} and {f.shape[1]}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    precision = manifold_coverage(r, knn_radii(r, k, batch), f, batch)
+    precision = manifold_coverage(r, knn_radii(r, k, batch) if real_radii is None else real_radii, f, batch)
     recall = manifold_coverage(f, knn_radii(f, k, batch), r, batch)
     return {"precision": precision, "recall": recall}
 
@@ -86,8 +87,9 @@ def coverage(hit: np.ndarray) -> float:
     return float(hit.mean())
 
 
-def density_coverage(real, fake, k: int = 5, batch: int = 1000) -> dict[str, float]:
-    """{'density', 'coverage'} of `fake` features against `real` features (both (N, d)), real k-NN radii with k=5."""
+def density_coverage(real, fake, k: int = 5, batch: int = 1000, real_radii: np.ndarray | None = None) -> dict[str, float]:
+    """{'density', 'coverage'} of `fake` features against `real` features (both (N, d)), real k-NN radii with k=5
+    (`real_radii`: knn_radii(real, k), when the caller keeps them)."""
     r, f = as_f64_rows(real), as_f64_rows(fake)
     if r.shape[1] != f.shape[1]:
         raise ValueError(f"density/coverage: features of different dimensions {r.shape[1]} and {f.shape[1]}")
@@ -97,5 +99,5 @@ def density_coverage(real, fake, k: int = 5, batch: int = 1000) -> dict[str, flo
         raise ValueError(f"density/coverage need more than k={k} real samples, got {r.shape[0]}")
     if f.shape[0] == 0:
         raise ValueError("density/coverage: no fake samples")
-    counts, hit = real_ball_hits(r, knn_radii(r, k, batch), f, batch)
+    counts, hit = real_ball_hits(r, knn_radii(r, k, batch) if real_radii is None else real_radii, f, batch)
     return {"density": density(counts, k), "coverage": coverage(hit)}
