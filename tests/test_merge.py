@@ -14,7 +14,7 @@ import distreward.merge.trainer as T
 from distreward.merge import (CheckpointSet, GaussianPolicy, MergeRL, normalise_rewards, policy_update, ppo_clip_loss,
                               project_sum_one, reinforce_loss, resolve, run_merge, shared_noise)
 from distreward.merge.inputs import make_ode_sampler, open_checkpoints
-from distreward.merge.trainer import baseline_weights, best_phema, initial_mean
+from distreward.merge.trainer import baseline_weights, best_baseline, initial_mean
 from distreward.metrics import GaussianStats, frechet_distance
 from distreward.models import build_network, load_generator, save_generator
 from distreward.reward import ReferenceSet
@@ -311,7 +311,8 @@ def test_phema_baselines_use_the_train_solve(tmp_path):
     # the best EMA length is chosen on the reward's features, never on the held-out network
     results = {"phema@0.07": {"fd_reward": 1.0, "fd_eval": 2.0}, "phema@0.12": {"fd_reward": 3.0, "fd_eval": 1.0}}
     np.testing.assert_array_equal(initial_mean("phema", cs, base, results), base["phema@0.07"])
-    assert best_phema(results) == "phema@0.07" and best_phema({"last": {"fd_reward": 0.0}}) is None
+    assert best_baseline(results, "phema@") == "phema@0.07"
+    assert best_baseline({"last": {"fd_reward": 0.0}}, "phema@") is None
     # merge.init best: the baseline with the lowest fd_reward (a held-out winner is not chosen)
     results = {k: {"fd_reward": r, "fd_eval": e, "w": base[k].tolist()}
                for k, r, e in (("last", 2.0, 0.5), ("uniform", 1.5, 3.0), ("phema@0.07", 1.0, 2.0))}

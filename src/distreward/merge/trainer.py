@@ -263,18 +263,11 @@ def baseline_weights(ckpts: CheckpointSet, cfg) -> dict[str, np.ndarray]:
 SELECT_BY = "fd_reward"
 
 
-def best_phema(results: dict[str, dict]) -> str | None:
-    """The post-hoc EMA baseline with the lowest SELECT_BY, None when there is none."""
-    ph = [k for k in results if k.startswith("phema@") and results[k].get(SELECT_BY) is not None]
-    return min(ph, key=lambda k: results[k][SELECT_BY]) if ph else None
-
-
-def best_baseline(results: dict[str, dict]) -> str:
-    """The baseline with the lowest SELECT_BY on the validation evaluation (the inputs alone, one@<i>, included)."""
-    scored = [k for k, r in results.items() if r.get(SELECT_BY) is not None]
-    if not scored:
-        raise ValueError(f"merge.init best: no baseline has {SELECT_BY}; use uniform, last or phema")
-    return min(scored, key=lambda k: results[k][SELECT_BY])
+def best_baseline(results: dict[str, dict], prefix: str = "") -> str | None:
+    """The baseline whose name starts with `prefix` ("phema@": the post-hoc EMA grid; "": every baseline, the
+    inputs alone included) with the lowest SELECT_BY on the validation evaluation; None when none is scored."""
+    scored = [k for k, r in results.items() if k.startswith(prefix) and r.get(SELECT_BY) is not None]
+    return min(scored, key=lambda k: results[k][SELECT_BY]) if scored else None
 
 
 def initial_mean(init, ckpts: CheckpointSet, baselines: dict[str, np.ndarray], results: dict[str, dict]) -> np.ndarray:
@@ -282,10 +275,13 @@ def initial_mean(init, ckpts: CheckpointSet, baselines: dict[str, np.ndarray], r
     baseline by SELECT_BY), uniform, last, or a list."""
     if isinstance(init, str):
         if init == "phema":
-            best = best_phema(results)
+            best = best_baseline(results, "phema@")
             return baselines[best].copy() if best else baselines["uniform"].copy()
         if init == "best":
-            return np.asarray(results[best_baseline(results)]["w"], np.float64)
+            best = best_baseline(results)
+            if best is None:
+                raise ValueError(f"merge.init best: no baseline has {SELECT_BY}; use uniform, last or phema")
+            return np.asarray(results[best]["w"], np.float64)
         if init in ("uniform", "last"):
             return baselines[init].copy()
         raise ValueError(f"merge.init must be phema, best, uniform, last or a list of {ckpts.k} numbers, got {init!r}")
@@ -387,7 +383,7 @@ def merge_run(cfg, run: RunDir, device: str, *, resume: bool, ckpts: CheckpointS
     results["init"] = {**(results[same[0]] if same else evaluate_weights(rl, init, evaluator, cfg, eval_cache)),
                        "w": init.tolist()}
     results["merged"] = {**evaluate_weights(rl, w, evaluator, cfg, eval_cache), "w": w.tolist()}
-    best_ema = best_phema(results)
+    best_ema = best_baseline(results, "phema@")
     sources = [str(p) for p in ckpts.paths]
     result = {"baselines": {k: v for k, v in results.items() if k not in ("merged", "init")}, "init": results["init"],
               "merged": results["merged"], "best_ema": best_ema, "searcher": searcher, "checkpoints": sources,
