@@ -7,9 +7,10 @@ precision/recall with the real side computed for every set (the one-call functio
 
 Features are Gaussian (the metrics' cost does not depend on their values): `--real` rows, `--dim` dimensions (the
 held-out Fashion-MNIST network's 128 by default), each generated size of `--fake`. Timed, median of --repeats sets:
-`per_subset` (KID computed subset by subset from three kernel matrices each, the estimator as written), `kid`
-(the one-call function), `kept` (a KIDReference scoring a new set after its first), and precision/recall with and
-without the kept real radii. Prints seconds, the speed-ups and the largest difference of the values.
+`kid` (the one-call function: the real side's subsets and k(x, x') terms computed again), `kept` (a KIDReference
+scoring a new set after its first), and precision/recall with and without the kept real radii. Prints seconds,
+the speed-ups and the largest difference of the values. (Before KIDReference, KID built three kernel matrices per
+subset: 3.8 s for 1,000 generated against 10,000 real rows at 128 dims, two BLAS threads.)
 """
 
 from __future__ import annotations
@@ -24,19 +25,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-
-def kid_per_subset(real: np.ndarray, fake: np.ndarray, num_subsets: int, size: int, seed: int) -> tuple[float, float]:
-    """KID subset by subset (three kernel matrices per subset), the same draws as distreward.metrics.kid."""
-    from distreward.metrics.kid import mmd2_unbiased, polynomial_kernel
-
-    m = min(len(real), len(fake), size)
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(num_subsets):
-        x, y = real[rng.choice(len(real), m, replace=False)], fake[rng.choice(len(fake), m, replace=False)]
-        values.append(mmd2_unbiased(polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)))
-    return float(np.mean(values)), float(np.std(values))
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -68,18 +56,17 @@ def main() -> None:
           f"load {os.getloadavg()[0]:.1f}, median of {args.repeats} sets")
     for n in args.fake:
         sets = iter([rng.standard_normal((n, args.dim)) + 0.05 * i for i in range(4 * args.repeats + 2)])
-        t_def, v_def = timed(lambda: kid_per_subset(real, next(sets), args.subsets, 1000, 0), args.repeats)
         t_kid, _ = timed(lambda: kid(real, next(sets), num_subsets=args.subsets), args.repeats)
         ref = KIDReference(real, args.subsets)
         fake = next(sets)
         t_first, v_ref = timed(lambda: ref(fake), 1)
         t_kept, _ = timed(lambda: ref(next(sets)), args.repeats)
-        diff = max(abs(a - b) for a, b in zip(v_ref, kid_per_subset(real, fake, args.subsets, 1000, 0)))
+        diff = max(abs(a - b) for a, b in zip(v_ref, kid(real, fake, num_subsets=args.subsets)))
         t_pr, _ = timed(lambda: precision_recall(real, next(sets), k=3), args.repeats)
         radii = knn_radii(real, 3)
         t_pr_kept, _ = timed(lambda: precision_recall(real, next(sets), k=3, real_radii=radii), args.repeats)
-        print(f"n = {n}: KID per subset {t_def:.2f} s, kid() {t_kid:.2f} s, kept reference {t_kept:.3f} s "
-              f"(first set {t_first:.2f} s): {t_def / t_kept:.0f}x; max |value difference| {diff:.1e}")
+        print(f"n = {n}: KID kid() {t_kid:.2f} s, kept reference {t_kept:.3f} s (first set {t_first:.2f} s): "
+              f"{t_kid / t_kept:.0f}x; max |value difference| {diff:.1e}")
         print(f"        precision/recall {t_pr:.2f} s, with kept real radii {t_pr_kept:.2f} s: {t_pr / t_pr_kept:.1f}x")
 
 
