@@ -69,10 +69,10 @@ def reward_real_stats(ctx: DemoContext, cfg) -> tuple | None:
     """(mu, Sigma) of the merge reward's network on Fashion-MNIST train, taken from the demo's Fashion-MNIST evaluator
     (the statistics the merge would compute itself, over the same 60,000 images); None for any other evaluator or a
     reward with its own statistics file."""
-    ev, name = ctx.evaluator, str(cfg.reward.features)
-    if getattr(ev, "split", None) != "train" or cfg.reward.get("real_stats") or name not in list(ev.labels):
+    ev = ctx.evaluator
+    if getattr(ev, "split", None) != "train" or cfg.reward.get("real_stats"):
         return None
-    st = ev.real_stats[list(ev.labels).index(name)]
+    _, st, _ = ev.network(str(cfg.reward.features))
     return None if st is None else (st.mu, st.sigma)
 
 

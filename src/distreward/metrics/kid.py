@@ -100,8 +100,4 @@ def kid(feat_a, feat_b, num_subsets: int = 100, max_subset_size: int = 1000, see
 
     Unscaled; report it x1e3 as is customary (the evaluator does). Can be slightly negative for equal distributions.
     """
-    a, b = as_f64_rows(feat_a), as_f64_rows(feat_b)
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"KID: features of different dimensions {a.shape[1]} and {b.shape[1]} (different feature networks?)")
-    subset_size(a.shape[0], b.shape[0], max_subset_size)
-    return KIDReference(a, num_subsets, max_subset_size, seed)(b)
+    return KIDReference(feat_a, num_subsets, max_subset_size, seed)(feat_b)
