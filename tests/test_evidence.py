@@ -184,6 +184,9 @@ def test_evaluator_keeps_the_real_side_between_sets(evaluator):
                         seed=evaluator.seed)
         assert (m["kid"], m["kid_std"]) == pytest.approx((mean * 1e3, std * 1e3), rel=1e-9, abs=1e-12)
         assert {k: m[k] for k in ("precision", "recall")} == precision_recall(real, feats[-1], k=evaluator.k)
+        assert {k: m[k] for k in ("density", "coverage")} == density_coverage(evaluator.real_rows(40), feats[-1], k=5)
+    assert evaluator.kid_reference() is evaluator.kid_reference()
+    assert evaluator.real_radii(evaluator.k) is evaluator.real_radii(evaluator.k)
 
 
 def test_evaluator_adds_density_and_coverage_only_with_real_features(evaluator):

@@ -195,7 +195,8 @@ class Evaluator:
             arrays = [torch.from_numpy(np.ascontiguousarray(a)) for a in (st.mu, st.sigma)]
             self.ref_stats_key[label] = _hash_tensors(arrays).hexdigest()
         self.real_sigma_half = [sqrtm_psd(st.sigma) if st is not None else None for st in self.real_stats]
-        self._real_memo: dict = {}                # see real_side
+        self._kid_reference: KIDReference | None = None     # see kid_reference / real_radii
+        self._real_radii: dict[tuple[int, int | None], np.ndarray] = {}
 
     @classmethod
     def for_fmnist(cls, device: str | torch.device = "cpu", split: str = "train", max_real: int = 10000,
@@ -296,30 +297,35 @@ class Evaluator:
         real = self.real_feats[-1]
         if real is not None:
             fake = feats[-1]
-            mean, std = self.real_side("kid")(fake)
+            mean, std = self.kid_reference()(fake)
             out["kid"], out["kid_std"] = mean * KID_SCALE, std * KID_SCALE
             if n > self.k and real.shape[0] > self.k:
-                out.update(precision_recall(real, fake, k=self.k, real_radii=self.real_side("radii", self.k)))
-            rows = sample_rows(real.shape[0], n, self.seed)     # as many real rows as fake ones (Naeem et al.)
-            real_dc = real if rows is None else real[rows]
+                out.update(precision_recall(real, fake, k=self.k, real_radii=self.real_radii(self.k)))
+            real_dc = self.real_rows(n)     # as many real rows as fake ones (Naeem et al.)
             if real_dc.shape[0] > DENSITY_COVERAGE_K:
                 out.update(density_coverage(real_dc, fake, k=DENSITY_COVERAGE_K,
-                                            real_radii=self.real_side("radii", DENSITY_COVERAGE_K, n)))
+                                            real_radii=self.real_radii(DENSITY_COVERAGE_K, n)))
         return out
 
-    def real_side(self, what: str, k: int = 0, n: int | None = None):
-        """What the metrics need of the held-out network's real features alone, computed once per evaluator:
-        "kid": the KIDReference; "radii": the k-NN radii of the real rows (`n`: of the seeded subset of n rows
-        density/coverage use)."""
-        key = (what, k, n)
-        if key not in self._real_memo:
-            real = self.real_feats[-1]
-            if what == "kid":
-                self._real_memo[key] = KIDReference(real, self.kid_subsets, self.kid_subset_size, self.seed)
-            else:
-                rows = None if n is None else sample_rows(real.shape[0], n, self.seed)
-                self._real_memo[key] = knn_radii(real if rows is None else real[rows], k)
-        return self._real_memo[key]
+    # ---- the real side of KID and the k-NN metrics, computed once per evaluator and kept between generated sets
+
+    def kid_reference(self) -> KIDReference:
+        """The held-out network's KID reference: its real subsets and their kernel terms."""
+        if self._kid_reference is None:
+            self._kid_reference = KIDReference(self.real_feats[-1], self.kid_subsets, self.kid_subset_size, self.seed)
+        return self._kid_reference
+
+    def real_rows(self, n: int | None = None) -> np.ndarray:
+        """The held-out network's real features, or the seeded subset of `n` of them (all when n >= their count)."""
+        real = self.real_feats[-1]
+        rows = None if n is None else sample_rows(real.shape[0], n, self.seed)
+        return real if rows is None else real[rows]
+
+    def real_radii(self, k: int, n: int | None = None) -> np.ndarray:
+        """The k-NN radii of `real_rows(n)`."""
+        if (k, n) not in self._real_radii:
+            self._real_radii[k, n] = knn_radii(self.real_rows(n), k)
+        return self._real_radii[k, n]
 
 
 def format_metrics(m: dict) -> str:
