@@ -12,6 +12,7 @@ import torch
 from _tiny import TinyFeatures
 from distreward.evaluation import (EvalPlan, Evaluator, converged_steps, evaluate_generator, evaluate_solvers,
                                    heun_for_nfe, nfe)
+from distreward.evaluation.protocol import Protocol, find_converged_steps
 from distreward.metrics import (GaussianStats, density_coverage, fd_bootstrap, fd_infinity_fit, frechet_distance,
                                 paired_difference, per_class_fd, per_class_stats)
 from distreward.metrics.evidence import bootstrap_counts, bootstrap_fds
@@ -267,6 +268,25 @@ def test_converged_steps_stops_when_doubling_no_longer_changes_fd(evaluator):
     assert trace[1]["nfe"] == 2
     none, short = converged_steps(net, evaluator, tiny_plan(), method="heun", start=1, max_steps=4, tol=0.0)
     assert none is None and [r["steps"] for r in short] == [1, 2, 4] and short[0]["fd_reward_err"] is None
+
+
+def test_protocol_keeps_validation_and_report_evaluations_apart(evaluator):
+    plan = tiny_plan(fd_infinity=True, per_class=True)
+    proto = Protocol.of({"validation_seed": 11, "report_seed": 22, "n": 300, "search_n": 120, "uncertainty": 7},
+                        plan.sampler, plan.n)
+    valid, report = proto.validation_plan(plan), proto.report_plan(plan, evaluator)
+    assert (valid.seed, valid.n, valid.uncertainty, valid.fd_infinity, valid.per_class) == (11, 120, 7, False, False)
+    assert (report.seed, report.n, report.uncertainty) == (22, 300, 7)
+    assert proto.validation_plan(plan, n=50).n == 50 and proto.validation_plan(plan, n=50).seed == 11
+    for p in (valid, report):                       # only what is evaluated changes, never how it is sampled
+        assert (p.sampler, p.batch_size, p.num_classes, p.image_shape) == \
+            (plan.sampler, plan.batch_size, plan.num_classes, plan.image_shape)
+    net = GaussianVelocity(M, S)
+    found = find_converged_steps(net, evaluator, plan, replace(proto, search_start=1, search_max=8))
+    direct = converged_steps(net, evaluator, valid, "heun", 1, 8)
+    assert found["searched"] and found["trace"] == direct[1]    # the search sees the validation seed only
+    assert find_converged_steps(net, evaluator, plan, replace(proto, converged_steps=5)) == \
+        {"steps": 5, "searched": False, "trace": []}
 
 
 # ------------------------------------------------------------------------------------------ two processes

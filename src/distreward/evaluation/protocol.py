@@ -61,6 +61,12 @@ class Protocol:
         per_class = any(c is not None for c in getattr(evaluator, "real_class_stats", None) or [])
         return replace(plan, n=self.n, seed=self.report_seed, uncertainty=self.uncertainty, per_class=per_class)
 
+    def validation_plan(self, plan: EvalPlan, n: int | None = None) -> EvalPlan:
+        """`plan` on the validation seed (what settings are chosen on): `n` samples (default search_n) with the
+        protocol's bootstrap resamples, FD on the finite set, no per-class figures."""
+        return replace(plan, n=int(n or self.search_n), seed=self.validation_seed, uncertainty=self.uncertainty,
+                       fd_infinity=False, per_class=False)
+
     def solvers(self, converged_steps: int) -> dict[str, SamplerSpec]:
         """The three solvers: served, Heun at `converged_steps`, Heun at the served NFE."""
         return {"served": self.served,
@@ -75,9 +81,7 @@ def find_converged_steps(net, evaluator, plan: EvalPlan, protocol: Protocol, *, 
     search_max (with converged False in the trace) when no doubling settled within it."""
     if protocol.converged_steps:
         return {"steps": int(protocol.converged_steps), "searched": False, "trace": []}
-    valid = replace(plan, n=protocol.search_n, seed=protocol.validation_seed, uncertainty=protocol.uncertainty,
-                    fd_infinity=False, per_class=False)
-    steps, trace = converged_steps(net, evaluator, valid, "heun", protocol.search_start, protocol.search_max,
+    steps, trace = converged_steps(net, evaluator, protocol.validation_plan(plan), "heun", protocol.search_start, protocol.search_max,
                                    arch=arch, device=device, progress=progress, cache=cache)
     return {"steps": int(steps) if steps is not None else int(protocol.search_max), "searched": True,
             "trace": trace}
