@@ -8,6 +8,13 @@ agreement: do the subset-replace rewards on the reward's feature network and on 
 samplers: FD / precision / recall of `--n` base samples (fixed seed, class-balanced) drawn by the inference ODE
     sampler and by the rollout samplers GRPO could use (Flow-GRPO SDE step, CPS; clean last step; T = 10 or 20):
     how far each rollout distribution is from what the ODE serves.
+snr: how much of one update's gradient is signal. Draws `--batches` independent batches of a trainer's
+    update (its preset's P x G samples, rewards against one fixed reference set of the base, advantages, the
+    trained steps or noise levels), takes each batch's on-policy gradient of the trainer's loss (GRPO: -A log p on
+    the trained SDE steps; `rl.algorithm=nft`: the forward-process loss) and compares the batches: with g_k = mu +
+    noise_k, the mean dot product of two batches estimates |mu|^2 and the mean squared norm |mu|^2 + tr(Sigma)/B,
+    so their ratio rho is the signal's share of the update and B (1 - rho) / rho the batch at which signal equals
+    noise. The same batches with the advantages permuted (the null control's rewards) give rho's noise floor.
 null: GRPO on the fmnist_grpo preset with the real rewards of every iteration permuted across the batch
     (`rl.null_control=permute`: the same scale and spread, no information about the samples): how far training on
     uninformative rewards moves the evaluation metrics in the same budget. `distreward study --controls` runs it
@@ -15,6 +22,7 @@ null: GRPO on the fmnist_grpo preset with the real rewards of every iteration pe
 
     .venv/bin/python benchmarks/rl_diagnostics.py agreement --threads 1
     .venv/bin/python benchmarks/rl_diagnostics.py samplers --n 2000 --threads 2
+    .venv/bin/python benchmarks/rl_diagnostics.py snr --config fmnist_grpo_fine --batches 6 --threads 1
     .venv/bin/python benchmarks/rl_diagnostics.py null --seed 0 --threads 1 [key=value ...]
 """
 
@@ -22,9 +30,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from distreward.utils.threads import set_threads
 
@@ -102,6 +113,130 @@ def samplers(args) -> dict:
     return out
 
 
+def _flat_grad(net) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
+                      for p in net.parameters() if p.requires_grad]).double()
+
+
+def grpo_gradient(net, model, ro, adv: torch.Tensor, steps: list[int], a: list[float], chunk: int) -> torch.Tensor:
+    """The on-policy gradient of GRPO's loss on one batch: mean over samples and trained steps of -A log p (the
+    PPO-clip loss at rho = 1; the KL term's gradient is 0 at the base)."""
+    from distreward.sampling import step_log_prob
+
+    net.zero_grad(set_to_none=True)
+    B = adv.shape[0]
+    for j in steps:
+        for i in range(0, B, chunk):
+            sl = slice(i, i + chunk)
+            log_prob, _, _ = step_log_prob(model, ro.xs[j, sl], ro.xs[j + 1, sl], ro.sigmas[j], ro.sigmas[j + 1],
+                                           a[j], ro.labels[sl])
+            (-(adv[sl] * log_prob).sum() / (B * len(steps))).backward()
+    return _flat_grad(net)
+
+
+def nft_gradient(net, model, x0, labels, w, sigma, eps, beta: float, chunk: int) -> torch.Tensor:
+    """The on-policy gradient of the forward-process loss on one batch (v_old = v_theta, so it is beta (2w - 1)
+    times each sample's flow-matching gradient), at the given noise levels (B, K) and noises."""
+    from distreward.rl.nft import nft_loss
+    from distreward.train.flow import flow_interpolate, flow_target
+
+    net.zero_grad(set_to_none=True)
+    B, K = sigma.shape
+    for k in range(K):
+        for i in range(0, B, chunk):
+            sl = slice(i, i + chunk)
+            xt, target = flow_interpolate(x0[sl], eps[sl, k], sigma[sl, k]), flow_target(x0[sl], eps[sl, k])
+            v = model(xt, sigma[sl, k], labels[sl])
+            (nft_loss(v, v.detach(), target, w[sl], beta).sum() / (B * K)).backward()
+    return _flat_grad(net)
+
+
+def signal_share(grads: list[torch.Tensor]) -> dict:
+    """rho = mean_{k<l} g_k . g_l / mean_k |g_k|^2 (unbiased for |mu|^2 / E|g|^2 over independent batches), with
+    the standard error of the pairs' mean dot product (pairs share batches: an underestimate, a guide)."""
+    G = torch.stack(grads)
+    gram = (G @ G.T).numpy()
+    K = len(grads)
+    dots = gram[np.triu_indices(K, 1)]
+    sq = float(np.mean(np.diag(gram)))
+    cos = dots / np.sqrt(np.outer(np.diag(gram), np.diag(gram))[np.triu_indices(K, 1)])
+    return {"rho": float(dots.mean() / sq), "rho_err": float(dots.std(ddof=1) / np.sqrt(dots.size) / sq),
+            "cos_pairs_mean": float(cos.mean()), "cos_pairs_min": float(cos.min()), "cos_pairs_max": float(cos.max()),
+            "grad_norm_mean": float(np.sqrt(sq))}
+
+
+def snr(args) -> dict:
+    from distreward.config import load_config
+    from distreward.evaluation import Evaluator
+    from distreward.rl import parallel
+    from distreward.rl.loopstate import Policy
+    from distreward.rl.losses import group_advantages, trained_steps
+    from distreward.rl.nft import ode_rollouts, optimality_weights
+    from distreward.rl.rollout import collect, draw_labels, rollout_noise_levels, start_noise
+    from distreward.rl.settings import nft_rollout_grid, resolve
+    from distreward.rl.setup import ReferenceSampler, build_reward_for_run
+    from distreward.sampling import sigma_schedule
+
+    cfg = resolve(load_config(args.config, [f"seed={args.seed}", *args.overrides]))
+    rl, nft = cfg.rl, cfg.get("nft")
+    algorithm = str(rl.get("algorithm", "grpo"))
+    P, G = int(rl.labels_per_iter), int(rl.group_size)
+    shape, num_classes = tuple(cfg.model.image_shape), int(cfg.model.num_classes)
+    pol = Policy.build(cfg, "cpu", None, args.seed)
+    net, model, gen = pol.net, pol.model, pol.generator
+    ev = Evaluator.for_fmnist()
+    run_dir = Path(args.run_dir or f"runs/snr_{cfg.name}_seed{args.seed}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    sampler = ReferenceSampler.of_run(cfg, int(cfg.reward.reference_size))
+    reward_cfg = {k: v for k, v in OmegaConf.to_container(cfg.reward, resolve=True).items()}
+    reward = build_reward_for_run(reward_cfg, sampler, net, run_dir, ev, model=model, decode=pol.decode, progress=True)
+    if algorithm == "grpo":
+        T = int(rl.steps)
+        sigmas, a = sigma_schedule(T, shift=float(rl.shift)), rollout_noise_levels(rl)
+    else:
+        method, steps = nft_rollout_grid(cfg)
+        sigmas = sigma_schedule(steps, shift=float(rl.shift))
+
+    real, null, rewards = [], [], []
+    for k in range(args.batches):
+        t0 = time.perf_counter()
+        labels, groups = draw_labels(P, G, num_classes, gen, balanced=rl.labels == "balanced", start=k * P,
+                                     seed=args.seed)
+        if algorithm == "grpo":
+            ro = collect(model, labels, groups, sigmas, a, shape, gen, "cpu", bool(rl.shared_noise))
+            images = pol.decode(ro.xs[-1])
+        else:
+            noise = start_noise(groups, shape, gen, shared=False)
+            x0 = ode_rollouts(model, noise, labels, sigmas, method, range(labels.shape[0]), "cpu", int(rl.batch_size))
+            images = pol.decode(x0)
+        r, _ = parallel.score(reward, images, labels, groups)      # against the fixed initial reference set
+        A, _ = group_advantages(r, groups, std=str(rl.adv_std), clip=float(rl.adv_clip))
+        A_null, _ = group_advantages(r[torch.randperm(r.numel(), generator=gen)], groups, std=str(rl.adv_std),
+                                     clip=float(rl.adv_clip))
+        if algorithm == "grpo":
+            steps = trained_steps(T, str(rl.train_steps.mode), fraction=float(rl.train_steps.fraction),
+                                  window=rl.train_steps.window, generator=gen, count=rl.train_steps.get("count"))
+            real.append(grpo_gradient(net, model, ro, A, steps, a, args.chunk))
+            null.append(grpo_gradient(net, model, ro, A_null, steps, a, args.chunk))
+        else:
+            K = int(nft.timesteps)
+            sigma = torch.rand((labels.shape[0], K), generator=gen)
+            eps = torch.randn((labels.shape[0], K, *shape), generator=gen)
+            real.append(nft_gradient(net, model, x0, labels, optimality_weights(A), sigma, eps, float(nft.beta),
+                                     args.chunk))
+            null.append(nft_gradient(net, model, x0, labels, optimality_weights(A_null), sigma, eps,
+                                     float(nft.beta), args.chunk))
+        rewards.append(r)
+        print(f"batch {k + 1}/{args.batches}: {time.perf_counter() - t0:.0f} s, r mean {float(r.mean()):.4g} "
+              f"std {float(r.std()):.3g}", flush=True)
+    B = P * G
+    out = {"config": cfg.name, "algorithm": algorithm, "samples_per_update": B, "batches": args.batches,
+           "seed": args.seed, "real": signal_share(real), "null": signal_share(null)}
+    rho = out["real"]["rho"]
+    out["batch_for_signal_equal_noise"] = float(B * (1 - rho) / rho) if rho > 0 else None
+    return out
+
+
 def null(args) -> dict:
     from distreward.config import load_config
     from distreward.rl import finetune
@@ -114,7 +249,10 @@ def null(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("check", choices=["agreement", "samplers", "null"])
+    p.add_argument("check", choices=["agreement", "samplers", "null", "snr"])
+    p.add_argument("--config", default="fmnist_grpo_fine", help="snr: the trainer's preset")
+    p.add_argument("--batches", type=int, default=6, help="snr: independent batches (one update's samples each)")
+    p.add_argument("--chunk", type=int, default=64, help="snr: samples per backward pass (memory)")
     p.add_argument("--n", type=int, default=2000, help="samplers: samples per sampler")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -123,10 +261,11 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--reference", type=int, default=1000)
     p.add_argument("--run-dir", default=None)
-    p.add_argument("overrides", nargs="*", help="agreement, null: key=value overrides of the fmnist_grpo preset")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the preset (agreement, null: fmnist_grpo; "
+                   "snr: --config)")
     args = p.parse_intermixed_args()
     set_threads(args.threads)
-    print(json.dumps({"agreement": agreement, "samplers": samplers, "null": null}[args.check](args), indent=1))
+    print(json.dumps({"agreement": agreement, "samplers": samplers, "null": null, "snr": snr}[args.check](args), indent=1))
 
 
 if __name__ == "__main__":
