@@ -177,6 +177,8 @@ def snr(args) -> dict:
     from distreward.rl.setup import ReferenceSampler, build_reward_for_run
     from distreward.sampling import sigma_schedule
 
+    if args.batches < 3:
+        raise SystemExit("snr: --batches must be at least 3 (the error of rho comes from the spread of the pairs)")
     cfg = resolve(load_config(args.config, [f"seed={args.seed}", *args.overrides]))
     rl, nft = cfg.rl, cfg.get("nft")
     algorithm = str(rl.get("algorithm", "grpo"))
@@ -188,8 +190,7 @@ def snr(args) -> dict:
     run_dir = Path(args.run_dir or f"runs/snr_{cfg.name}_seed{args.seed}")
     run_dir.mkdir(parents=True, exist_ok=True)
     sampler = ReferenceSampler.of_run(cfg, int(cfg.reward.reference_size))
-    reward_cfg = {k: v for k, v in OmegaConf.to_container(cfg.reward, resolve=True).items()}
-    reward = build_reward_for_run(reward_cfg, sampler, net, run_dir, ev, model=model, decode=pol.decode, progress=True)
+    reward = build_reward_for_run(OmegaConf.to_container(cfg.reward, resolve=True), sampler, net, run_dir, ev, model=model, decode=pol.decode, progress=True)
     if algorithm == "grpo":
         T = int(rl.steps)
         sigmas, a = sigma_schedule(T, shift=float(rl.shift)), rollout_noise_levels(rl)
@@ -197,7 +198,7 @@ def snr(args) -> dict:
         method, steps = nft_rollout_grid(cfg)
         sigmas = sigma_schedule(steps, shift=float(rl.shift))
 
-    real, null, rewards = [], [], []
+    real, null = [], []
     for k in range(args.batches):
         t0 = time.perf_counter()
         labels, groups = draw_labels(P, G, num_classes, gen, balanced=rl.labels == "balanced", start=k * P,
@@ -226,14 +227,14 @@ def snr(args) -> dict:
                                      args.chunk))
             null.append(nft_gradient(net, model, x0, labels, optimality_weights(A_null), sigma, eps,
                                      float(nft.beta), args.chunk))
-        rewards.append(r)
         print(f"batch {k + 1}/{args.batches}: {time.perf_counter() - t0:.0f} s, r mean {float(r.mean()):.4g} "
               f"std {float(r.std()):.3g}", flush=True)
     B = P * G
     out = {"config": cfg.name, "algorithm": algorithm, "samples_per_update": B, "batches": args.batches,
            "seed": args.seed, "real": signal_share(real), "null": signal_share(null)}
-    rho = out["real"]["rho"]
+    rho, high = out["real"]["rho"], out["real"]["rho"] + 2 * out["real"]["rho_err"]
     out["batch_for_signal_equal_noise"] = float(B * (1 - rho) / rho) if rho > 0 else None
+    out["batch_for_signal_equal_noise_at_least"] = float(B * (1 - high) / high) if 0 < high < 1 else None   # rho + 2 err
     return out
 
 
