@@ -190,7 +190,8 @@ def snr(args) -> dict:
     run_dir = Path(args.run_dir or f"runs/snr_{cfg.name}_seed{args.seed}")
     run_dir.mkdir(parents=True, exist_ok=True)
     sampler = ReferenceSampler.of_run(cfg, int(cfg.reward.reference_size))
-    reward = build_reward_for_run(OmegaConf.to_container(cfg.reward, resolve=True), sampler, net, run_dir, ev, model=model, decode=pol.decode, progress=True)
+    reward = build_reward_for_run(OmegaConf.to_container(cfg.reward, resolve=True), sampler, net, run_dir, ev,
+                                  model=model, decode=pol.decode, progress=True)
     if algorithm == "grpo":
         T = int(rl.steps)
         sigmas, a = sigma_schedule(T, shift=float(rl.shift)), rollout_noise_levels(rl)
@@ -232,9 +233,9 @@ def snr(args) -> dict:
     B = P * G
     out = {"config": cfg.name, "algorithm": algorithm, "samples_per_update": B, "batches": args.batches,
            "seed": args.seed, "real": signal_share(real), "null": signal_share(null)}
-    rho, high = out["real"]["rho"], out["real"]["rho"] + 2 * out["real"]["rho_err"]
+    rho, high = out["real"]["rho"], out["real"]["rho"] + 2 * out["real"]["rho_err"]     # high: rho + 2 errors
     out["batch_for_signal_equal_noise"] = float(B * (1 - rho) / rho) if rho > 0 else None
-    out["batch_for_signal_equal_noise_at_least"] = float(B * (1 - high) / high) if 0 < high < 1 else None   # rho + 2 err
+    out["batch_for_signal_equal_noise_at_least"] = float(B * (1 - high) / high) if 0 < high < 1 else None
     return out
 
 
@@ -266,7 +267,8 @@ def main() -> None:
                    "snr: --config)")
     args = p.parse_intermixed_args()
     set_threads(args.threads)
-    print(json.dumps({"agreement": agreement, "samplers": samplers, "null": null, "snr": snr}[args.check](args), indent=1))
+    checks = {"agreement": agreement, "samplers": samplers, "null": null, "snr": snr}
+    print(json.dumps(checks[args.check](args), indent=1))
 
 
 if __name__ == "__main__":

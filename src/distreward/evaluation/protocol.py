@@ -81,8 +81,8 @@ def find_converged_steps(net, evaluator, plan: EvalPlan, protocol: Protocol, *, 
     search_max (with converged False in the trace) when no doubling settled within it."""
     if protocol.converged_steps:
         return {"steps": int(protocol.converged_steps), "searched": False, "trace": []}
-    steps, trace = converged_steps(net, evaluator, protocol.validation_plan(plan), "heun", protocol.search_start, protocol.search_max,
-                                   arch=arch, device=device, progress=progress, cache=cache)
+    steps, trace = converged_steps(net, evaluator, protocol.validation_plan(plan), "heun", protocol.search_start,
+                                   protocol.search_max, arch=arch, device=device, progress=progress, cache=cache)
     return {"steps": int(steps) if steps is not None else int(protocol.search_max), "searched": True,
             "trace": trace}
 
