@@ -118,9 +118,11 @@ def _flat_grad(net) -> torch.Tensor:
                       for p in net.parameters() if p.requires_grad]).double()
 
 
-def grpo_gradient(net, model, ro, adv: torch.Tensor, steps: list[int], a: list[float], chunk: int) -> torch.Tensor:
-    """The on-policy gradient of GRPO's loss on one batch: mean over samples and trained steps of -A log p (the
-    PPO-clip loss at rho = 1; the KL term's gradient is 0 at the base)."""
+def grpo_gradient(net, model, ro, adv: torch.Tensor, steps: list[int], a: list[float], clip_eps: float,
+                  chunk: int) -> torch.Tensor:
+    """The on-policy gradient of GRPO's loss on one batch: the trainer's PPO-clip loss (at rho = 1: -A grad log p),
+    mean over samples and trained steps; the KL term's gradient is 0 at the base."""
+    from distreward.rl.losses import ppo_clip_loss
     from distreward.sampling import step_log_prob
 
     net.zero_grad(set_to_none=True)
@@ -130,7 +132,8 @@ def grpo_gradient(net, model, ro, adv: torch.Tensor, steps: list[int], a: list[f
             sl = slice(i, i + chunk)
             log_prob, _, _ = step_log_prob(model, ro.xs[j, sl], ro.xs[j + 1, sl], ro.sigmas[j], ro.sigmas[j + 1],
                                            a[j], ro.labels[sl])
-            (-(adv[sl] * log_prob).sum() / (B * len(steps))).backward()
+            loss, _ = ppo_clip_loss(adv[sl], log_prob, ro.log_probs[j, sl], clip_eps)
+            (loss.sum() / (B * len(steps))).backward()
     return _flat_grad(net)
 
 
@@ -156,10 +159,10 @@ def signal_share(grads: list[torch.Tensor]) -> dict:
     the standard error of the pairs' mean dot product (pairs share batches: an underestimate, a guide)."""
     G = torch.stack(grads)
     gram = (G @ G.T).numpy()
-    K = len(grads)
-    dots = gram[np.triu_indices(K, 1)]
-    sq = float(np.mean(np.diag(gram)))
-    cos = dots / np.sqrt(np.outer(np.diag(gram), np.diag(gram))[np.triu_indices(K, 1)])
+    i, j = np.triu_indices(len(grads), 1)
+    dots, norms = gram[i, j], np.sqrt(np.diag(gram))
+    sq = float(np.mean(norms ** 2))
+    cos = dots / (norms[i] * norms[j])
     return {"rho": float(dots.mean() / sq), "rho_err": float(dots.std(ddof=1) / np.sqrt(dots.size) / sq),
             "cos_pairs_mean": float(cos.mean()), "cos_pairs_min": float(cos.min()), "cos_pairs_max": float(cos.max()),
             "grad_norm_mean": float(np.sqrt(sq))}
@@ -199,6 +202,9 @@ def snr(args) -> dict:
         method, steps = nft_rollout_grid(cfg)
         sigmas = sigma_schedule(steps, shift=float(rl.shift))
 
+    def advantages(r, groups):
+        return group_advantages(r, groups, std=str(rl.adv_std), clip=float(rl.adv_clip))[0]
+
     real, null = [], []
     for k in range(args.batches):
         t0 = time.perf_counter()
@@ -212,14 +218,13 @@ def snr(args) -> dict:
             x0 = ode_rollouts(model, noise, labels, sigmas, method, range(labels.shape[0]), "cpu", int(rl.batch_size))
             images = pol.decode(x0)
         r, _ = parallel.score(reward, images, labels, groups)      # against the fixed initial reference set
-        A, _ = group_advantages(r, groups, std=str(rl.adv_std), clip=float(rl.adv_clip))
-        A_null, _ = group_advantages(r[torch.randperm(r.numel(), generator=gen)], groups, std=str(rl.adv_std),
-                                     clip=float(rl.adv_clip))
+        A = advantages(r, groups)
+        A_null = advantages(r[torch.randperm(r.numel(), generator=gen)], groups)    # the null control's rewards
         if algorithm == "grpo":
             steps = trained_steps(T, str(rl.train_steps.mode), fraction=float(rl.train_steps.fraction),
                                   window=rl.train_steps.window, generator=gen, count=rl.train_steps.get("count"))
-            real.append(grpo_gradient(net, model, ro, A, steps, a, args.chunk))
-            null.append(grpo_gradient(net, model, ro, A_null, steps, a, args.chunk))
+            real.append(grpo_gradient(net, model, ro, A, steps, a, float(rl.clip_eps), args.chunk))
+            null.append(grpo_gradient(net, model, ro, A_null, steps, a, float(rl.clip_eps), args.chunk))
         else:
             K = int(nft.timesteps)
             sigma = torch.rand((labels.shape[0], K), generator=gen)
