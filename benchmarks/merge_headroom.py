@@ -4,8 +4,8 @@
 noise level. Two richer spaces give each part of the sampler its own merged model:
 
 - switch: one model above the noise level `edge`, another below it (per-noise-level switching);
-- blocks: the input blocks (conv_in, the embeddings, enc.*), the middle blocks (mid.*) and the output blocks
-  (dec.*, norm_out, conv_out) of the network each taken from a different model (per-block coefficients).
+- blocks: the input, middle and output blocks of the network (`distreward.merge.blocks`) each taken from a
+  different model (the corners of per-block coefficients, `merge.space: blocks`).
 
 A searcher over such a space can only find what the space holds, so this check evaluates a grid of its corners:
 three anchor models (the first input, the last input and the uniform soup of `--checkpoints`; or three post-hoc EMA
@@ -33,22 +33,12 @@ import torch
 
 from distreward.utils.threads import set_threads
 
-# Tensor-name prefixes of the block groups of the embedded UNet (`distreward.models.unet`), in forward order.
-UNET_GROUPS = {"input": ("conv_in.", "map_sigma.", "map_label.", "enc."), "middle": ("mid.",),
-               "output": ("dec.", "norm_out.", "conv_out.")}
+def block_mix(state_dicts: dict[str, dict], assign: dict[str, str], groups: dict[str, int]) -> dict:
+    """A state dict whose tensors of each block group (`merge.blocks`) come from the anchor `assign[group]`."""
+    from distreward.merge.blocks import GROUPS
 
-
-def block_group(name: str) -> str:
-    for group, prefixes in UNET_GROUPS.items():
-        if name.startswith(prefixes):
-            return group
-    raise ValueError(f"tensor {name!r} is in no block group of {UNET_GROUPS}; this check knows the embedded UNet only")
-
-
-def block_mix(state_dicts: dict[str, dict], assign: dict[str, str]) -> dict:
-    """A state dict whose tensors of each block group come from the anchor `assign[group]`."""
     names = next(iter(state_dicts.values())).keys()
-    return {name: state_dicts[assign[block_group(name)]][name] for name in names}
+    return {name: state_dicts[assign[GROUPS[groups[name]]]][name] for name in names}
 
 
 class Switch(torch.nn.Module):
@@ -83,6 +73,7 @@ def anchors_of(args):
 
 def headroom(args) -> dict:
     from distreward.evaluation import Evaluator
+    from distreward.merge.blocks import GROUPS
     from distreward.metrics.evidence import fd_of, paired_difference
     from distreward.sampling import velocity_model, sigma_schedule
     from distreward.sampling.generate import generate, network_image_shape, shared_noise
@@ -92,6 +83,7 @@ def headroom(args) -> dict:
     evaluator = Evaluator.for_fmnist(per_class=False)
     sigmas = sigma_schedule(args.steps)
     sds = {name: ckpts.merge(w) for name, w in anchor_w.items()}
+    groups = ckpts.block_groups()
 
     def velocity(sd):
         net = ckpts.build_network().requires_grad_(False)
@@ -130,13 +122,13 @@ def headroom(args) -> dict:
     for edge in args.edges:
         for high, low in itertools.permutations(anchors, 2):
             variants[f"switch {high} > {edge:g} > {low}"] = Switch(anchors[high], anchors[low], edge)
-    for choice in itertools.product(ranked[:2], repeat=len(UNET_GROUPS)):
+    for choice in itertools.product(ranked[:2], repeat=len(GROUPS)):
         if len(set(choice)) > 1:
-            assign = dict(zip(UNET_GROUPS, choice))
+            assign = dict(zip(GROUPS, choice))
             variants["blocks " + "/".join(choice)] = (velocity, assign)
     results = {name: row(feats[name], feats[best]) for name in anchors}
     for name, v in variants.items():
-        model = velocity(block_mix(sds, v[1])) if isinstance(v, tuple) else v
+        model = velocity(block_mix(sds, v[1], groups)) if isinstance(v, tuple) else v
         feats[name] = features(model, args.seed)
         results[name] = row(feats[name], feats[best])
         report(name, results[name])
@@ -144,7 +136,7 @@ def headroom(args) -> dict:
     print(f"best variant on the validation seed {args.seed}: {chosen}; report seed {args.report_seed}:", flush=True)
     v = variants[chosen]
     fresh_best = features(anchors[best], args.report_seed)
-    fresh = features(velocity(block_mix(sds, v[1])) if isinstance(v, tuple) else v, args.report_seed)
+    fresh = features(velocity(block_mix(sds, v[1], groups)) if isinstance(v, tuple) else v, args.report_seed)
     confirm = {best: row(fresh_best), chosen: row(fresh, fresh_best)}
     for name, r in confirm.items():
         report(name, r)

@@ -1,6 +1,7 @@
 """RL over post-hoc merging coefficients (METHOD.md §5).
 
-- `CheckpointSet`: K .safetensors checkpoints merged as theta(w) = sum_k w_k theta_k, streamed tensor by tensor.
+- `CheckpointSet`: K .safetensors checkpoints merged as theta(w) = sum_k w_k theta_k, streamed tensor by tensor;
+  with per-block coefficients (`merge.space: blocks`) each block group of `blocks` has its own row of w.
 - `GaussianPolicy` + `policy_update`: the diagonal Gaussian policy over w, PPO-clip or REINFORCE with Adam.
 - `search`: the searchers behind one ask/tell interface (rl.algorithm: ppo, reinforce, cma, random; CMA-ES in
   `cmaes`, imported only when asked for); `soup`: the greedy soup baseline.
@@ -14,6 +15,7 @@
 """
 
 from ..sampling.generate import shared_noise
+from .blocks import GROUPS, block_groups
 from .inputs import merge_parts, open_checkpoints
 from .policy import GaussianPolicy, normalise_rewards, policy_update, ppo_clip_loss, project_sum_one, reinforce_loss
 from .search import SEARCHERS, PolicySearch, RandomSearch, make_searcher
@@ -21,8 +23,8 @@ from .soup import greedy_soup, soup_weights
 from .streaming import CheckpointSet, list_snapshots, weighted_sum
 from .trainer import DEFAULTS, MergeRL, resolve, run_merge
 
-__all__ = ["CheckpointSet", "GaussianPolicy", "MergeRL", "DEFAULTS", "PolicySearch", "RandomSearch",
-           "SEARCHERS", "greedy_soup", "list_snapshots", "make_searcher", "merge_parts", "normalise_rewards",
+__all__ = ["CheckpointSet", "GaussianPolicy", "GROUPS", "MergeRL", "DEFAULTS", "PolicySearch", "RandomSearch",
+           "SEARCHERS", "block_groups", "greedy_soup", "list_snapshots", "make_searcher", "merge_parts", "normalise_rewards",
            "open_checkpoints", "policy_update", "ppo_clip_loss", "project_sum_one", "reinforce_loss", "resolve",
            "run_merge", "shared_noise", "soup_weights", "weighted_sum"]
 

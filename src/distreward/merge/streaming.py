@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from ..models import GENERATOR_FIX, build_network, save_generator
 from ..utils.errors import reading
+from .blocks import GROUPS, block_groups
 
 
 @dataclass
@@ -42,6 +43,7 @@ class CheckpointSet:
     kwargs: dict = field(default_factory=dict)
     meta: list[dict] = field(default_factory=list)
     fixed: dict[str, torch.Tensor] = field(default_factory=dict)  # non-float tensors (equal in every input)
+    groups: dict[str, int] | None = None      # float tensor -> block group (merge.blocks), found on first use
 
     @property
     def k(self) -> int:
@@ -106,13 +108,23 @@ class CheckpointSet:
                 fixed[name] = first
         return fixed
 
+    def block_groups(self) -> dict[str, int]:
+        """{float tensor name: block group} of the inputs' network (`merge.blocks.block_groups`)."""
+        if self.groups is None:
+            names = [n for n, ti in self.tensors.items() if ti.dtype.is_floating_point]
+            self.groups = block_groups(names, self.arch, self.kwargs)
+        return self.groups
+
     def merge(self, weights, *, out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """theta(w) = sum_k w_k theta_k as a state dict (float tensors keep their dtype; non-float ones are copied).
+        `weights` (K,) merges every tensor alike; (len(GROUPS), K) gives each block group its own row
+        (`merge.blocks`: input, middle, output blocks).
 
         `out` (e.g. a network's own state_dict()) is written in place, so merging into a live network costs no
         second copy of the model.
         """
         w = check_weights(weights, self.k)
+        groups = self.block_groups() if w.ndim == 2 else None
         out = {} if out is None else out
         with contextlib.ExitStack() as stack:
             files = [stack.enter_context(safe_open(str(p), framework="pt")) for p in self.paths]
@@ -120,7 +132,8 @@ class CheckpointSet:
                 if not ti.dtype.is_floating_point:
                     value = self.fixed[name]
                 else:
-                    value = weighted_sum((f.get_tensor(name) for f in files), w).to(ti.dtype)
+                    row = w if groups is None else w[groups[name]]
+                    value = weighted_sum((f.get_tensor(name) for f in files), row).to(ti.dtype)
                 if name in out:
                     if out[name].shape != value.shape:
                         raise ValueError(f"tensor {name!r}: the target has shape {list(out[name].shape)}, the checkpoints {list(value.shape)}")
@@ -152,7 +165,7 @@ class CheckpointSet:
         if self.arch is None:
             raise ValueError(f"{self.paths[0]} has no 'arch' metadata: save the checkpoints with distreward.models.save_generator")
         sd = self.merge(weights)
-        info = {"merge_weights": [float(x) for x in check_weights(weights, self.k)], "merge_sources": [str(p) for p in self.paths]}
+        info = {"merge_weights": check_weights(weights, self.k).tolist(), "merge_sources": [str(p) for p in self.paths]}
         info.update(extra or {})
         return save_generator(path, None, self.arch, self.kwargs, extra=info, state_dict=sd)
 
@@ -169,9 +182,12 @@ def weighted_sum(tensors, weights: Sequence[float]) -> torch.Tensor:
 
 
 def check_weights(weights, k: int) -> np.ndarray:
-    w = np.asarray(weights.detach().cpu() if isinstance(weights, torch.Tensor) else weights, dtype=np.float64).reshape(-1)
-    if w.shape[0] != k:
-        raise ValueError(f"got {w.shape[0]} merging coefficients for {k} checkpoints; give one coefficient per checkpoint")
+    """The coefficients as float64: (K,), or (len(GROUPS), K) for per-block coefficients."""
+    w = np.asarray(weights.detach().cpu() if isinstance(weights, torch.Tensor) else weights, dtype=np.float64)
+    w = w if w.ndim == 2 else w.reshape(-1)
+    if w.shape[-1] != k or (w.ndim == 2 and w.shape[0] != len(GROUPS)):
+        raise ValueError(f"got merging coefficients of shape {list(w.shape)} for {k} checkpoints; give one coefficient "
+                         f"per checkpoint ({k},), or one row per block group ({len(GROUPS)}, {k}) for {', '.join(GROUPS)}")
     if not np.all(np.isfinite(w)):
         raise ValueError(f"merging coefficients must be finite, got {w.tolist()}")
     return w

@@ -44,6 +44,7 @@ from .inputs import has_phema, make_feature_fn, make_ode_sampler, open_checkpoin
 from .policy import GaussianPolicy, project_sum_one
 from .search import make_searcher
 from .soup import greedy_soup, soup_weights
+from .blocks import GROUPS
 from .streaming import CheckpointSet
 
 # Defaults under every preset (configs/fmnist_merge_*.yaml override them), derived from the merge schema
@@ -75,7 +76,8 @@ class MergeRL:
         self.sample_fn, self.feature_fn = sample_fn, feature_fn
         self.sample_key = sample_key     # the settings sample_fn was built from (None: the caller's own sampler)
         self.net = ckpts.build_network(device).requires_grad_(False)
-        self.searcher = make_searcher(cfg, init_mean)
+        self.rows = self.block_rows(cfg, ckpts)
+        self.searcher = make_searcher(cfg, np.tile(np.asarray(init_mean, np.float64).reshape(-1), self.rows))
         self.real_mu = np.asarray(real_mu, np.float64).reshape(-1)
         self.real_sigma = np.asarray(real_sigma, np.float64)
         self.real_sigma_half = sqrtm_psd(self.real_sigma)
@@ -83,8 +85,23 @@ class MergeRL:
         self.iteration = 0
         self.history: list[dict] = []
 
+    @staticmethod
+    def block_rows(cfg, ckpts: CheckpointSet) -> int:
+        """Rows of coefficients: 1 (merge.space global) or one per block group (blocks; the network's tensors are
+        checked to fall in the groups here, before any sampling)."""
+        space = str(cfg.merge.get("space", "global"))
+        if space == "global":
+            return 1
+        if space != "blocks":
+            raise ValueError(f"merge.space must be 'global' or 'blocks', got {space!r}")
+        ckpts.block_groups()
+        return len(GROUPS)
+
     def coefficients(self, w: torch.Tensor) -> torch.Tensor:
-        """The drawn w as merged: projected onto sum(w) = 1 under merge.constraint = sum1."""
+        """The drawn w as merged: (K,), or (len(GROUPS), K) rows of a flat per-block draw; each row projected onto
+        sum(w) = 1 under merge.constraint = sum1."""
+        if self.rows > 1:
+            w = w.reshape(self.rows, -1)
         c = self.cfg.merge.constraint
         if c == "sum1":
             return project_sum_one(w)
@@ -390,7 +407,9 @@ def merge_run(cfg, run: RunDir, device: str, *, resume: bool, ckpts: CheckpointS
               "history": rl.history, "model": str(run.root / "merged.safetensors")}
     if main:
         atomic_save_json(run.path("coefficients.json"), {"weights": w.tolist(), "searcher": searcher,
-                                                          "checkpoints": sources, "std": rl.searcher.std().tolist(),
+                                                          "space": str(cfg.merge.get("space", "global")),
+                                                          "checkpoints": sources,
+                                                          "std": rl.searcher.std().numpy().reshape(w.shape).tolist(),
                                                           "iterations": rl.iteration, "init": init.tolist()})
         ckpts.save(run.path("merged.safetensors"), w, extra={"merge_run": str(run.root), "iterations": rl.iteration,
                                                              "searcher": searcher})
@@ -496,10 +515,17 @@ def train(rl: MergeRL, run: RunDir, resume: bool, progress: bool) -> None:
     for _ in bar:
         record = rl.step()
         log.log(record)             # numbers only: the vector w goes in as w/<i>
-        log.scalars({str(i): wi for i, wi in enumerate(record["w"])}, rl.iteration, prefix="w/")
+        log.scalars(weight_scalars(record["w"]), rl.iteration, prefix="w/")
         bar.set_postfix(r=f"{record['r_mean']:.3g}", fd_ref=f"{record['fd_ref']:.3g}" if record["fd_ref"] is not None else "-")
         if main and (rl.iteration % every == 0 or rl.iteration == total):
             save_checkpoint(ckpt_path, rl.state_dict())
     bar.close()
     log.close()
 
+
+def weight_scalars(w) -> dict[str, float]:
+    """The merged coefficients as named scalars: w/<i>, or w/<group>/<i> for per-block rows."""
+    w = np.asarray(w, np.float64)
+    if w.ndim == 1:
+        return {str(i): float(x) for i, x in enumerate(w)}
+    return {f"{g}/{i}": float(x) for g, row in zip(GROUPS, w) for i, x in enumerate(row)}

@@ -379,6 +379,8 @@ class MergeInputs:
                                                  "uniform, the last input, or K numbers",
                                         choices=("phema", "best", "uniform", "last"))
     constraint: str = key("sum1", "candidates projected onto sum(w) = 1, or not", choices=("sum1", "none"))
+    space: str = key("global", "one coefficient per input for the whole network, or one per input and block group "
+                               "(input / middle / output blocks: merge.blocks)", choices=("global", "blocks"))
     format: Optional[str] = key(ABSENT, "input files: our .safetensors, or EDM2 pickles (converted once)",
                                 choices=("safetensors", "edm2-pkl"), absent="safetensors")
     random_checkpoints: Optional[int] = key(ABSENT, "dry runs: this many random generator files of model.arch / "
