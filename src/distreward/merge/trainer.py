@@ -40,11 +40,11 @@ from ..utils.rundir import (add_inputs, cache_valid, hash_inputs, input_files, o
                             save_cache_key, weight_files)
 from ..utils.progress import phase, progress as tqdm
 from ..utils.runlog import RunLog
+from .blocks import GROUPS
 from .inputs import has_phema, make_feature_fn, make_ode_sampler, open_checkpoints, phema_weights, real_statistics
 from .policy import GaussianPolicy, project_sum_one
 from .search import make_searcher
 from .soup import greedy_soup, soup_weights
-from .blocks import GROUPS
 from .streaming import CheckpointSet
 
 # Defaults under every preset (configs/fmnist_merge_*.yaml override them), derived from the merge schema
