@@ -121,3 +121,16 @@ def test_overrides_win_over_the_dry_run_block():
     assert cfg.rl.iterations == 3 and cfg.reward.reference_size == 20
     assert cfg.model.checkpoint is None and cfg.model.image_shape == [4, 8, 8] and cfg.device == "cpu"
     assert cfg.name == "sit_xl2_imagenet256_dry_run" and "dry_run" not in cfg
+
+
+def test_edm2_preset_dry_run_merge_with_per_block_coefficients(tmp_path, monkeypatch):
+    """The EDM2 network's tensors fall in the three block groups: a per-block merge runs on the preset's dry run."""
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["merge", "--config", "edm2_xs_img512", "--dry-run", "--no-progress", "merge.space=blocks"]) == 0
+    run = tmp_path / "runs" / "edm2_xs_img512_dry_run"
+    coef = json.loads((run / "coefficients.json").read_text())
+    w = np.array(coef["weights"])
+    assert coef["space"] == "blocks" and w.shape == (3, 3)
+    np.testing.assert_allclose(w.sum(1), 1.0, atol=1e-12)
+    merged = load_generator(run / "merged.safetensors")
+    assert np.array(merged.generator_meta["extra"]["merge_weights"]).shape == (3, 3)
