@@ -125,18 +125,20 @@ def headroom(args) -> dict:
     for choice in itertools.product(ranked[:2], repeat=len(GROUPS)):
         if len(set(choice)) > 1:
             assign = dict(zip(GROUPS, choice))
-            variants["blocks " + "/".join(choice)] = (velocity, assign)
+            variants["blocks " + "/".join(choice)] = assign
     results = {name: row(feats[name], feats[best]) for name in anchors}
+    def model_of(variant):
+        """A Switch as it is, a block assignment as the network of its mixed state dict."""
+        return velocity(block_mix(sds, variant, groups)) if isinstance(variant, dict) else variant
+
     for name, v in variants.items():
-        model = velocity(block_mix(sds, v[1], groups)) if isinstance(v, tuple) else v
-        feats[name] = features(model, args.seed)
+        feats[name] = features(model_of(v), args.seed)
         results[name] = row(feats[name], feats[best])
         report(name, results[name])
     chosen = min(variants, key=lambda v: results[v]["fd_reward"])
     print(f"best variant on the validation seed {args.seed}: {chosen}; report seed {args.report_seed}:", flush=True)
-    v = variants[chosen]
     fresh_best = features(anchors[best], args.report_seed)
-    fresh = features(velocity(block_mix(sds, v[1], groups)) if isinstance(v, tuple) else v, args.report_seed)
+    fresh = features(model_of(variants[chosen]), args.report_seed)
     confirm = {best: row(fresh_best), chosen: row(fresh, fresh_best)}
     for name, r in confirm.items():
         report(name, r)
