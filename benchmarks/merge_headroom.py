@@ -33,12 +33,13 @@ import torch
 
 from distreward.utils.threads import set_threads
 
-def block_mix(state_dicts: dict[str, dict], assign: dict[str, str], groups: dict[str, int]) -> dict:
-    """A state dict whose tensors of each block group (`merge.blocks`) come from the anchor `assign[group]`."""
+
+def block_weights(anchor_w: dict[str, np.ndarray], assign: dict[str, str]) -> np.ndarray:
+    """The (len(GROUPS), K) per-block coefficients (`merge.space: blocks`) whose block group g is the anchor
+    `assign[g]`: merged by `CheckpointSet.merge`, each group's tensors are that anchor's."""
     from distreward.merge.blocks import GROUPS
 
-    names = next(iter(state_dicts.values())).keys()
-    return {name: state_dicts[assign[GROUPS[groups[name]]]][name] for name in names}
+    return np.stack([anchor_w[assign[g]] for g in GROUPS])
 
 
 class Switch(torch.nn.Module):
@@ -82,15 +83,11 @@ def headroom(args) -> dict:
     ckpts, anchor_w = anchors_of(args)
     evaluator = Evaluator.for_fmnist(per_class=False)
     sigmas = sigma_schedule(args.steps)
-    sds = {name: ckpts.merge(w) for name, w in anchor_w.items()}
-    groups = ckpts.block_groups()
 
-    def velocity(sd):
-        net = ckpts.build_network().requires_grad_(False)
-        net.load_state_dict(sd, strict=True)
-        return velocity_model(net, ckpts.arch)
+    def velocity(w):
+        return velocity_model(ckpts.merge_into(ckpts.build_network().requires_grad_(False), w), ckpts.arch)
 
-    anchors = {name: velocity(sd) for name, sd in sds.items()}
+    anchors = {name: velocity(w) for name, w in anchor_w.items()}
     probe = ckpts.build_network()
     shape, num_classes = network_image_shape(probe), int(ckpts.kwargs.get("num_classes") or 0)
 
@@ -112,11 +109,12 @@ def headroom(args) -> dict:
         diffs = "  ".join(f"{k[:-5]} {r[k][0]:+.4f} ± {r[k][1]:.4f}" for k in r if k.endswith("_diff"))
         print(f"{name:34s} fd_reward {r['fd_reward']:.3f}  fd_eval {r['fd_eval']:.4f}  {diffs}", flush=True)
 
-    feats = {}
+    feats, alone = {}, {}
     for name, model in anchors.items():
         feats[name] = features(model, args.seed)
-        report(name, row(feats[name]))
-    ranked = sorted(anchors, key=lambda a: row(feats[a])["fd_reward"])
+        alone[name] = row(feats[name])
+        report(name, alone[name])
+    ranked = sorted(anchors, key=lambda a: alone[a]["fd_reward"])
     best = ranked[0]
     variants = {}
     for edge in args.edges:
@@ -127,9 +125,10 @@ def headroom(args) -> dict:
             assign = dict(zip(GROUPS, choice))
             variants["blocks " + "/".join(choice)] = assign
     results = {name: row(feats[name], feats[best]) for name in anchors}
+
     def model_of(variant):
-        """A Switch as it is, a block assignment as the network of its mixed state dict."""
-        return velocity(block_mix(sds, variant, groups)) if isinstance(variant, dict) else variant
+        """A Switch as it is, a block assignment as the network merged with its per-block coefficients."""
+        return velocity(block_weights(anchor_w, variant)) if isinstance(variant, dict) else variant
 
     for name, v in variants.items():
         feats[name] = features(model_of(v), args.seed)

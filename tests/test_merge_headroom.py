@@ -1,33 +1,38 @@
-"""The richer merging spaces of benchmarks/merge_headroom.py: block mixing and noise-level switching."""
+"""The richer merging spaces of benchmarks/merge_headroom.py: block assignments and noise-level switching."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from distreward.merge import block_groups
-from distreward.models import build_network
+from distreward.merge import CheckpointSet
+from distreward.models import build_network, save_generator
+from test_merge import TINY
 
 _spec = importlib.util.spec_from_file_location("merge_headroom",
                                                Path(__file__).parents[1] / "benchmarks" / "merge_headroom.py")
 headroom = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(headroom)
 
-KWARGS = {"img_resolution": 8, "img_channels": 1, "num_classes": 2, "model_channels": 4, "channel_mult": [1, 2],
-          "num_blocks": 1, "attn_resolutions": [4], "num_heads": 1}
-
-
-def test_block_mix_takes_each_group_from_its_anchor():
-    sds = {name: {k: torch.full_like(v, i, dtype=torch.float32) for k, v in
-                  build_network("unet", KWARGS).state_dict().items()} for i, name in enumerate(["a", "b", "c"])}
-    groups = block_groups(sds["a"], "unet")
-    mixed = headroom.block_mix(sds, {"input": "c", "middle": "a", "output": "b"}, groups)
+def test_block_weights_take_each_group_from_its_anchor(tmp_path):
+    paths = []
+    for i in range(3):      # anchor files whose every float tensor holds the anchor's index
+        net = build_network("unet", TINY)
+        with torch.no_grad():
+            for t in net.parameters():
+                t.fill_(float(i))
+        paths.append(save_generator(tmp_path / f"anchor{i}.safetensors", net, "unet", TINY))
+    cs = CheckpointSet.open(paths)
+    anchor_w = {name: np.eye(3)[i] for i, name in enumerate(["a", "b", "c"])}
+    w = headroom.block_weights(anchor_w, {"input": "c", "middle": "a", "output": "b"})
+    assert w.tolist() == [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+    mixed, groups = cs.merge(w), cs.block_groups()
     want = [2.0, 0.0, 1.0]
-    assert mixed.keys() == sds["a"].keys()
-    for name, t in mixed.items():
-        assert torch.all(t == want[groups[name]]), name
+    for name in groups:
+        assert torch.all(mixed[name] == want[groups[name]]), name
 
 
 def test_switch_uses_the_high_model_above_the_edge_per_sample():
