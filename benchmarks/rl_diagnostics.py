@@ -154,25 +154,12 @@ def nft_gradient(net, model, x0, labels, w, sigma, eps, beta: float, chunk: int)
     return _flat_grad(net)
 
 
-def signal_share(grads: list[torch.Tensor]) -> dict:
-    """rho = mean_{k<l} g_k . g_l / mean_k |g_k|^2 (unbiased for |mu|^2 / E|g|^2 over independent batches), with
-    the standard error of the pairs' mean dot product (pairs share batches: an underestimate, a guide)."""
-    G = torch.stack(grads)
-    gram = (G @ G.T).numpy()
-    i, j = np.triu_indices(len(grads), 1)
-    dots, norms = gram[i, j], np.sqrt(np.diag(gram))
-    sq = float(np.mean(norms ** 2))
-    cos = dots / (norms[i] * norms[j])
-    return {"rho": float(dots.mean() / sq), "rho_err": float(dots.std(ddof=1) / np.sqrt(dots.size) / sq),
-            "cos_pairs_mean": float(cos.mean()), "cos_pairs_min": float(cos.min()), "cos_pairs_max": float(cos.max()),
-            "grad_norm_mean": float(np.sqrt(sq))}
-
-
 def snr(args) -> dict:
     from distreward.config import load_config
     from distreward.evaluation import Evaluator
     from distreward.rl import parallel
     from distreward.rl.loopstate import Policy
+    from distreward.rl.diagnostics import signal_report
     from distreward.rl.losses import group_advantages, trained_steps
     from distreward.rl.nft import ode_rollouts, optimality_weights
     from distreward.rl.rollout import collect, draw_labels, rollout_noise_levels, start_noise
@@ -235,13 +222,8 @@ def snr(args) -> dict:
                                      float(nft.beta), args.chunk))
         print(f"batch {k + 1}/{args.batches}: {time.perf_counter() - t0:.0f} s, r mean {float(r.mean()):.4g} "
               f"std {float(r.std()):.3g}", flush=True)
-    B = P * G
-    out = {"config": cfg.name, "algorithm": algorithm, "samples_per_update": B, "batches": args.batches,
-           "seed": args.seed, "real": signal_share(real), "null": signal_share(null)}
-    rho, high = out["real"]["rho"], out["real"]["rho"] + 2 * out["real"]["rho_err"]     # high: rho + 2 errors
-    out["batch_for_signal_equal_noise"] = float(B * (1 - rho) / rho) if rho > 0 else None
-    out["batch_for_signal_equal_noise_at_least"] = float(B * (1 - high) / high) if 0 < high < 1 else None
-    return out
+    return {"config": cfg.name, "algorithm": algorithm, "samples_per_update": P * G, "batches": args.batches,
+            "seed": args.seed, **signal_report(real, null, P * G)}
 
 
 def null(args) -> dict:
