@@ -94,10 +94,6 @@ class RunDir:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    @classmethod
-    def from_name(cls, name: str, base: str | os.PathLike = "runs") -> "RunDir":
-        return cls(Path(base) / name)
-
     def path(self, *parts: str) -> Path:
         p = self.root.joinpath(*parts)
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -114,8 +110,3 @@ class RunDir:
         p = self.root / "samples"
         p.mkdir(parents=True, exist_ok=True)
         return p
-
-    def log_jsonl(self, record: dict, name: str = "metrics.jsonl") -> None:
-        with open(self.path(name), "a") as f:
-            f.write(json.dumps(record, default=json_default) + "\n")
-            f.flush()
