@@ -18,6 +18,7 @@ from distreward.metrics import (GaussianStats, density_coverage, fd_bootstrap, f
 from distreward.metrics.evidence import bootstrap_counts, bootstrap_fds
 from distreward.sampling.analytic import GaussianVelocity
 from distreward.sampling.generate import SamplerSpec
+from distreward.schema import ConfigError, defaults
 
 
 def gaussian(d: int, seed: int, scale: float = 1.0):
@@ -287,6 +288,22 @@ def test_protocol_keeps_validation_and_report_evaluations_apart(evaluator):
     assert found["searched"] and found["trace"] == direct[1]    # the search sees the validation seed only
     assert find_converged_steps(net, evaluator, plan, replace(proto, converged_steps=5)) == \
         {"steps": 5, "searched": False, "trace": []}
+
+
+def test_protocol_settings_come_from_the_schema():
+    """Keys left out take the Evidence schema's defaults; n falls back to the evaluation's own; a mistyped key or a
+    disallowed value is refused before any evaluation."""
+    served = SamplerSpec(kind="ode", steps=4, method="euler")
+    ev = defaults("finetune")["evidence"]
+    proto = Protocol.of({"report_seed": 9}, served, 123)
+    assert (proto.report_seed, proto.validation_seed, proto.search_n, proto.curve_nfe) == \
+        (9, ev["validation_seed"], ev["search_n"], tuple(ev["curve_nfe"]))
+    assert ev["n"] is None and proto.n == 123 and Protocol.of({"n": 40}, served, 123).n == 40
+    assert Protocol.of(None, served, 7) == Protocol.of({}, served, 7)
+    with pytest.raises(ConfigError, match="evidence.report_sed"):
+        Protocol.of({"report_sed": 9}, served, 7)
+    with pytest.raises(ConfigError, match="evidence.uncertainty"):
+        Protocol.of({"uncertainty": 1}, served, 7)
 
 
 # ------------------------------------------------------------------------------------------ two processes

@@ -17,7 +17,9 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from ..config import plain
 from ..sampling.generate import SamplerSpec
+from ..schema import validate
 from .cache import EvalCache, ImageFigures
 from .evaluator import evaluator_key
 from .generator import EvalPlan, converged_steps, evaluate_generator, evidence_metrics, heun_for_nfe, net_keys, nfe
@@ -32,28 +34,28 @@ ROW_KEYS = ("fd_reward", "fd_reward_err", "fd_eval", "fd_eval_err", "fd_reward_b
 
 @dataclass(frozen=True)
 class Protocol:
-    """The evidence settings of a config (the `evidence` section; schema Evidence)."""
+    """The evidence settings of a config (the `evidence` section; schema Evidence, where their defaults live)."""
     served: SamplerSpec
-    validation_seed: int = 777
-    report_seed: int = 4321
-    n: int = 2000
-    uncertainty: int = 50
-    converged_steps: int | None = None
-    search_n: int = 500
-    search_start: int = 8
-    search_max: int = 64
-    curve_n: int = 500
-    curve_nfe: tuple = (5, 10, 20, 40)
+    validation_seed: int
+    report_seed: int
+    n: int
+    uncertainty: int
+    converged_steps: int | None
+    search_n: int
+    search_start: int
+    search_max: int
+    curve_n: int
+    curve_nfe: tuple
 
     @classmethod
-    def of(cls, evidence: Mapping, served: SamplerSpec, n: int) -> "Protocol":
-        e = dict(evidence or {})
-        return cls(served=served, validation_seed=int(e.get("validation_seed", 777)),
-                   report_seed=int(e.get("report_seed", 4321)), n=int(e.get("n") or n),
-                   uncertainty=int(e.get("uncertainty", 50)), converged_steps=e.get("converged_steps"),
-                   search_n=int(e.get("search_n", 500)), search_start=int(e.get("search_start", 8)),
-                   search_max=int(e.get("search_max", 64)), curve_n=int(e.get("curve_n", 500)),
-                   curve_nfe=tuple(int(k) for k in e.get("curve_nfe", (5, 10, 20, 40))))
+    def of(cls, evidence: Mapping | None, served: SamplerSpec, n: int) -> "Protocol":
+        """The protocol of an `evidence` section (checked and completed by the schema); `n`: the evaluation's own
+        sample count, used when evidence.n is null."""
+        e = evidence_settings(evidence)
+        return cls(served=served, validation_seed=e["validation_seed"], report_seed=e["report_seed"],
+                   n=int(e["n"] or n), uncertainty=e["uncertainty"], converged_steps=e["converged_steps"],
+                   search_n=e["search_n"], search_start=e["search_start"], search_max=e["search_max"],
+                   curve_n=e["curve_n"], curve_nfe=tuple(e["curve_nfe"]))
 
     def report_plan(self, plan: EvalPlan, evaluator) -> EvalPlan:
         """`plan` on the report seed with the protocol's n and bootstrap resamples, and per-class FD when the
@@ -72,6 +74,12 @@ class Protocol:
         return {"served": self.served,
                 "converged": replace(self.served, kind="ode", method="heun", steps=int(converged_steps)),
                 "training_free": heun_for_nfe(nfe(self.served), self.served)}
+
+
+def evidence_settings(evidence: Mapping | None) -> dict:
+    """An `evidence` section (None, a partial mapping or a validated one) checked by the schema and completed with
+    its defaults, as plain values: unknown keys, wrong types and disallowed values raise a `ConfigError`."""
+    return plain(validate("finetune", {"evidence": plain(evidence or {})}).evidence)
 
 
 def find_converged_steps(net, evaluator, plan: EvalPlan, protocol: Protocol, *, arch: str = "unet", device="cpu",
