@@ -37,8 +37,9 @@ from _spawn import kill_when                                                    
 from distreward.rl.grpo import finetune                                                      # noqa: E402
 from distreward.train import train_base                                                      # noqa: E402
 from distreward.utils.checkpoint import CheckpointError, CheckpointWarning, load_checkpoint  # noqa: E402
-from distreward.utils.rundir import (PROVENANCE_FILE, ResumeWarning, RunDirError, RunLockedError,  # noqa: E402
-                                     prepare_run, read_provenance)
+from distreward.utils.lock import RunLockedError                                              # noqa: E402
+from distreward.utils.provenance import PROVENANCE_FILE, read_provenance                      # noqa: E402
+from distreward.utils.rundir import ResumeWarning, RunDirError, prepare_run                   # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -331,7 +332,8 @@ HOLD = textwrap.dedent("""
 """)
 TRY = textwrap.dedent("""
     import sys
-    from distreward.utils.rundir import RunLockedError, prepare_run
+    from distreward.utils.lock import RunLockedError
+    from distreward.utils.rundir import prepare_run
     try:
         prepare_run(sys.argv[1], {}, command="second", resume=True)
     except RunLockedError as e:

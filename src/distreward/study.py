@@ -37,7 +37,7 @@ from .rl import distill, finetune
 from .rl.settings import resolve, with_sample_reward
 from .utils.io import atomic_save_json, atomic_write_bytes
 from .utils.progress import phase
-from .utils.rundir import RunLock
+from .utils.lock import RunLock
 
 ARMS = ("grpo", "nft", "null", "distill", "sample")
 CONTROLS = ("null", "distill")

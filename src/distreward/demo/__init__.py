@@ -28,7 +28,10 @@ import json
 import time
 
 from ..config import find_file
-from ..utils.rundir import RunLock, append_provenance, hash_inputs, plain_config, provenance_entry
+from ..utils.configdiff import plain_config
+from ..utils.hashing import hash_inputs
+from ..utils.lock import RunLock
+from ..utils.provenance import append_provenance, provenance_entry
 from ..utils.threads import set_threads
 from .grpo import (base_key, classifier_logp, crosscheck_key, crosscheck_section, crosscheck_steps, evaluate_model,
                    grpo_key, stage_base, stage_crosscheck, stage_distribution, stage_sample)

@@ -3,7 +3,8 @@
 Base, the fine-tuned models and the merged models, on the report seed (fresh: used by no other stage), with the served
 sampler, a converged Heun solver (its step count searched on the base model with the validation seed, or the
 preset's), and the base with a training-free Heun solver at the served NFE; FD with bootstrap standard errors on both feature
-networks, against Fashion-MNIST train and test, per-class FD; and FD against NFE for Euler and Heun (the plot).
+networks, against Fashion-MNIST train and test, per-class FD; and, for Euler and Heun at several NFE, each model's
+FD minus the base's on the same noise and labels with its paired standard error (the plot: `paired_curve`).
 Its result gives metrics.json its `served`, `converged` and `training_free` entries.
 """
 
@@ -14,16 +15,20 @@ from pathlib import Path
 
 from ..build import eval_plan
 from ..evaluation import Evaluator
-from ..evaluation.protocol import (SOLVERS, Protocol, combined_figures, evaluate_models, fd_vs_nfe,
-                                   find_converged_steps, relative_gain, split_figures)
+from ..evaluation.generator import heun_for_nfe
+from ..evaluation.protocol import (SOLVERS, Protocol, combined_figures, evaluate_models, find_converged_steps,
+                                   paired_difference, relative_gain, split_figures)
 from ..models import load_generator
-from ..utils.rundir import hash_inputs, plain_config
+from ..utils.configdiff import plain_config
+from ..utils.hashing import hash_inputs
 from .grpo import classifier_figures, evaluation_key
 from .stages import DemoContext
 
 # The demo's models besides the base, in report order: (name, weight file under the run directory).
 MODEL_FILES = (("distribution", "distribution/model_ema.safetensors"), ("sample", "sample/model_ema.safetensors"),
                ("merge_ema", "merge_ema/merged.safetensors"), ("merge_rl", "merge_rl/merged.safetensors"))
+CURVE_MODELS = ("base", "distribution", "sample", "merge_ema")     # the FD-vs-NFE plot's models (if present)
+FD_KEYS = ("fd_reward", "fd_eval")
 
 
 def protocol(ctx: DemoContext) -> Protocol:
@@ -77,9 +82,10 @@ def stage_evidence(ctx: DemoContext) -> dict:
                                              figures=figures)["training_free"]
     curve = []
     if proto.curve_n:
-        curve_models = {k: v for k, v in models.items() if k in ("base", "distribution", "sample")}
-        curve = fd_vs_nfe(curve_models, ctx.evaluator, replace(base_plan, n=proto.curve_n, seed=proto.report_seed),
-                          proto.curve_nfe, device=ctx.cfg.device, progress=ctx.progress, cache=ctx.eval_cache)
+        curve_models = {k: v for k, v in models.items() if k in CURVE_MODELS}
+        curve_plan = replace(base_plan, n=proto.curve_n, seed=proto.report_seed, uncertainty=proto.uncertainty)
+        curve = paired_curve(evaluate_models(curve_models, ctx.evaluator, curve_plan, curve_solvers(proto),
+                                             device=ctx.cfg.device, progress=ctx.progress, cache=ctx.eval_cache))
     out = {"converged_search": search, "n": proto.n, "report_seed": proto.report_seed,
            "validation_seed": proto.validation_seed, "uncertainty": proto.uncertainty, "curve": curve,
            "curve_n": proto.curve_n, "err": "one bootstrap standard error"}
@@ -87,6 +93,43 @@ def stage_evidence(ctx: DemoContext) -> dict:
         out[sname] = {"method": spec.method, "steps": int(spec.steps), "nfe": next(iter(table[sname].values()))["nfe"],
                       "models": table[sname]}
     return out
+
+
+def curve_solvers(proto: Protocol) -> dict:
+    """The FD-vs-NFE plot's solvers: Euler with each NFE of evidence.curve_nfe steps, Heun with the most steps
+    within it."""
+    out = {}
+    for budget in proto.curve_nfe:
+        out[f"euler {budget}"] = replace(proto.served, kind="ode", method="euler", steps=int(budget))
+        out[f"heun {budget}"] = heun_for_nfe(int(budget), proto.served)
+    return out
+
+
+def paired_rows(rows: dict, base: str = "base", keys=FD_KEYS) -> dict:
+    """{model: row} of one solver with, per FD key, `<key>_diff` and `<key>_diff_err`: the model's FD minus the
+    base's on the same noise and labels, and its paired bootstrap standard error (None without replicates).
+    FD's small-sample bias (of order trace(Sigma)/n) is nearly the same for two models of one plan, so the
+    difference compares across sample sizes where FD itself does not."""
+    ref = rows.get(base)
+    out = {}
+    for m, r in rows.items():
+        r = {k: v for k, v in r.items() if not k.endswith("_boot")}
+        for key in keys:
+            d = paired_difference(rows[m], ref, key) if ref is not None else None
+            r[f"{key}_diff"], r[f"{key}_diff_err"] = (None, None) if d is None else d
+        out[m] = r
+    return out
+
+
+def paired_curve(table: dict, base: str = "base") -> list[dict]:
+    """The FD-vs-NFE plot's rows from `evaluate_models`' {solver: {model: row}}: {model, method, steps, nfe,
+    fd_reward, fd_eval, n, and each key's paired difference to the base with its standard error}."""
+    rows = []
+    for models in table.values():
+        for m, r in paired_rows(models, base).items():
+            rows.append({"model": m, **{k: r.get(k) for k in ("method", "steps", "nfe", "n")},
+                         **{k: r.get(k) for key in FD_KEYS for k in (key, f"{key}_err", f"{key}_diff", f"{key}_diff_err")}})
+    return rows
 
 
 def gains(result: dict, key: str = "fd_eval") -> dict[str, dict[str, tuple[float, float] | None]]:

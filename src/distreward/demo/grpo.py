@@ -18,7 +18,8 @@ from ..report import metrics_table, relative_change, save_image_grid
 from ..reward import ClassifierLogProbReward
 from ..rl import finetune
 from ..sampling.generate import balanced_labels, ode_images
-from ..utils.rundir import hash_inputs, plain_config
+from ..utils.configdiff import plain_config
+from ..utils.hashing import hash_inputs
 from .stages import DemoContext, metrics_only
 
 

@@ -1,6 +1,8 @@
 """The merging stages of the demo: `merge_ema` and `merge_rl` (RL over merging coefficients, docs/merge.md).
 
-- merge_ema: the base model's power-EMA snapshots; RL-merged vs the best post-hoc EMA length of the grid.
+- merge_ema: the base model's power-EMA snapshots; RL-merged vs the best post-hoc EMA length of the grid, with
+  per-block coefficients searched at the converged Heun solver from the best baseline (EMA_SEARCH): the setting
+  measured to beat the best post-hoc EMA, the last snapshot and the uniform soup (docs/merge.md).
 - merge_rl: the fine-tuning run's checkpoints plus the base; RL-merged vs its last checkpoint (its EMA weights),
   both sampled with the inference ODE sampler.
 Each stage's result (a row of the report's table: the merged model's metrics) carries `baseline`,
@@ -16,13 +18,23 @@ from typing import Callable
 from omegaconf import OmegaConf
 
 from ..config import find_file, load_config
+from ..evaluation.protocol import relative_gain
 from ..merge import resolve, run_merge
 from ..merge.inputs import distinct_inputs
-from ..utils.rundir import hash_inputs, plain_config
+from ..utils.configdiff import plain_config
+from ..utils.hashing import hash_inputs
+from .report import verdict
 from .stages import DemoContext, metrics_only
 
 EMA_PRESET = "fmnist_merge_ema"
 GRPO_PRESET = "fmnist_merge_grpo"
+# merge_ema's search, over the preset's demo section: one coefficient row per block group, started from the best
+# baseline, searched and selected at the converged solver (evidence.converged_steps Heun steps). The demo's budget
+# (4 x 4 x 100 images) with a smaller reference set, validation evaluation and EMA grid than the study's
+# (1,000 / 500 / three lengths), so that the stage costs about what the served-sampler search did in NFE x images.
+EMA_SEARCH = {"merge": {"space": "blocks", "init": "best"}, "sampler": {"method": "heun"},
+              "reward": {"reference_size": 500}, "eval": {"n": 250}, "baselines": {"ema_grid": [0.1, 0.15]}}
+CONVERGED_STEPS = 16     # the converged Heun solver when the fine-tuning preset leaves evidence.converged_steps to a search
 
 
 def merge_config(preset: str, ctx: DemoContext, overrides=()):
@@ -39,11 +51,22 @@ def merge_config(preset: str, ctx: DemoContext, overrides=()):
     return cfg
 
 
+def converged_steps(ctx: DemoContext) -> int:
+    """Heun steps of the demo's converged solver (the fine-tuning preset's evidence.converged_steps)."""
+    return int((ctx.cfg.get("evidence") or {}).get("converged_steps") or CONVERGED_STEPS)
+
+
+def merge_ema_config(ctx: DemoContext):
+    """The merge_ema stage's config: the EMA preset at the demo's settings, then EMA_SEARCH at the converged solver."""
+    search = OmegaConf.merge(OmegaConf.create(EMA_SEARCH), {"sampler": {"steps": converged_steps(ctx)}})
+    return resolve(OmegaConf.merge(merge_config(EMA_PRESET, ctx), search))
+
+
 def check_merge_configs(ctx: DemoContext) -> None:
     """The merge stages' configs (presets, demo blocks, the demo's evaluation settings), checked in full before any
     stage runs (`merge.resolve`: the merge schema)."""
-    for preset in (EMA_PRESET, GRPO_PRESET):
-        resolve(merge_config(preset, ctx))
+    merge_ema_config(ctx)
+    resolve(merge_config(GRPO_PRESET, ctx))
 
 
 def summary(res: dict, baseline: str) -> dict:
@@ -77,7 +100,7 @@ def reward_real_stats(ctx: DemoContext, cfg) -> tuple | None:
 
 
 def stage_merge_ema(ctx: DemoContext) -> dict:
-    cfg = merge_config(EMA_PRESET, ctx)
+    cfg = merge_ema_config(ctx)
     res = run_merge(cfg, ctx.stage_dir("merge_ema"), **ctx.trainer_args(), evaluator=ctx.evaluator,
                     progress=ctx.progress, eval_cache=ctx.eval_cache, real_stats=reward_real_stats(ctx, cfg))
     return summary(res, res["best_ema"] or "last")
@@ -89,7 +112,7 @@ def merge_key(cfg, inputs: list[Path], ctx: DemoContext) -> dict:
 
 
 def merge_ema_key(ctx: DemoContext) -> dict:
-    return merge_key(merge_config(EMA_PRESET, ctx), [snapshot_folder(ctx)], ctx)
+    return merge_key(merge_ema_config(ctx), [snapshot_folder(ctx)], ctx)
 
 
 def merge_rl_key(ctx: DemoContext) -> dict:
@@ -122,28 +145,66 @@ def stage_merge_rl(ctx: DemoContext) -> dict:
     return summary(res, "last")
 
 
-def section(title: str, what: str) -> Callable[[dict, DemoContext], str]:
-    """A merging stage's report section: every baseline's FD, the merged model's, the verdict, the coefficients."""
+def coefficients_text(w) -> str:
+    """The merged coefficients: one list per input, or one per block group ("group 0: ...; group 1: ...")."""
+    if w and isinstance(w[0], (list, tuple)):
+        return "; ".join(f"group {i}: " + ", ".join(f"{v:.3f}" for v in row) for i, row in enumerate(w))
+    return ", ".join(f"{v:.3f}" for v in w)
+
+
+def search_text(cfg) -> str:
+    """How a merging stage's config searches: the coefficient space, the starting point, the sampler, the images."""
+    space = ("one row of coefficients per block group" if cfg.merge.get("space") == "blocks"
+             else "one coefficient per input")
+    images = int(cfg.rl.iterations) * int(cfg.rl.candidates) * int(cfg.rl.samples)
+    return (f"Search: {space}, from `{cfg.merge.init}`, {images:,} generated images and a reference set of "
+            f"{int(cfg.reward.reference_size):,}, all sampled with {cfg.sampler.method} {int(cfg.sampler.steps)} "
+            f"steps, as are the baselines and the merged model below ({int(cfg.eval.n)} samples each).")
+
+
+def evidence_gain(name: str, ctx: DemoContext) -> str:
+    """What the evidence stage measured for the merged model against the base on the report seed (paired), at the
+    served and the converged solver; empty before the evidence stage has run."""
+    ev = ctx.results.get("evidence") or {}
+    parts = []
+    for sname in ("converged", "served"):
+        rows = (ev.get(sname) or {}).get("models", {})
+        if name in rows and "base" in rows:
+            r, b = rows[name], rows["base"]
+            parts.append(f"{ev[sname]['method']} {ev[sname]['steps']}: held-out {b['fd_eval']:.4f} -> "
+                         f"{r['fd_eval']:.4f}, {verdict(relative_gain(r, b, 'fd_eval'))}; reward features "
+                         f"{b['fd_reward']:.3f} -> {r['fd_reward']:.3f}, {verdict(relative_gain(r, b, 'fd_reward'))}")
+    if not parts:
+        return ""
+    return (f"On the report seed {ev['report_seed']} (n = {ev['n']}, paired with the base on the same noise): "
+            + "; ".join(parts) + ".")
+
+
+def section(name: str, title: str, what: str,
+            config: Callable[[DemoContext], object]) -> Callable[[dict, DemoContext], str]:
+    """A merging stage's report section: how it searched, every baseline's FD, the merged model's, the verdict, the
+    coefficients, and the evidence stage's figures for it."""
     def render(result: dict, ctx: DemoContext) -> str:
         b, m = result["baseline_fd_eval"], result["merged_fd_eval"]
-        verdict = "beats" if m < b else "does not beat"
-        lines = [f"## {title}", "", what, "",
-                 "| model | fd_eval (held out) | fd_reward |", "|---|---|---|"]
-        for name, v in result["all_baselines"].items():
-            lines.append(f"| {name} | {v.get('fd_eval', float('nan')):.4g} | {v.get('fd_reward', float('nan')):.4g} |")
+        word = "beats" if m < b else "does not beat"
+        lines = [f"## {title}", "", what + " " + search_text(config(ctx)), "",
+                 "| model (validation seed) | fd_eval (held out) | fd_reward |", "|---|---|---|"]
+        for bname, v in result["all_baselines"].items():
+            lines.append(f"| {bname} | {v.get('fd_eval', float('nan')):.4g} | {v.get('fd_reward', float('nan')):.4g} |")
         lines.append(f"| **RL-merged** | **{m:.4g}** | {result.get('fd_reward', float('nan')):.4g} |")
-        lines += ["", f"RL merging {verdict} the baseline `{result['baseline']}` on held-out FD "
+        lines += ["", f"RL merging {word} the baseline `{result['baseline']}` on held-out FD "
                       f"({m:.4g} vs {b:.4g}, {100 * (m - b) / b:+.1f}%). "
-                      f"Coefficients: {', '.join(f'{w:.3f}' for w in result['weights'])}."]
-        return "\n".join(lines)
+                      f"Coefficients: {coefficients_text(result['weights'])}."]
+        gain = evidence_gain(name, ctx)
+        return "\n".join(lines + (["", gain] if gain else []))
     return render
 
 
-merge_ema_section = section("RL merging of the base model's EMA snapshots (merge_ema)",
+merge_ema_section = section("merge_ema", "RL merging of the base model's EMA snapshots (merge_ema)",
                             "RL over the coefficients of the power-EMA snapshots vs the best post-hoc EMA length "
-                            "(grid, chosen by FD on the reward's features). Same ODE sampler; the validation seed "
-                            "(the evidence section reports the merged model on the report seed).")
-merge_rl_section = section("RL merging of the fine-tuning checkpoints plus the base (merge_rl)",
+                            "(grid, chosen by FD on the reward's features), on the validation seed (the evidence "
+                            "section reports the merged model on the report seed).", merge_ema_config)
+merge_rl_section = section("merge_rl", "RL merging of the fine-tuning checkpoints plus the base (merge_rl)",
                            "RL over the coefficients of base + fine-tuned weights vs the last checkpoint (its EMA), "
                            "all sampled with the deterministic inference ODE sampler on the validation seed (the "
-                           "evidence section reports the merged model on the report seed).")
+                           "evidence section reports the merged model on the report seed).", merge_rl_config)

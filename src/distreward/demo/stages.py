@@ -26,7 +26,8 @@ from ..evaluation import EvalCache, Evaluator, eval_cache_for
 from ..evaluation.evaluator import evaluator_key
 from ..rl.settings import resolve, with_sample_reward
 from ..utils.io import atomic_save_json
-from ..utils.rundir import changed_keys, file_sha256, plain_config
+from ..utils.configdiff import changed_keys, plain_config
+from ..utils.hashing import file_sha256
 
 DISTRIBUTION_PRESET = "fmnist_nft"     # the forward-process trainer (docs/rl.md "Choosing the demo's trainer")
 METRIC_KEYS = ("fd_reward", "fd_eval", "precision", "recall", "density", "coverage", "kid", "n")

@@ -1,7 +1,7 @@
 """The evaluation cache: the metrics of an evaluation, computed once and reused under the key of everything they
 depend on.
 
-    cache = EvalCache("runs/.cache/evals")
+    cache = EvalCache()                                         # <user cache folder>/evals
     m, grid = evaluate_generator(net, ev, plan, cache=cache)   # a miss: samples, scores, stores; a hit: reads back
 
 The key (`generator_key`, or `eval_key` for another sampling protocol such as the merge trainer's) holds: the
@@ -38,13 +38,14 @@ import torch
 
 from ..data import to_float_images, to_uint8_images
 from ..utils import dist as D
+from ..utils.cache import cache_root
 from ..utils.io import atomic_save_json, atomic_write_bytes
 from ..utils.progress import phase
-from ..utils.rundir import plain_config
+from ..utils.configdiff import plain_config
 from .evaluator import Evaluator, evaluator_key, network_hash
 
 FORMAT_VERSION = 1
-DEFAULT_EVAL_CACHE = "runs/.cache/evals"      # beside the evaluator's real-feature cache (runs/.cache)
+DEFAULT_EVAL_CACHE = "auto"      # <the user's cache folder>/evals, beside the evaluator's real-feature cache
 CODE_PARTS = ("data", "models", "sampling", "features", "metrics", "evaluation")   # what computes the numbers
 
 
@@ -152,7 +153,8 @@ class EvalCache:
     """A folder of evaluation results, one small JSON per key (plus a uint8 .npz of grid images)."""
 
     def __init__(self, folder=DEFAULT_EVAL_CACHE, verbose: bool = True):
-        self.folder, self.verbose = Path(folder), verbose
+        self.folder = cache_root() / "evals" if folder == DEFAULT_EVAL_CACHE else Path(folder)
+        self.verbose = verbose
         self.hits = self.misses = 0
 
     def __repr__(self) -> str:
@@ -199,7 +201,7 @@ class EvalCache:
 
 
 def default_eval_cache(evaluator) -> EvalCache | None:
-    """The cache beside an evaluator's real-feature cache (`<cache_dir>/evals`, runs/.cache/evals by default);
+    """The cache beside an evaluator's real-feature cache (`<cache_dir>/evals`, in the user's cache folder by default);
     None when the evaluator has no cache folder (e.g. cache_dir=None in tests)."""
     folder = getattr(evaluator, "cache_dir", None) if isinstance(evaluator, Evaluator) else None
     return None if folder is None else EvalCache(Path(folder) / "evals")

@@ -38,7 +38,8 @@ from ..train.phema import Snapshot, list_snapshots as list_phema, phema_coeffici
 from ..utils import dist as D
 from ..utils.errors import reading
 from ..utils.progress import phase
-from ..utils.rundir import cache_valid, file_sha256, save_cache_key
+from ..utils.cache import cache_valid, save_cache_key
+from ..utils.hashing import file_sha256
 from .streaming import CheckpointSet, folder_files, list_snapshots
 
 Sampler = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]

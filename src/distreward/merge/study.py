@@ -37,7 +37,8 @@ from ..report import mean_std, save_figure, seed_summary, with_error
 from ..sampling.generate import SamplerSpec
 from ..utils.io import atomic_save_json, atomic_write_bytes
 from ..utils.progress import phase
-from ..utils.rundir import RunLock, plain_config
+from ..utils.configdiff import plain_config
+from ..utils.lock import RunLock
 from .inputs import open_checkpoints
 from .search import SEARCHERS
 from .trainer import resolve, run_merge

@@ -36,8 +36,10 @@ from ..sampling.generate import shared_noise
 from ..utils import dist as D
 from ..utils.checkpoint import checkpoint_exists, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..utils.io import RunDir, atomic_save_json
-from ..utils.rundir import (add_inputs, cache_valid, hash_inputs, input_files, only_raise, plain_config, prepare_run,
-                            save_cache_key, weight_files)
+from ..utils.cache import cache_valid, save_cache_key
+from ..utils.configdiff import only_raise, plain_config
+from ..utils.hashing import hash_inputs, input_files, weight_files
+from ..utils.rundir import add_inputs, prepare_run
 from ..utils.progress import phase, progress as tqdm
 from ..utils.runlog import RunLog
 from .blocks import GROUPS

@@ -25,7 +25,9 @@ from ..sampling.steps import as_column
 from ..utils import dist as D
 from ..utils.io import RunDir, atomic_save_json
 from ..utils.progress import progress as tqdm
-from ..utils.rundir import add_inputs, input_files, only_raise, prepare_run, weight_files
+from ..utils.configdiff import only_raise
+from ..utils.hashing import input_files, weight_files
+from ..utils.rundir import add_inputs, prepare_run
 from ..utils.runlog import RunLog
 from .loopstate import EmaEvaluation, Policy, due, restore_checkpoint, run_evaluator, save_merge_input, save_state
 from .losses import trained_steps

@@ -25,22 +25,24 @@ from ..sampling import ode_sample, sigma_schedule
 from ..sampling.generate import balanced_labels
 from ..utils import dist as D
 from ..utils.io import atomic_write_bytes
-from ..utils.rundir import cache_valid, plain_config, save_cache_key
+from ..utils.cache import cache_valid, save_cache_key
+from ..utils.configdiff import plain_config
 from ..utils.progress import progress as tqdm
 from .parallel import rollout_rows
 from .rollout import reference_noise_levels
-from .settings import nft_rollout_grid
+from .settings import guidance_scale, nft_rollout_grid
 
 REFERENCE_CACHE = "base_reference_features.npy"
 
 
 def reward_state(reward) -> dict | None:
-    """The reward's resumable state (the reference set of a distribution-wise reward; None for sample-wise)."""
-    return reward.state_dict() if hasattr(reward, "state_dict") else None
+    """The reward's resumable state (the reference set of a distribution-wise reward; {} for sample-wise), None
+    for a run without a reward."""
+    return None if reward is None else reward.state_dict()
 
 
 def load_reward_state(reward, state: dict | None) -> None:
-    if state is not None and hasattr(reward, "load_state_dict"):
+    if state is not None:
         reward.load_state_dict(state)
 
 
@@ -68,9 +70,9 @@ class ReferenceSampler:
         rl, model = cfg.rl, cfg.model
         levels = reference_noise_levels(rl)
         steps, method = int(rl.steps), "euler"
-        if rl.get("algorithm", "grpo") == "nft":
+        if rl.algorithm == "nft":
             (method, steps), levels = nft_rollout_grid(cfg), 0.0
-        extra = {"cfg_scale": float(model.get("cfg_scale") or 1.0), "vae": plain_config({"v": model.get("vae")})["v"]}
+        extra = {"cfg_scale": guidance_scale(model), "vae": plain_config({"v": model.get("vae")})["v"]}
         return cls(n=int(n), seed=int(cfg.seed), steps=steps, shift=float(rl.shift),
                    noise_levels=tuple(levels) if isinstance(levels, list) else float(levels),
                    batch_size=int(rl.batch_size), image_shape=tuple(model.image_shape),
@@ -135,8 +137,8 @@ def build_reward_for_run(reward_cfg: dict, sampler: ReferenceSampler, net, run_d
     in the run directory. `model` is the base policy's velocity adapter, `decode` maps samples to images."""
     rcfg = {k: v for k, v in reward_cfg.items() if k != "reference_size"}
     device = sampler.device
-    name = rcfg.get("name", "distribution")
-    features_name = str(rcfg.get("features", "fmnist-reward"))
+    name = rcfg["name"]
+    features_name = str(rcfg["features"])
     feature_net, real_stats, real_feats = evaluator_network(evaluator, features_name)
     if rcfg.get("weights") is not None:
         feature_net = real_stats = real_feats = None    # another network than the evaluator's

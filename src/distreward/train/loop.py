@@ -27,7 +27,9 @@ from ..models import build_network, save_generator
 from ..schema import defaults, validate
 from ..utils.checkpoint import checkpoint_exists, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..utils.io import RunDir
-from ..utils.rundir import input_files, only_raise, prepare_run
+from ..utils.configdiff import only_raise
+from ..utils.hashing import input_files
+from ..utils.rundir import prepare_run
 from ..utils.progress import progress as tqdm
 from ..utils.runlog import RunLog
 from .ema import PowerEMA

@@ -2,9 +2,9 @@
 
 Loaders wrap their low-level read (safetensors, numpy, torch.load, the restricted unpickler, YAML, PIL, gzip) in
 `reading(path, what, fix)`: whatever that call raises about the file's content (empty, truncated, another format)
-becomes an `InputFileError` (a ValueError) with one line "<path>: <problem>; <fix>", raised `from None`.
-FileNotFoundError, InputFileError and errors whose message already names the file (the restricted unpickler's
-refusal `UnsafePickleError`, a loader's own ValueError) pass unchanged. The CLI turns these into `distreward CMD: error: ...` and exit code 2 (docs/DEVELOPING.md,
+becomes an `InputFileError` (an `InputError`) with one line "<path>: <problem>; <fix>", raised `from None`.
+FileNotFoundError, InputFileError and the restricted unpickler's refusal `UnsafePickleError` pass unchanged; a
+loader's own ValueError that names the file keeps its message as an InputFileError. The CLI turns these into `distreward CMD: error: ...` and exit code 2 (docs/DEVELOPING.md,
 "Errors and logs").
 """
 
@@ -16,10 +16,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["InputFileError", "reading", "describe"]
+__all__ = ["InputError", "InputFileError", "OptionError", "RunDirError", "reading", "describe"]
 
 
-class InputFileError(ValueError):
+class InputError(ValueError):
+    """Bad input, said in one line that names the problem and the fix. The CLI prints these (and `ConfigError`)
+    without a traceback; a bare ValueError or TypeError from deeper down is a bug and keeps its traceback."""
+
+
+class OptionError(InputError):
+    """A command-line value that cannot be used (a count below 1, a device this machine lacks)."""
+
+
+class RunDirError(InputError):
+    """A run directory refused (a previous run, a changed setting, a damaged record): one line, what to do."""
+
+
+class InputFileError(InputError):
     """An input file exists but cannot be used; the message names the file, the problem and the fix.
     `original` holds the low-level exception when there was one (shown by the CLI's --debug)."""
 
@@ -47,8 +60,12 @@ def reading(path: str | os.PathLike, what: str, fix: str) -> Iterator[None]:
     except (FileNotFoundError, InputFileError, MemoryError):
         raise
     except Exception as e:
-        if isinstance(e, (ValueError, pickle.UnpicklingError)) and str(path) in str(e):
-            raise                   # already one line about this file (e.g. a refused pickle global)
+        if isinstance(e, pickle.UnpicklingError) and str(path) in str(e):
+            raise                   # already one line about this file (a refused pickle global)
+        if isinstance(e, ValueError) and str(path) in str(e):
+            err = InputFileError(" ".join(str(e).split()))      # a loader's own line about this file
+            err.original = e
+            raise err from None
         p = Path(path)
         try:
             empty = p.is_file() and p.stat().st_size == 0
