@@ -67,9 +67,10 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
 
 
 def plot_fd_curves(curves: dict[str, list[dict]], path: str | os.PathLike, keys=("fd_reward", "fd_eval"),
-                   base: dict | None = None, reference: dict[str, list[dict]] | None = None) -> Path:
+                   base: dict | None = None, reference: dict[str, list[dict]] | None = None,
+                   xlabel: str = "GRPO iteration") -> Path:
     """FD over iterations, one panel per feature network, one line per run; `curves[run]` is a list of eval
-    records with 'iteration'. The base model's value is drawn as a dashed line. `reference[run]` (records with
+    records with 'iteration' (any numeric `keys` of them: one panel each). The base model's value is drawn as a dashed line. `reference[run]` (records with
     'iteration', 'fd_ref'), when given, adds a panel: the FD of the reward's reference set (the SDE rollouts)
     after every iteration."""
     import matplotlib
@@ -83,7 +84,7 @@ def plot_fd_curves(curves: dict[str, list[dict]], path: str | os.PathLike, keys=
         ax = axes[0][-1]
         for name, recs in reference.items():
             ax.plot([r["iteration"] for r in recs], [r["fd_ref"] for r in recs], label=name)
-        ax.set_xlabel("GRPO iteration")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("fd_ref")
         ax.set_title("FD of the reward's reference set (reward features)")
         ax.grid(alpha=0.3)
@@ -95,7 +96,7 @@ def plot_fd_curves(curves: dict[str, list[dict]], path: str | os.PathLike, keys=
                 ax.plot(*zip(*pts), marker="o", label=name)
         if base is not None and key in base:
             ax.axhline(base[key], color="gray", linestyle="--", label="base")
-        ax.set_xlabel("GRPO iteration")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(key)
         ax.set_title({"fd_reward": "FD, reward features", "fd_eval": "FD, held-out features"}.get(key, key))
         ax.grid(alpha=0.3)
@@ -123,10 +124,12 @@ def relative_change(new: float, old: float) -> float:
 
 
 def plot_fd_vs_nfe(rows: list[dict], path: str | os.PathLike, keys=("fd_reward", "fd_eval"),
-                   converged: dict[str, dict] | None = None) -> Path:
+                   converged: dict[str, dict] | None = None, diff: bool = False) -> Path:
     """FD against network calls per sample (NFE), one panel per feature network: a line per model and solver
     (Euler solid, Heun dashed); `converged` ({model: row with the key and nfe}) adds each model's converged-solver
-    point. Better model or better sampler: a model whose curve lies below the base's at every NFE is better."""
+    point. `diff`: plot `<key>_diff` ± `<key>_diff_err` (each model's FD minus the base's on the same noise, paired
+    error) with a zero line instead of FD itself. Better model or better sampler: a model below the base at every
+    NFE is a better model; one below it only at the served NFE is a better-fitted sampler."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,20 +139,26 @@ def plot_fd_vs_nfe(rows: list[dict], path: str | os.PathLike, keys=("fd_reward",
     models = list(dict.fromkeys(r["model"] for r in rows))
     colors = {m: f"C{i}" for i, m in enumerate(models + [m for m in (converged or {}) if m not in models])}
     for ax, key in zip(axes[0], keys):
+        y = f"{key}_diff" if diff else key
         for m in models:
             for method, style in (("euler", "-"), ("heun", "--")):
-                pts = sorted((r["nfe"], r[key]) for r in rows
-                             if r["model"] == m and r["method"] == method and r.get(key) is not None)
+                pts = sorted((r["nfe"], r[y], r.get(f"{y}_err") or 0) for r in rows
+                             if r["model"] == m and r["method"] == method and r.get(y) is not None)
                 if pts:
-                    ax.plot(*zip(*pts), style, marker="o", color=colors[m], label=f"{m} ({method})")
+                    x, v, e = zip(*pts)
+                    ax.errorbar(x, v, yerr=e if diff else None, fmt=style, marker="o", ms=4, capsize=2,
+                                color=colors[m], label=f"{m} ({method})")
         for m, r in (converged or {}).items():
-            if r.get(key) is not None and m in colors:
-                ax.errorbar([r["nfe"]], [r[key]], yerr=[r.get(f"{key}_err") or 0], fmt="*", ms=10, color=colors[m],
+            if r.get(y) is not None and m in colors:
+                ax.errorbar([r["nfe"]], [r[y]], yerr=[r.get(f"{y}_err") or 0], fmt="*", ms=10, color=colors[m],
                             label=f"{m} (converged)")
+        if diff:
+            ax.axhline(0.0, color="gray", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("network calls per sample (NFE)")
-        ax.set_ylabel(key)
-        ax.set_title({"fd_reward": "FD, reward features", "fd_eval": "FD, held-out features"}.get(key, key))
+        title = {"fd_reward": "reward features", "fd_eval": "held-out features"}.get(key, key)
+        ax.set_ylabel(f"{key}(model) - {key}(base), same noise" if diff else key)
+        ax.set_title(f"FD minus the base's FD, {title}" if diff else f"FD, {title}")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     return save_figure(fig, path)

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..evaluation.protocol import SOLVERS, relative_gain
 from ..report import metrics_table, plot_fd_curves, plot_fd_vs_nfe, with_error
 from ..utils.io import atomic_save_json, atomic_write_bytes
+from .evidence import paired_rows
 from .grpo import change_summary
 from .stages import METRIC_KEYS, DemoContext, Stage
 
@@ -149,14 +150,15 @@ def evidence_section(ctx: DemoContext, ev: dict) -> list[str]:
              f"± is one bootstrap standard error ({ev['uncertainty']} resamples of the generated samples). "
              f"Converged solver: Heun {search.get('steps')} steps, {how}.", "",
              *evidence_tables(ev), "", *evidence_findings(ev)]
-    if ev.get("curve"):
-        conv = ev.get("converged", {}).get("models", {})
-        plot_fd_vs_nfe(ev["curve"], ctx.run_dir / "fd_vs_nfe.png",
-                       converged={m: {**r} for m, r in conv.items()})
-        lines += [f"FD against NFE ({ev['curve_n']} samples per point; the stars: the converged solver at n = "
-                  f"{ev['n']}, so compare stars with stars and lines with lines): a model whose lines lie below the "
-                  "base's is a better model, one that only gains at the served NFE is a better-fitted sampler.", "",
-                  "![FD vs NFE](fd_vs_nfe.png)", ""]
+    if ev.get("curve") and any(r.get("fd_eval_diff") is not None for r in ev["curve"]):
+        conv = paired_rows(ev.get("converged", {}).get("models", {}))
+        plot_fd_vs_nfe(ev["curve"], ctx.run_dir / "fd_vs_nfe.png", converged=conv, diff=True)
+        lines += [f"FD minus the base's FD against NFE, Euler and Heun, each point on the same noise and labels as "
+                  f"the base's, ± one paired bootstrap standard error (lines: n = {ev['curve_n']} per point; stars: "
+                  f"the converged solver at n = {ev['n']}). FD itself is biased upwards by roughly trace(Sigma)/n, "
+                  "about equally for two models, so the difference compares lines with stars where FD does not. "
+                  "Below zero at every NFE: a better model; below zero only at the served NFE: a better-fitted "
+                  "sampler.", "", "![FD minus the base's FD vs NFE](fd_vs_nfe.png)", ""]
     return lines
 
 
