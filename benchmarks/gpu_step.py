@@ -93,10 +93,10 @@ def main(argv=None) -> int:
     from distreward.models.sit import SiT
     from distreward.models.vae import LatentCodec
     from distreward.reward import ReferenceSet
-    from distreward.rl.rollout import Rollouts, collect, draw_labels
+    from distreward.pg import group_advantages
+    from distreward.rl.grpo import grpo_update as update
+    from distreward.rl.rollout import Rollouts, collect, draw_labels, trained_steps
     from distreward.rl.settings import DEFAULTS
-    from distreward.rl.update import update
-    from distreward.rl.losses import group_advantages, trained_steps
     from distreward.build import RandomFeatures, random_autoencoder, randomise_zero_init
     from distreward.sampling import SiTVelocity, sigma_schedule
     from distreward.utils.threads import set_threads
@@ -156,8 +156,7 @@ def main(argv=None) -> int:
         with timer("reward"):
             r = ref.rewards(feats, groups=groups.numpy(), mode="fast", credit="sample")
             ref.push(feats)
-        ro.rewards = torch.from_numpy(r).float()
-        ro.adv, _ = group_advantages(ro.rewards, ro.groups)
+        ro.adv, _ = group_advantages(torch.from_numpy(r).float(), ro.groups)
         with timer("update"):
             steps = trained_steps(S["T"], "window", window=S["window"])
             update(net, model, ref_model, ema, optimizer, ro, steps, rl, gen)

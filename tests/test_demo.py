@@ -150,3 +150,23 @@ def test_merge_stages_take_the_reward_statistics_of_the_fmnist_evaluator(tiny_se
     assert mu is st.mu and sigma is st.sigma
     cfg.reward.real_stats = "my_stats.npz"                     # the reward's own statistics file wins
     assert reward_real_stats(ctx, cfg) is None
+
+
+def test_grpo_inputs_do_not_list_the_final_ema_twice(tmp_path):
+    """A real GRPO run's files: checkpoints/ema_00001, ema_00002 (the final EMA), model.safetensors,
+    model_ema.safetensors; the merge_rl stage lists the final EMA once, last."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file
+
+    from _unet32 import MeanPixelReward, grpo_cfg, tiny_unet
+    from distreward.demo.merge import grpo_inputs
+    from distreward.rl import finetune
+
+    d = tmp_path / "demo" / "distribution"
+    finetune(grpo_cfg(inner_epochs=1), d, net=tiny_unet(), reward=MeanPixelReward(), progress=False)
+    ck = d / "checkpoints"
+    final, ema = load_file(ck / "ema_00002.safetensors"), load_file(d / "model_ema.safetensors")
+    assert all(torch.equal(final[k], ema[k]) for k in ema)               # the duplicate the stage used to list
+    files = grpo_inputs(SimpleNamespace(run_dir=tmp_path / "demo"))
+    assert files == [ck / "ema_00001.safetensors", d / "model.safetensors", d / "model_ema.safetensors"]

@@ -15,8 +15,9 @@ from distreward.utils.threads import set_threads
 set_threads()   # $DISTREWARD_THREADS (1 in the project's test runs)
 
 from distreward.models import build_network, load_generator, read_generator_metadata, save_generator
-from distreward.rl.distill import (check_single_process, distill, distill_loss, substeps, target_velocity,
-                                   teacher_steps_of, teacher_trajectory)
+from distreward.rl import distill
+from distreward.rl.distill import distill_loss, substeps, target_velocity, teacher_steps_of, teacher_trajectory
+from distreward.rl.run import check_single_process
 from distreward.rl.settings import resolve
 from distreward.sampling import FlowVelocity, euler_step, ode_sample, sigma_schedule, sigma_vector
 from distreward.utils.checkpoint import load_checkpoint

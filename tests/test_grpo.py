@@ -16,9 +16,10 @@ from _tiny import TinyClassifier
 
 set_threads()   # $DISTREWARD_THREADS (1 in the project's test runs)
 
-from distreward.rl.losses import (approx_kl, clip_fractions, gaussian_kl, group_advantages,
-                                  ppo_clip_loss, trained_steps)
-from distreward.rl.update import ema_update
+from distreward.pg import approx_kl, clip_fractions, gaussian_kl, group_advantages, ppo_clip_loss
+from distreward.reward import Reward
+from distreward.rl.rollout import trained_steps
+from distreward.rl.step import ema_update
 from distreward.utils.checkpoint import from_storable, load_checkpoint, rng_state, save_checkpoint, set_rng_state, to_storable
 
 SHAPE = (1, 8, 8)
@@ -45,18 +46,20 @@ class TinyVelocityNet(nn.Module):
         return self.conv1(torch.tanh(h)) - x
 
 
-class BrightnessReward:
+class BrightnessReward(Reward):
     """Stand-in reward with state: r = -(mean pixel - target[label])^2 + a small bonus that depends on a running
-    mean of the pushed samples (so resuming must restore the state to give the same rewards)."""
+    mean of the pushed samples (so resuming must restore the state to give the same rewards). Its features are
+    the images."""
 
     name = "brightness"
+    keeps_state = True
 
     def __init__(self, num_classes: int = 3, fail_at_call: int | None = None):
         self.target = np.linspace(-0.5, 0.5, num_classes)
         self.running = np.zeros(1, dtype=np.float64)
         self.calls, self.fail_at_call = 0, fail_at_call
 
-    def __call__(self, images, labels, groups=None):
+    def score_features(self, images, labels, groups=None):
         self.calls += 1
         if self.fail_at_call is not None and self.calls == self.fail_at_call:
             raise KeyboardInterrupt("simulated kill")
@@ -64,7 +67,7 @@ class BrightnessReward:
         r = -(m - self.target[labels.numpy()]) ** 2 - 0.1 * np.abs(m - self.running[0])
         return torch.from_numpy(r).float()
 
-    def after_step(self, images, labels):
+    def push_features(self, images, labels=None):
         self.running = 0.5 * self.running + 0.5 * images.mean().double().numpy().reshape(1)
 
     def state_dict(self):
@@ -167,16 +170,20 @@ def test_trained_steps_never_include_the_last_step():
 def test_rollout_noise_levels_clean_last_step_and_window():
     from distreward.rl.rollout import rollout_noise_levels
 
-    rl = {"steps": 6, "noise_level": 0.3, "train_steps": {"mode": "window", "window": 3}}
-    assert rollout_noise_levels(rl) == [0.3] * 5 + [0.0]
-    assert rollout_noise_levels({**rl, "clean_last_step": False}) == [0.3] * 6
-    assert rollout_noise_levels({**rl, "noise_steps": "window"}) == [0.3] * 3 + [0.0] * 3
-    assert rollout_noise_levels({**rl, "noise_steps": "window",
-                                 "train_steps": {"mode": "window", "window": [1, 4]}}) == [0, 0.3, 0.3, 0.3, 0, 0]
-    with pytest.raises(ValueError, match="mode=window"):
-        rollout_noise_levels({**rl, "noise_steps": "window", "train_steps": {"mode": "fraction", "fraction": 0.5}})
+    from distreward.rl.settings import resolve
+
+    def levels(**rl):
+        base = {"steps": 6, "noise_level": 0.3, "train_steps": {"mode": "window", "window": 3}}
+        return rollout_noise_levels(resolve({"rl": {**base, **rl}, "reward": {"name": "classifier"}}).rl)
+
+    assert levels() == [0.3] * 5 + [0.0]
+    assert levels(clean_last_step=False) == [0.3] * 6
+    assert levels(noise_steps="window") == [0.3] * 3 + [0.0] * 3
+    assert levels(noise_steps="window", train_steps={"mode": "window", "window": [1, 4]}) == [0, 0.3, 0.3, 0.3, 0, 0]
+    with pytest.raises(ValueError, match="mode=window"):        # checked with the config, before any work
+        levels(noise_steps="window", train_steps={"mode": "fraction", "fraction": 0.5})
     with pytest.raises(ValueError, match="noise_steps"):
-        rollout_noise_levels({**rl, "noise_steps": "some"})
+        levels(noise_steps="some")
 
 
 def test_balanced_labels_cover_every_class_equally_and_need_no_state():
@@ -264,7 +271,7 @@ def test_first_update_is_on_policy_and_kl_starts_at_zero_with_gradient_after():
     from omegaconf import OmegaConf
 
     from distreward.rl.settings import DEFAULTS
-    from distreward.rl.update import step_terms, update
+    from distreward.rl.grpo import grpo_update, step_terms
     from distreward.sampling import FlowVelocity
 
     net = make_net()
@@ -283,14 +290,16 @@ def test_first_update_is_on_policy_and_kl_starts_at_zero_with_gradient_after():
     _, kl, _, _ = step_terms(model, ref_model, ro, 0, idx, 0.8, 0.2)
     kl.mean().backward()
     assert all(p.grad is None or float(p.grad.abs().max()) == 0.0 for p in net.parameters())
-    # one update (2 minibatches), then KL > 0 with a non-zero gradient
-    rl = OmegaConf.merge(OmegaConf.create(DEFAULTS["rl"]), {"noise_level": 0.8, "lr": 1e-2, "minibatches": 2})
+    # one optimizer step (one minibatch): its logged ratios are those of the policy that drew the rollouts
+    rl = OmegaConf.merge(OmegaConf.create(DEFAULTS["rl"]), {"noise_level": 0.8, "lr": 1e-2, "minibatches": 1})
     ema = make_net()
     opt = torch.optim.AdamW(net.parameters(), lr=rl.lr)
-    first = []
-    stats = update(net, model, ref_model, ema, opt, ro, [0, 1], rl, g, first_rho=first)
-    assert first and all(torch.allclose(r, torch.ones_like(r), atol=1e-5) for r in first)
-    assert stats["rho_mean/t0"] != 1.0          # the second minibatch saw a moved policy
+    stats = grpo_update(net, model, ref_model, ema, opt, ro, [0, 1], rl, g)
+    assert stats["rho_mean/t0"] == pytest.approx(1, abs=1e-5) and stats["rho_mean/t1"] == pytest.approx(1, abs=1e-5)
+    assert stats["kl_approx"] == pytest.approx(0, abs=1e-9) and stats["clip_hi"] == stats["clip_lo"] == 0
+    # then two minibatches: the second sees the moved policy, and KL > 0 with a non-zero gradient
+    stats = grpo_update(net, model, ref_model, ema, opt, ro, [0, 1], OmegaConf.merge(rl, {"minibatches": 2}), g)
+    assert abs(stats["rho_mean/t0"] - 1) > 1e-6 and stats["kl_approx"] > 0
     net.zero_grad()
     _, kl, _, _ = step_terms(model, ref_model, ro, 0, idx, 0.8, 0.2)
     assert float(kl.mean().detach()) > 0
@@ -302,7 +311,7 @@ def test_update_raises_the_log_prob_of_positive_advantage_samples():
     from omegaconf import OmegaConf
 
     from distreward.rl.settings import DEFAULTS
-    from distreward.rl.update import step_terms, update
+    from distreward.rl.grpo import grpo_update, step_terms
     from distreward.sampling import FlowVelocity
 
     net = make_net()
@@ -314,7 +323,7 @@ def test_update_raises_the_log_prob_of_positive_advantage_samples():
                          {"noise_level": 0.8, "lr": 3e-3, "minibatches": 1, "beta": 0.0, "clip_eps": 0.5})
     opt = torch.optim.AdamW(net.parameters(), lr=rl.lr)
     for _ in range(3):
-        update(net, model, ref_model, make_net(), opt, ro, [0, 1, 2], rl, g)
+        grpo_update(net, model, ref_model, make_net(), opt, ro, [0, 1, 2], rl, g)
     with torch.no_grad():
         log_rho = sum(step_terms(model, ref_model, ro, j, torch.arange(8), 0.8, 0.5)[3] for j in range(3))
     assert float(log_rho[ro.adv > 0].mean()) > float(log_rho[ro.adv < 0].mean())
@@ -323,7 +332,7 @@ def test_update_raises_the_log_prob_of_positive_advantage_samples():
 # --------------------------------------------------------------------------------------------- the loop
 
 def test_finetune_logs_checkpoints_and_evaluates(tmp_path):
-    from distreward.rl.grpo import finetune
+    from distreward.rl import finetune
 
     res = finetune(tiny_cfg(), tmp_path, net=make_net(), reward=BrightnessReward(), evaluator=StandInEvaluator(),
                    progress=False)
@@ -351,7 +360,7 @@ def test_finetune_logs_checkpoints_and_evaluates(tmp_path):
 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
-    from distreward.rl.grpo import finetune
+    from distreward.rl import finetune
 
     cfg = tiny_cfg(iterations=4)
     cfg["checkpoint"]["every"] = 2
@@ -374,12 +383,34 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_bad_config_is_named(tmp_path):
-    from distreward.rl.grpo import finetune
+    from distreward.rl import finetune
 
     with pytest.raises(ValueError, match="group_size"):
         finetune(tiny_cfg(group_size=1), tmp_path, net=make_net(), reward=BrightnessReward(), progress=False)
     with pytest.raises(ValueError, match="noise_level"):
         finetune(tiny_cfg(noise_level=0.0), tmp_path, net=make_net(), reward=BrightnessReward(), progress=False)
+
+
+def test_clipping_engages_with_several_inner_epochs_and_is_logged_per_iteration(tmp_path):
+    """A tiny UNet on 32x32 images (D = 1024), 3 inner epochs x 2 minibatches: with the default eps some ratios
+    leave the trust region in every iteration (clip_hi / clip_lo / clip_bind > 0 in metrics.jsonl); PPO's usual
+    0.2 never does. (lr 1e-3: with 45k parameters an Adam step moves |rho - 1| less than the Fashion-MNIST UNet's
+    at the preset's 1e-4; its |rho - 1| here stays below 1e-3, as there.)"""
+    from _unet32 import MeanPixelReward, grpo_cfg, tiny_unet
+    from distreward.rl import finetune
+
+    run = tmp_path / "run"
+    res = finetune(grpo_cfg(lr=1e-3), run, net=tiny_unet(), reward=MeanPixelReward(), progress=False)
+    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    its = [r for r in recs if "r_mean" in r]
+    assert [r["iteration"] for r in its] == [1, 2]
+    for r in its:
+        assert r["clip_hi"] + r["clip_lo"] > 0 and r["clip_bind"] > 0, r
+        assert r["clip_bind"] <= r["clip_hi"] + r["clip_lo"] + 1e-12 <= 1 + 1e-12
+    wide = finetune(grpo_cfg(lr=1e-3, clip_eps=0.2), tmp_path / "wide", net=tiny_unet(), reward=MeanPixelReward(),
+                    progress=False)
+    assert all(h["clip_hi"] == h["clip_lo"] == h["clip_bind"] == 0 for h in wide["history"])
+    assert res["history"][0]["kl_approx"] > 0
 
 
 # --------------------------------------------------------------------------------------------- end to end (slow)
@@ -395,7 +426,7 @@ def tiny_evaluator(shape=SHAPE, n: int = 300):
 
 @pytest.mark.slow
 def test_finetune_end_to_end_with_the_distribution_reward(tmp_path):
-    from distreward.rl.grpo import finetune
+    from distreward.rl import finetune
 
     cfg = tiny_cfg(iterations=3)
     cfg["reward"] = {"name": "distribution", "mode": "fast", "credit": "sample", "features": "fmnist-reward",
@@ -414,7 +445,7 @@ def test_finetune_end_to_end_with_the_distribution_reward(tmp_path):
 
 
 def test_group_credit_with_group_advantages_is_refused(tmp_path):
-    from distreward.rl.grpo import finetune
+    from distreward.rl import finetune
 
     cfg = tiny_cfg()
     cfg["reward"] = {"name": "distribution", "credit": "group"}
@@ -436,6 +467,7 @@ def test_ode_rows_are_the_euler_ode_of_the_policy():
 @pytest.mark.slow
 def test_ode_reference_set_holds_ode_samples_of_the_policy(tmp_path, monkeypatch):
     import distreward.rl.grpo as grpo
+    from distreward.rl import finetune
     from distreward.sampling.generate import balanced_labels
     from distreward.features import compute_features
     from distreward.sampling import FlowVelocity, ode_sample, sigma_schedule
@@ -454,7 +486,7 @@ def test_ode_reference_set_holds_ode_samples_of_the_policy(tmp_path, monkeypatch
                      "reference_size": 24}
     cfg["eval"]["every"] = 0
     ev = tiny_evaluator()
-    res = grpo.finetune(cfg, tmp_path, net=make_net(), evaluator=ev, progress=False)
+    res = finetune(cfg, tmp_path, net=make_net(), evaluator=ev, progress=False)
     # the initial rows: Euler-ODE samples of the base (one batch: the noise is the first draw of the seed)
     noise = torch.randn((24, *SHAPE), generator=torch.Generator().manual_seed(7919))
     with torch.no_grad():
@@ -470,7 +502,7 @@ def test_ode_reference_set_holds_ode_samples_of_the_policy(tmp_path, monkeypatch
 
 
 def test_bad_reference_sampler_is_named(tmp_path):
-    from distreward.rl.grpo import finetune
+    from distreward.rl import finetune
 
     with pytest.raises(ValueError, match=r"rl.reference: 'sde' is not allowed \(one of: rollout, ode"):
         finetune(tiny_cfg(reference="sde"), tmp_path, net=make_net(), reward=BrightnessReward(), progress=False)

@@ -116,7 +116,7 @@ def _worker(r: int, port: int, outdir: str) -> None:
     os.environ.update(RANK=str(r), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from distreward.rl.grpo import finetune
+    from distreward.rl import finetune
     from distreward.utils import dist as D
 
     from distreward.rl.parallel import group_rows
@@ -153,7 +153,7 @@ def two_ranks(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    from distreward.rl.grpo import finetune
+    from distreward.rl import finetune
 
     res = finetune(tiny_cfg(1, every=1), tmp_path_factory.mktemp("grpo_single"), net=make_net(), reward=make_reward(),
                    evaluator=make_evaluator(True), progress=False)
@@ -179,7 +179,7 @@ def test_reference_set_after_an_iteration_equals_the_single_process_one(two_rank
 def test_shared_group_noise_and_one_push_per_group_equal_one_process(two_ranks, tmp_path):
     """rl.shared_noise + rl.push=one_per_group across 2 ranks (uneven groups) equal one process: 3 rows per
     iteration enter the reference set, the same rows in the same places."""
-    from distreward.rl.grpo import finetune
+    from distreward.rl import finetune
 
     one = snapshot(finetune(tiny_cfg(2, every=2, **GROUPED), tmp_path, net=make_net(), reward=make_reward(),
                             evaluator=make_evaluator(False), progress=False))
@@ -193,7 +193,7 @@ def test_shared_group_noise_and_one_push_per_group_equal_one_process(two_ranks, 
 
 def test_ode_reference_pushes_equal_one_process(two_ranks, tmp_path):
     """rl.reference=ode across 2 ranks: every replica takes the same P x G ODE rows as one process."""
-    from distreward.rl.grpo import finetune
+    from distreward.rl import finetune
 
     one = snapshot(finetune(tiny_cfg(2, every=2, **ODE_REFERENCE), tmp_path, net=make_net(), reward=make_reward(),
                             evaluator=make_evaluator(False), progress=False))

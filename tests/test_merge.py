@@ -194,7 +194,7 @@ def test_ppo_equals_reinforce_on_policy():
     adv = normalise_rewards(torch.randn(16, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
     assert float(adv.mean()) == pytest.approx(0, abs=1e-12) and float(adv.std()) == pytest.approx(1, abs=1e-6)
     lp = policy.log_prob(w)
-    g_ppo = torch.autograd.grad(ppo_clip_loss(lp, lp.detach(), adv, 0.2), policy.mean, retain_graph=True)[0]
+    g_ppo = torch.autograd.grad(ppo_clip_loss(adv, lp, lp.detach(), 0.2)[0].mean(), policy.mean, retain_graph=True)[0]
     g_rf = torch.autograd.grad(reinforce_loss(lp, adv), policy.mean)[0]
     torch.testing.assert_close(g_ppo, g_rf)
 

@@ -18,7 +18,7 @@ from distreward.utils.threads import set_threads
 set_threads()   # $DISTREWARD_THREADS (1 in the project's test runs)
 
 from distreward.models import read_generator_metadata
-from distreward.rl.grpo import finetune
+from distreward.rl import finetune
 from distreward.rl.nft import implicit_velocities, nft_loss, optimality_weights
 from distreward.rl.settings import resolve
 from distreward.rl.setup import ReferenceSampler, reference_features

@@ -34,7 +34,7 @@ import test_merge as M             # noqa: E402
 import test_train_base as B        # noqa: E402
 from distreward.merge import CheckpointSet, run_merge                                        # noqa: E402
 from _spawn import kill_when                                                                  # noqa: E402
-from distreward.rl.grpo import finetune                                                      # noqa: E402
+from distreward.rl import finetune                                                           # noqa: E402
 from distreward.train import train_base                                                      # noqa: E402
 from distreward.utils.checkpoint import CheckpointError, CheckpointWarning, load_checkpoint  # noqa: E402
 from distreward.utils.lock import RunLockedError                                              # noqa: E402

@@ -72,23 +72,23 @@ def test_study_runs_every_arm_and_seed_and_summarizes(tiny):
 @pytest.mark.slow
 def test_null_control_permutes_the_real_rewards(tiny, monkeypatch):
     """rl.null_control=permute: the advantages see the same rewards (scale, spread), on other samples."""
-    from distreward.rl import grpo
+    from distreward.rl import context, finetune
 
     tmp_path, ev, overrides = tiny
     from distreward.config import load_config
 
     seen = {}
-    real_adv = grpo.group_advantages
+    real_adv = context.group_advantages
 
     def spy(r, groups, **kw):
         seen.setdefault(tag, []).append(r.clone())
         return real_adv(r, groups, **kw)
 
-    monkeypatch.setattr(grpo, "group_advantages", spy)
+    monkeypatch.setattr(context, "group_advantages", spy)
     for tag in ("real", "null"):
         cfg = load_config("fmnist_grpo", overrides + ["rl.iterations=1"]
                           + (["rl.null_control=permute"] if tag == "null" else []))
-        grpo.finetune(cfg, tmp_path / tag, evaluator=ev, progress=False)
+        finetune(cfg, tmp_path / tag, evaluator=ev, progress=False)
     real, null = seen["real"][0], seen["null"][0]
     assert torch.equal(real.sort().values, null.sort().values)     # the same rewards...
     assert not torch.equal(real, null)                              # ...given to other samples

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..pg import ppo_clip_loss
+
 
 class GaussianPolicy(nn.Module):
     """w ~ N(mean, diag(exp(log_std)^2)); `learn_std=False` keeps log_std fixed."""
@@ -66,12 +68,6 @@ def reinforce_loss(log_prob: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
     return -(adv * log_prob).mean()
 
 
-# PPO-clip: L = mean_i max(-A_i rho_i, -A_i clip(rho_i, 1 - eps, 1 + eps)), rho_i = pi(w_i) / pi_old(w_i).
-def ppo_clip_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, adv: torch.Tensor, clip: float) -> torch.Tensor:
-    ratio = (log_prob - old_log_prob).exp()
-    return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)).mean()
-
-
 def policy_update(policy: GaussianPolicy, optimizer: torch.optim.Optimizer, w: torch.Tensor, adv: torch.Tensor, *,
                   algorithm: str = "ppo", epochs: int = 4, clip: float = 0.2, entropy: float = 0.0) -> dict:
     """One policy-gradient update from P scored candidates; returns the logged quantities."""
@@ -83,7 +79,7 @@ def policy_update(policy: GaussianPolicy, optimizer: torch.optim.Optimizer, w: t
     stats = {}
     for _ in range(epochs):
         lp = policy.log_prob(w)
-        loss = ppo_clip_loss(lp, old_lp, adv, clip) if algorithm == "ppo" else reinforce_loss(lp, adv)
+        loss = ppo_clip_loss(adv, lp, old_lp, clip)[0].mean() if algorithm == "ppo" else reinforce_loss(lp, adv)
         if entropy:
             loss = loss - entropy * policy.log_std.sum()  # entropy of a diagonal Gaussian: sum log s + const
         optimizer.zero_grad(set_to_none=True)

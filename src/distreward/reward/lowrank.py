@@ -26,12 +26,6 @@ def replacement_coupling(k: int, n: int) -> np.ndarray:
     return (np.diag(e) - np.outer(e, e) / n) / (n - 1)
 
 
-def replacement_coupling_inv(k: int, n: int) -> np.ndarray:
-    """C^{-1} = (N - 1)(D + 1 1^T / N) (Sherman-Morrison with D^{-1} = D, D e = 1 and e^T D e = 0)."""
-    e = replacement_signs(k)
-    return (n - 1) * (np.diag(e) + np.ones((2 * k, 2 * k)) / n)
-
-
 def mean_shift(u: np.ndarray, n: int) -> np.ndarray:
     """dmu = U^T e / N for units u (G, 2k, d) -> (G, d)."""
     k = u.shape[1] // 2

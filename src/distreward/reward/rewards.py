@@ -23,15 +23,39 @@ from .reference import CREDITS, MODES, ReferenceSet
 
 
 class Reward:
-    """The interface: `reward(images, labels, groups=None) -> (B,)` float32 and `after_step(images, labels)`."""
+    """The interface of every reward, in three parts so that a caller can split the work (across ranks: features
+    computed locally, rows gathered, pushed alike everywhere):
+
+    - `features(images) -> f`: what the reward needs of each image (feature rows, logits, or the images);
+    - `score_features(f, labels, groups=None) -> (B,)` CPU float32 rewards, higher is better;
+    - `push_features(f, labels)`: the step's new rows enter the reward's state (sample-wise rewards keep none).
+
+    `keeps_state` says whether push_features changes anything (otherwise callers need not gather the rows);
+    `fd()` is the reference set's FD for logging (None without one). `reward(images, labels, groups)` and
+    `after_step(images, labels)` are the same built from the parts."""
 
     name = "reward"
+    keeps_state = False
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor | None, groups=None) -> torch.Tensor:
+    def features(self, images: torch.Tensor):
+        """The images themselves (a reward that needs no network)."""
+        return images
+
+    def score_features(self, features, labels: torch.Tensor | None, groups=None) -> torch.Tensor:
         raise NotImplementedError
 
+    def push_features(self, features, labels: torch.Tensor | None = None) -> None:
+        """Sample-wise rewards have nothing to update."""
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor | None, groups=None) -> torch.Tensor:
+        return self.score_features(self.features(images), labels, groups)
+
     def after_step(self, images: torch.Tensor, labels: torch.Tensor | None) -> None:
-        """Called once per RL step with that step's samples; sample-wise rewards have nothing to update."""
+        """Called once per RL step with that step's samples."""
+        self.push_features(self.features(images), labels)
+
+    def fd(self) -> float | None:
+        return None
 
     def state_dict(self) -> dict:
         return {}
@@ -43,6 +67,10 @@ class Reward:
 def _net_device(net: torch.nn.Module) -> torch.device:
     p = next(iter(net.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def _numpy(x) -> np.ndarray | None:
+    return None if x is None else np.asarray(x.cpu() if torch.is_tensor(x) else x)
 
 
 def _check_batch(images: torch.Tensor) -> None:
@@ -85,10 +113,11 @@ class DistributionReward(Reward):
 
     mode: "fast" (exact, default) | "exact" (brute force) | "linear"; credit: "sample" | "group" (docs/reward.md).
     `scale` multiplies the rewards (e.g. N, to make them of the order of the FD itself); it does not change ranks.
-    `after_step` pushes the step's features into the reference set (the oldest rows go).
+    `push_features` puts the step's features into the reference set (the oldest rows go).
     """
 
     name = "distribution"
+    keeps_state = True
 
     def __init__(self, feature_net: torch.nn.Module, reference_set: ReferenceSet, *, mode: str = "fast",
                  credit: str = "sample", scale: float = 1.0, batch_size: int = 500):
@@ -98,20 +127,20 @@ class DistributionReward(Reward):
                              f"{reference_set.dim}-d: build both with the same network")
         self.net, self.ref = feature_net, reference_set
         self.mode, self.credit, self.scale, self.batch_size = mode, credit, float(scale), int(batch_size)
-        self.features = ScoredBatchFeatures(feature_net, self.batch_size)
+        self.scored = ScoredBatchFeatures(feature_net, self.batch_size)
 
-    def __call__(self, images, labels=None, groups=None) -> torch.Tensor:
-        r = self.ref.rewards(self.features(images), groups=groups, mode=self.mode, credit=self.credit)
-        return torch.from_numpy(r * self.scale).float()
+    def features(self, images) -> np.ndarray:
+        return self.scored(images)
 
-    def push_features(self, features: np.ndarray) -> None:
+    def score_features(self, features, labels=None, groups=None) -> torch.Tensor:
+        r = self.ref.rewards(features, groups=_numpy(groups), mode=self.mode, credit=self.credit)
+        return torch.from_numpy(np.asarray(r) * self.scale).float()
+
+    def push_features(self, features: np.ndarray, labels=None) -> None:
         """Push (B, d) feature rows into the reference set (the oldest rows go) and forget the cached features of
-        the last scored batch. For callers that hold the features already (e.g. gathered over ranks)."""
+        the last scored batch."""
         self.ref.push(features)
-        self.features.forget()
-
-    def after_step(self, images, labels=None) -> None:
-        self.push_features(self.features(images))
+        self.scored.forget()
 
     def fd(self) -> float:
         return self.ref.fd()
@@ -130,6 +159,7 @@ class ClassDistributionReward(Reward):
     that class's new rows. `fd()` is the mean of the classes' FDs."""
 
     name = "distribution"
+    keeps_state = True
 
     def __init__(self, feature_net: torch.nn.Module, sets: Mapping[int, ReferenceSet], *, mode: str = "fast",
                  credit: str = "sample", scale: float = 1.0, batch_size: int = 500):
@@ -138,31 +168,32 @@ class ClassDistributionReward(Reward):
             raise ValueError("a per-class distribution reward needs at least one class's reference set")
         self.net, self.sets = feature_net, {int(c): s for c, s in sets.items()}
         self.mode, self.credit, self.scale, self.batch_size = mode, credit, float(scale), int(batch_size)
-        self.features = ScoredBatchFeatures(feature_net, self.batch_size)
+        self.scored = ScoredBatchFeatures(feature_net, self.batch_size)
 
     def _by_class(self, labels) -> dict[int, np.ndarray]:
         if labels is None:
             raise ValueError("the per-class distribution reward needs the samples' class labels")
-        lab = np.asarray(labels.cpu() if torch.is_tensor(labels) else labels).astype(np.int64)
+        lab = _numpy(labels).astype(np.int64)
         missing = sorted(set(lab.tolist()) - set(self.sets))
         if missing:
             raise ValueError(f"no reference set for class(es) {missing}: the real data has no statistics for them")
         return {c: np.flatnonzero(lab == c) for c in np.unique(lab).tolist()}
 
-    def __call__(self, images, labels=None, groups=None) -> torch.Tensor:
-        f = self.features(images)
-        r = np.zeros(f.shape[0])
-        g = None if groups is None else np.asarray(groups.cpu() if torch.is_tensor(groups) else groups)
+    def features(self, images) -> np.ndarray:
+        return self.scored(images)
+
+    def score_features(self, features, labels=None, groups=None) -> torch.Tensor:
+        r = np.zeros(features.shape[0])
+        g = _numpy(groups)
         for c, idx in self._by_class(labels).items():
-            r[idx] = self.sets[c].rewards(f[idx], groups=None if g is None else g[idx], mode=self.mode,
+            r[idx] = self.sets[c].rewards(features[idx], groups=None if g is None else g[idx], mode=self.mode,
                                           credit=self.credit)
         return torch.from_numpy(r * self.scale).float()
 
-    def after_step(self, images, labels=None) -> None:
-        f = self.features(images)
+    def push_features(self, features: np.ndarray, labels=None) -> None:
         for c, idx in self._by_class(labels).items():
-            self.sets[c].push(f[idx])
-        self.features.forget()
+            self.sets[c].push(features[idx])
+        self.scored.forget()
 
     def fd(self) -> float:
         return float(np.mean([s.fd() for s in self.sets.values()]))
@@ -187,16 +218,19 @@ class ClassifierLogProbReward(Reward):
         self.net, self.batch_size = classifier_net, int(batch_size)
 
     @torch.no_grad()
-    def __call__(self, images, labels=None, groups=None) -> torch.Tensor:
+    def features(self, images) -> torch.Tensor:
+        """log p(class | image) for every class, (B, classes) float64 on the CPU."""
         _check_batch(images)
+        device = _net_device(self.net)
+        return torch.cat([torch.log_softmax(self.net.logits(images[i:i + self.batch_size].to(device)).double(), 1).cpu()
+                          for i in range(0, images.shape[0], self.batch_size)])
+
+    def score_features(self, logp, labels=None, groups=None) -> torch.Tensor:
         if labels is None:
             raise ValueError("the classifier reward scores log p(label | image) and needs the intended labels")
         labels = torch.as_tensor(labels).long().reshape(-1).cpu()
-        if labels.shape[0] != images.shape[0]:
-            raise ValueError(f"{labels.shape[0]} labels for {images.shape[0]} images")
-        device = _net_device(self.net)
-        logp = torch.cat([torch.log_softmax(self.net.logits(images[i:i + self.batch_size].to(device)).double(), 1).cpu()
-                          for i in range(0, images.shape[0], self.batch_size)])
+        if labels.shape[0] != logp.shape[0]:
+            raise ValueError(f"{labels.shape[0]} labels for {logp.shape[0]} images")
         if labels.min() < 0 or labels.max() >= logp.shape[1]:
             raise ValueError(f"labels must lie in [0, {logp.shape[1]}), got [{int(labels.min())}, {int(labels.max())}]")
         return logp.gather(1, labels[:, None])[:, 0].float()
@@ -232,10 +266,12 @@ class KNNRealismReward(Reward):
         self.net, self.k, self.reduce, self.batch_size = feature_net, int(k), reduce, int(batch_size)
         self.real = real.to(_net_device(feature_net))
 
-    def __call__(self, images, labels=None, groups=None) -> torch.Tensor:
+    def features(self, images) -> torch.Tensor:
         _check_batch(images)
-        f = _features(self.net, images, self.batch_size)
-        return (-knn_distance(f, self.real, self.k, self.reduce)).float().cpu()
+        return _features(self.net, images, self.batch_size)
+
+    def score_features(self, features, labels=None, groups=None) -> torch.Tensor:
+        return (-knn_distance(features, self.real, self.k, self.reduce)).float().cpu()
 
 
 # ----- construction from a config ------------------------------------------------------------------------------
@@ -317,16 +353,15 @@ def build_reward(cfg, device="cpu", *, feature_net=None, real_stats=None, init_f
     mode, credit = str(cfg.get("mode", "fast")), str(cfg.get("credit", "sample"))
     if mode not in MODES or credit not in CREDITS:
         raise ValueError(f"mode must be one of {MODES} and credit one of {CREDITS}, got {mode!r}, {credit!r}")
-    options = {"eps": float(cfg.get("eps", 1e-10)), "quad_step": float(cfg.get("quad_step", 0.3))}
+    options = {"eps": float(cfg.get("eps", 1e-10)), "quad_step": float(cfg.get("quad_step", 0.3)),
+               "refresh_every": cfg.get("refresh_every")}
     if cfg.get("per_class"):
         return ClassDistributionReward(feature_net, class_sets(_load_array(init_features, "initial reference features"),
                                                                init_labels, class_stats, **options),
                                        mode=mode, credit=credit, scale=float(cfg.get("scale", 1.0)),
                                        batch_size=batch_size)
     mu, sigma = _real_mu_sigma(real_stats)
-    ref = ReferenceSet(_load_array(init_features, "initial reference features"), mu, sigma,
-                       eps=float(cfg.get("eps", 1e-10)), quad_step=float(cfg.get("quad_step", 0.3)),
-                       refresh_every=cfg.get("refresh_every"))
+    ref = ReferenceSet(_load_array(init_features, "initial reference features"), mu, sigma, **options)
     return DistributionReward(feature_net, ref, mode=mode, credit=credit, scale=float(cfg.get("scale", 1.0)),
                               batch_size=batch_size)
 

@@ -1,14 +1,14 @@
-"""RL fine-tuning: GRPO on a stochastic flow sampler with distribution-wise or sample-wise rewards (METHOD.md §4).
+"""RL fine-tuning of a flow generator with distribution-wise or sample-wise rewards (METHOD.md §4).
 
-`finetune(cfg, run_dir, ...)` is the loop (grpo.py): rollout.py (labels, noise, rollouts), the reward and its
-reference set (setup.py), update.py (the clipped update, KL, EMA), losses.py (the equations), parallel.py (what
-each rank does under torchrun), settings.py (defaults and checks).
+One frame for every trainer: run.py (the registry ALGORITHMS, `finetune`, `distill`, `train`, the loop),
+context.py (`RunContext`: what a run shares; `Algorithm`: a trainer's base), step.py (the minibatch / clip / AdamW /
+EMA update). The trainers: grpo.py (GRPO on SDE rollouts), nft.py (the forward-process trainer), distill.py (the
+distillation control). Around them: rollout.py (labels, noise, rollouts, trained steps), setup.py (the reward and
+its reference set), loopstate.py (policy weights, checkpoints, EMA evaluation), parallel.py (what each rank does
+under torchrun), settings.py (defaults and checks). The policy-gradient equations are `distreward.pg`.
 """
 
-from .distill import distill
-from .grpo import DEFAULTS, finetune
-from .losses import approx_kl, clip_fractions, gaussian_kl, group_advantages, ppo_clip_loss, trained_steps
-from .update import ema_update
+from .run import ALGORITHMS, distill, finetune, train
+from .settings import DEFAULTS
 
-__all__ = ["finetune", "distill", "DEFAULTS", "group_advantages", "ppo_clip_loss", "gaussian_kl", "approx_kl",
-           "clip_fractions", "trained_steps", "ema_update"]
+__all__ = ["ALGORITHMS", "DEFAULTS", "distill", "finetune", "train"]

@@ -1,6 +1,6 @@
-"""What the trainers (GRPO and the forward-process trainer of `finetune`, the distillation control `distill`) share
-around their loops: the policy with its EMA copy and generator, the evaluator and the reward of a run, saving and
-restoring checkpoints, evaluating the EMA weights with the served sampler, and writing weights as merge inputs."""
+"""The pieces of a run's state that every trainer shares (rl/context.py assembles them): the policy's weights with
+their EMA copy and generator, the evaluator and the reward of a run, saving and restoring checkpoints, evaluating
+the EMA weights with the served sampler, and writing weights as merge inputs."""
 
 from __future__ import annotations
 
@@ -23,11 +23,12 @@ from ..utils import dist as D
 from ..utils.checkpoint import checkpoint_exists, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..utils.io import RunDir, atomic_save_json
 from ..utils.runlog import RunLog
+from .settings import guidance_scale
 from .setup import ReferenceSampler, build_reward_for_run, load_reward_state, reward_state
 
 
 @dataclass
-class Policy:
+class PolicyWeights:
     """The trained network with what every trainer builds around it: architecture name, latent codec and decoder
     (samples -> images in [-1, 1]), the EMA copy (evaluated, saved), the run's generator, the guidance settings."""
     net: torch.nn.Module
@@ -40,7 +41,7 @@ class Policy:
     null_label: int | None
 
     @classmethod
-    def build(cls, cfg, device, net: torch.nn.Module | None, seed: int) -> "Policy":
+    def build(cls, cfg, device, net: torch.nn.Module | None, seed: int) -> "PolicyWeights":
         """The policy of a finetune config: `net` when given, else cfg.model (a preset's random network or the base
         model's file); seeds torch, numpy and the run's generator with `seed`. The network is in eval mode (no
         dropout: the old and the new policy agree)."""
@@ -54,8 +55,8 @@ class Policy:
         gen = torch.Generator().manual_seed(seed)
         net = net.to(device).eval()
         return cls(net=net, ema=copy.deepcopy(net).requires_grad_(False), arch=arch, codec=codec,
-                   decode=make_decoder(codec), generator=gen, cfg_scale=float(cfg.model.get("cfg_scale") or 1.0),
-                   null_label=cfg.model.get("num_classes"))
+                   decode=make_decoder(codec), generator=gen, cfg_scale=guidance_scale(cfg.model),
+                   null_label=int(cfg.model.num_classes))
 
     def velocity(self, net: torch.nn.Module) -> torch.nn.Module:
         """The velocity adapter of `net` (this policy's architecture and guidance)."""
@@ -94,17 +95,17 @@ def run_evaluator(cfg, device, evaluator, *, needed: bool):
     return evaluator
 
 
-def run_reward(cfg, run: RunDir, reward, policy: Policy, evaluator, *, progress: bool):
+def run_reward(cfg, run: RunDir, reward, policy: PolicyWeights, evaluator, *, progress: bool):
     """The run's reward: the caller's, else cfg.reward's with its reference set of the base policy's samples
     (`setup.build_reward_for_run`, cached in the run directory)."""
     if reward is not None:
         return reward
-    sampler = ReferenceSampler.of_run(cfg, int(cfg.reward.get("reference_size", 1000)))
+    sampler = ReferenceSampler.of_run(cfg, int(cfg.reward.reference_size))
     return build_reward_for_run(to_dict(cfg)["reward"], sampler, policy.net, run.root, evaluator,
                                 model=policy.model, decode=policy.decode, progress=progress)
 
 
-def save_state(path: Path, policy: Policy, optimizer, reward, entries: dict, *, merge_extra: dict,
+def save_state(path: Path, policy: PolicyWeights, optimizer, reward, entries: dict, *, merge_extra: dict,
                main: bool = True) -> None:
     """Checkpoint (atomic) the policy, its EMA, the optimizer, the reward's state, the generator and the loop's
     `entries` (iteration, history, evals, ...), and write the EMA weights as merge input ema_<iteration>; rank 0
@@ -129,7 +130,7 @@ def restore_checkpoint(path: Path, net, ema, optimizer, generator: torch.Generat
     optimizer.load_state_dict(st["optimizer"])
     set_rng_state(generator, st["rng"])
     if reward is not None:
-        load_reward_state(reward, st.get("reward"))
+        load_reward_state(reward, st["reward"])
     return st
 
 
@@ -170,20 +171,3 @@ def save_merge_input(weights: torch.nn.Module, path: Path, extra: dict) -> None:
     meta = getattr(weights, "generator_meta", None)
     if meta is not None:
         save_generator(path, weights, meta["arch"], meta["kwargs"], extra=extra)
-
-
-def finish_run(run: RunDir, policy: Policy, reward, evaluate: "EmaEvaluation", history: list, evals: list,
-               extra: dict, *, main: bool = True) -> dict:
-    """The end of a reward-driven run: the EMA and raw weights as merge inputs (model_ema / model.safetensors, with
-    `extra` in their metadata), result.json ({final, evals, history, reward_mean_first, reward_mean}) written by
-    rank 0; returns that result with the live objects (net, ema, reward, final_images) added."""
-    if main:
-        save_merge_input(policy.ema, run.path("model_ema.safetensors"), extra)
-        save_merge_input(policy.net, run.path("model.safetensors"), extra)
-    result = {"final": evals[-1] if evals else None, "evals": evals, "history": history,
-              "reward_mean_first": history[0]["r_mean"] if history else None,
-              "reward_mean": history[-1]["r_mean"] if history else None}
-    if main:
-        atomic_save_json(run.path("result.json"), result)
-    D.barrier()
-    return {**result, "net": policy.net, "ema": policy.ema, "reward": reward, "final_images": evaluate.final_images}

@@ -11,9 +11,10 @@ One iteration, top to bottom:
      loss w |v+ - v|^2 + (1 - w) |v- - v|^2; AdamW, grad-norm clip, EMA;
   5. push: the samples enter the reference set (they are the policy's own ODE samples); v_old <- the policy
      (nft.old_decay: eta v_old + (1 - eta) v_theta);
-the frame (rl/run.py) then logs, evaluates the EMA weights and checkpoints, as for GRPO. On policy (v_theta = v_old) the loss's gradient is
-beta (2 w - 1) times the flow-matching gradient on x_0: samples better than their group's mean are fitted, worse
-ones pushed away, and every noise level of the velocity field moves, not only the sampler's grid.
+the frame (rl/run.py) then logs, evaluates the EMA weights and checkpoints, as for GRPO. On policy
+(v_theta = v_old) the loss's gradient is beta (2 w - 1) times the flow-matching gradient on x_0: samples better
+than their group's mean are fitted, worse ones pushed away, and every noise level of the velocity field moves,
+not only the sampler's grid.
 
 Under torchrun the P groups are split over the ranks as in GRPO (rl/parallel.py): every rank draws the global
 batch's noise, samples its rows, the rewards and the reference set are gathered, the gradients summed.

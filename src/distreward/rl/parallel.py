@@ -13,7 +13,6 @@ One process is the world-size-1 case of every helper here. The rules (docs/scale
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..reward import Reward
@@ -64,39 +63,29 @@ def rollout_rows(model, noise: torch.Tensor, labels: torch.Tensor | None, sigmas
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Rewards: local candidates scored against the replicated reference set
+# Rewards: local candidates scored against the replicated reference set, through the Reward interface only
 
-def is_set_reward(reward) -> bool:
-    """A distribution-wise reward with a reference set (DistributionReward): scored from gathered features."""
-    return hasattr(reward, "ref") and callable(getattr(reward, "features", None)) and hasattr(reward.ref, "push")
-
-
-def score(reward, images: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor):
-    """Rewards of the whole batch (every rank gets all of them, in row order) and, for a set reward, the gathered
-    features of the new samples (the rows every rank will push). `images`, `labels`, `groups` are this rank's."""
-    if is_set_reward(reward):
-        f_local = reward.features(images)
-        r_local = reward.ref.rewards(f_local, groups=groups.cpu().numpy(), mode=reward.mode, credit=reward.credit)
-        r_local = torch.from_numpy(np.asarray(r_local) * reward.scale).float()
-        return D.all_gather_rows(r_local), D.all_gather_rows(f_local)
-    r_local = reward(images, labels, groups).detach().float().cpu()
-    return D.all_gather_rows(r_local), None
+def score(reward: Reward, images: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor):
+    """Rewards of the whole batch (every rank gets all of them, in row order) and, for a reward that keeps state,
+    the gathered features of the new samples (the rows every rank will push). `images`, `labels`, `groups` are
+    this rank's."""
+    f_local = reward.features(images)
+    r_local = reward.score_features(f_local, labels, groups).detach().float().cpu()
+    gathered = D.all_gather_rows(detached(f_local)) if reward.keeps_state else None
+    return D.all_gather_rows(r_local), gathered
 
 
-def has_own_after_step(reward) -> bool:
-    """Whether the reward keeps state that the new samples update (a reference set), i.e. overrides after_step."""
-    fn = getattr(type(reward), "after_step", None)
-    return fn is not None and fn is not getattr(Reward, "after_step")
+def detached(f):
+    """Features as rows to gather: numpy arrays as they are, tensors detached on the CPU."""
+    return f.detach().cpu() if torch.is_tensor(f) else f
 
 
-def push(reward, images: torch.Tensor, labels: torch.Tensor, gathered_features, every: int = 1) -> None:
-    """Step 5 on every rank with the same rows: a set reward takes the gathered features; any other reward that
-    keeps state gets the gathered images (sample-wise rewards keep none, and nothing is gathered). every = G
-    keeps the first sample of each group (ranks hold whole groups, so the local stride is the global one)."""
+def push(reward: Reward, gathered_features, labels: torch.Tensor, every: int = 1) -> None:
+    """Step 5 on every rank with the same rows: the gathered features of the whole batch and its (global) labels;
+    nothing for a reward without state. every = G keeps the first sample of each group (ranks hold whole groups,
+    so the global stride is the local one)."""
     if gathered_features is not None:
-        reward.push_features(gathered_features[::every])
-    elif has_own_after_step(reward):
-        reward.after_step(D.all_gather_rows(images[::every].detach().cpu()), D.all_gather_rows(labels[::every].cpu()))
+        reward.push_features(gathered_features[::every], labels[::every])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -124,10 +113,3 @@ def all_reduce_grads_(params, bucket_elems: int = 1 << 24) -> None:
                 g.copy_(flat[offset:offset + g.numel()].view_as(g))
                 offset += g.numel()
             bucket, size = [], 0
-
-
-def all_reduce_floats(values: list[float]) -> list[float]:
-    """Sum a list of floats over ranks (float64)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    D.all_reduce_sum_(t)
-    return t.tolist()

@@ -39,10 +39,15 @@ def check_config(cfg, world: int = 1, *, own_reward: bool = False) -> None:
     check_world(validate("finetune", cfg, own_reward=own_reward), world)
 
 
+def guidance_scale(model_cfg) -> float:
+    """model.cfg_scale, an optional key (absent or null: no guidance, 1)."""
+    return float(model_cfg.get("cfg_scale") or 1.0)
+
+
 def nft_rollout_grid(cfg) -> tuple[str, int]:
     """The forward-process trainer's rollout ODE (method, steps): nft.method with nft.steps, or with the served
     sampler's step count (eval.steps) when nft.steps is null."""
-    steps = cfg.nft.get("steps")
+    steps = cfg.nft.steps
     return str(cfg.nft.method), int(cfg.eval.steps if steps is None else steps)
 
 
@@ -55,5 +60,5 @@ def with_sample_reward(cfg):
     """A copy of a finetune config with the sample-wise baseline's reward in place of its own (the same trainer,
     budget and settings otherwise), checked."""
     c = copy.deepcopy(cfg)
-    c.reward = {**SAMPLE_REWARD, "reference_size": int(cfg.reward.get("reference_size", 1000))}
+    c.reward = {**SAMPLE_REWARD, "reference_size": int(cfg.reward.reference_size)}
     return resolve(c)

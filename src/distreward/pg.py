@@ -1,4 +1,5 @@
-"""The equations of GRPO on a stochastic flow sampler (METHOD.md §4), one small pure function each.
+"""The policy-gradient equations, one small pure function each, shared by the RL trainers (`distreward.rl`) and the
+merging searchers (`distreward.merge`), which may not import each other (METHOD.md §4, §5).
 
 Symbols follow the method: r (rewards), A (advantages), rho (ratio p_theta / p_old), eps (clip range),
 beta (KL weight), mu_theta / mu_ref (means of one Gaussian sampler step), std (its standard deviation).
@@ -7,6 +8,9 @@ beta (KL weight), mu_theta / mu_ref (means of one Gaussian sampler step), std (i
 from __future__ import annotations
 
 import torch
+
+__all__ = ["group_advantages", "reward_scale", "group_spread", "ppo_clip_loss", "gaussian_kl", "kl_estimate",
+           "approx_kl", "clip_masks", "clip_fractions", "clip_binds"]
 
 
 def group_advantages(r: torch.Tensor, groups: torch.Tensor, *, std: str = "group", eps: float = 1e-6,
@@ -50,9 +54,10 @@ def group_spread(r: torch.Tensor, inverse: torch.Tensor, n_groups: int) -> torch
     return hi - lo
 
 
+# PPO-clip, per sample: max(-A rho, -A clip(rho, 1 - eps, 1 + eps)), rho = exp(log p_theta - log p_old).
 def ppo_clip_loss(adv: torch.Tensor, log_prob: torch.Tensor, log_prob_old: torch.Tensor,
                   clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample max(-A rho, -A clip(rho, 1-eps, 1+eps)) with rho = exp(log p_theta - log p_old); returns (loss, rho)."""
+    """Per-sample PPO-clip loss and the ratios rho; returns (loss, rho)."""
     rho = torch.exp(log_prob - log_prob_old)
     loss = torch.maximum(-adv * rho, -adv * rho.clamp(1.0 - clip_eps, 1.0 + clip_eps))
     return loss, rho
@@ -68,47 +73,29 @@ def gaussian_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor | 
     return kl.flatten(1).mean(1)
 
 
+# The per-sample estimator of KL(p_old || p_theta) from samples of p_old: (rho - 1) - log rho (k3, non-negative).
+def kl_estimate(log_rho: torch.Tensor) -> torch.Tensor:
+    return torch.expm1(log_rho) - log_rho
+
+
 def approx_kl(log_rho: torch.Tensor) -> torch.Tensor:
     """Estimate of KL(p_old || p_theta) from samples of p_old: E[(rho - 1) - log rho] (non-negative, unbiased)."""
-    return (torch.expm1(log_rho) - log_rho).mean()
+    return kl_estimate(log_rho).mean()
+
+
+def clip_masks(rho: torch.Tensor, clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the ratio lies above 1 + eps and below 1 - eps (the clipped objective is flat on that side)."""
+    return rho > 1 + clip_eps, rho < 1 - clip_eps
 
 
 def clip_fractions(rho: torch.Tensor, clip_eps: float) -> tuple[float, float]:
-    """Share of ratios above 1+eps and below 1-eps (where the clipped objective is flat on that side)."""
-    return float((rho > 1 + clip_eps).float().mean()), float((rho < 1 - clip_eps).float().mean())
+    """Share of ratios above 1+eps and below 1-eps."""
+    hi, lo = clip_masks(rho, clip_eps)
+    return float(hi.float().mean()), float(lo.float().mean())
 
 
 def clip_binds(rho: torch.Tensor, adv: torch.Tensor, clip_eps: float) -> torch.Tensor:
     """Where the PPO clip binds: rho > 1 + eps with A > 0, or rho < 1 - eps with A < 0 (the sample's policy
     gradient is then zero)."""
-    return ((rho > 1 + clip_eps) & (adv > 0)) | ((rho < 1 - clip_eps) & (adv < 0))
-
-
-def trained_steps(T: int, mode: str, *, fraction: float = 0.5, window: int | list | tuple = 5,
-                  generator: torch.Generator | None = None, count: int | None = None) -> list[int]:
-    """Which of the T sampler steps get a gradient: a random `fraction` of them, or a `window` at high noise
-    (step indices [start, end) or its length from step 0); with `count`, a random `count` of the window's steps,
-    drawn per iteration (the update's cost is proportional to the number of trained steps, so a batch can be larger
-    for the same time). The last step (to sigma = 0) is never trained."""
-    if T < 2:
-        raise ValueError(f"GRPO needs at least 2 sampler steps (the last one is never trained), got T={T}")
-    last = T - 1
-    if mode == "fraction":
-        if not 0 < fraction <= 1:
-            raise ValueError(f"rl.train_steps.fraction must be in (0, 1], got {fraction}")
-        k = max(1, min(last, round(fraction * last)))
-        return sorted(torch.randperm(last, generator=generator)[:k].tolist())
-    if mode == "window":
-        start, end = (0, int(window)) if isinstance(window, int) else (int(window[0]), int(window[1]))
-        end = min(end, last)
-        if not 0 <= start < end:
-            raise ValueError(f"rl.train_steps.window {window} selects no step among 0..{last - 1} "
-                             f"(T={T}, the last step is never trained); use e.g. window={min(5, last)}")
-        steps = list(range(start, end))
-        if count is None or int(count) >= len(steps):
-            return steps
-        if int(count) < 1:
-            raise ValueError(f"rl.train_steps.count must be >= 1 (or null for the whole window), got {count}")
-        pick = torch.randperm(len(steps), generator=generator)[:int(count)]
-        return sorted(steps[i] for i in pick.tolist())
-    raise ValueError(f"rl.train_steps.mode must be 'fraction' or 'window', got {mode!r}")
+    hi, lo = clip_masks(rho, clip_eps)
+    return (hi & (adv > 0)) | (lo & (adv < 0))
