@@ -113,3 +113,57 @@ def test_merge_does_not_depend_on_rl():
     bad = sorted((m, t) for m, ts in graph.items() if m.startswith("distreward.merge") for t in ts
                  if t.startswith("distreward.rl"))
     assert not bad, bad
+
+
+# --------------------------------------------------------------------------------------------- the RL frame
+
+RL = SRC / "rl"
+PG_EQUATIONS = ("group_advantages", "ppo_clip_loss", "gaussian_kl", "kl_estimate", "approx_kl", "clip_masks",
+                "clip_fractions", "clip_binds")
+REWARD_INTERFACE = {"features", "score_features", "push_features", "keeps_state"}
+
+
+def rl_trees() -> dict[str, ast.AST]:
+    return {p.name: ast.parse(p.read_text()) for p in sorted(RL.glob("*.py"))}
+
+
+def test_every_registered_trainer_is_an_algorithm_with_its_own_iteration():
+    from distreward.rl import ALGORITHMS
+    from distreward.rl.context import Algorithm
+
+    for name, algorithm in ALGORITHMS.items():
+        assert issubclass(algorithm, Algorithm) and algorithm.name == name, name
+        assert algorithm.iteration is not Algorithm.iteration, f"{name} does not define iteration(ctx, it)"
+
+
+def test_each_policy_gradient_equation_is_defined_once_in_pg():
+    where = {}
+    for p in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name in PG_EQUATIONS:
+                where.setdefault(node.name, []).append(str(p.relative_to(SRC)))
+    assert where == {name: ["pg.py"] for name in PG_EQUATIONS}, where
+
+
+def test_rl_reads_no_schema_default_again():
+    """The validated config holds every key with its default: rl/ reads it, never `.get(key, default)`."""
+    bad = [f"rl/{f}:{n.lineno}" for f, tree in rl_trees().items() for n in ast.walk(tree)
+           if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "get"
+           and len(n.args) + len(n.keywords) > 1]
+    assert not bad, bad
+
+
+def test_only_the_shared_update_steps_an_optimizer():
+    bad = [f"rl/{f}:{n.lineno}" for f, tree in rl_trees().items() if f != "step.py" for n in ast.walk(tree)
+           if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "step"
+           and "optim" in ast.unparse(n.func.value)]
+    assert not bad, bad
+
+
+def test_parallel_uses_the_reward_only_through_its_interface():
+    tree = rl_trees()["parallel.py"]
+    read = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+            and n.value.id == "reward"}
+    introspect = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+                  and n.func.id in ("hasattr", "getattr", "type", "isinstance")]
+    assert read <= REWARD_INTERFACE and not introspect, (read - REWARD_INTERFACE, introspect)

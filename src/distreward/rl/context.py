@@ -139,7 +139,7 @@ class Algorithm:
     one_process = False
 
     def __init__(self, ctx: RunContext):
-        self.ctx = ctx
+        """Build what is the trainer's own from the run's context (nothing here)."""
 
     def iteration(self, ctx: RunContext, it: int) -> dict:
         raise NotImplementedError

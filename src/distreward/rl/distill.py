@@ -144,16 +144,16 @@ class Distill(Algorithm):
         return {"loss": f"{record['loss_distill']:.4g}"}
 
     def iteration(self, ctx: RunContext, it: int) -> dict:
-        rl, gen, device, weights = ctx.rl, ctx.generator, ctx.device, ctx.weights
-        # 1. GRPO's labels and starting noises, 2. the teacher's states on the served grid
         t0 = time.perf_counter()
+        # 1. GRPO's labels and starting noises, 2. the teacher's states on the served grid
         labels, groups = ctx.draw_labels(it)
-        noise = start_noise(groups, ctx.image_shape, gen, bool(rl.shared_noise)).to(device)
-        labels = labels.to(device)
-        xs = teacher_trajectory(self.teacher, noise, labels, self.sigmas, self.m, self.method, int(rl.batch_size))
+        noise = start_noise(groups, ctx.image_shape, ctx.generator, bool(ctx.rl.shared_noise)).to(ctx.device)
+        labels = labels.to(ctx.device)
+        xs = teacher_trajectory(self.teacher, noise, labels, self.sigmas, self.m, self.method,
+                                int(ctx.rl.batch_size))
         t1 = time.perf_counter()
         # 3. regression of the policy's velocities on GRPO's trained steps, AdamW, EMA
-        stats = distill_update(weights.net, self.model, weights.ema, ctx.optimizer, xs, labels, self.sigmas,
-                               iteration_steps(rl, gen), rl, gen)
+        stats = distill_update(ctx.weights.net, self.model, ctx.weights.ema, ctx.optimizer, xs, labels, self.sigmas,
+                               iteration_steps(ctx.rl, ctx.generator), ctx.rl, ctx.generator)
         t2 = time.perf_counter()
         return {"iteration": it + 1, **stats, "time_teacher": t1 - t0, "time_update": t2 - t1}
