@@ -401,3 +401,47 @@ def test_build_reward_from_config(tmp_path):
     with pytest.raises(ValueError, match="mode"):
         build_reward({"name": "distribution", "mode": "slow"}, device="cpu", feature_net=net, real_stats=real,
                      init_features=init)
+
+
+def interface_rewards():
+    """One reward of each kind, built alike for two uses (the parts, then the whole)."""
+    net = TinyNet()
+    real = GaussianStats.from_features(feats(net, images(300, 1)))
+    init, init_labels = feats(net, images(60, 2)), torch.arange(60) % 3
+    class_stats = {c: GaussianStats.from_features(feats(net, images(300, 10 + c)) + 0.2 * c) for c in range(3)}
+    return {"distribution": lambda: DistributionReward(net, ReferenceSet(init, real.mu, real.sigma)),
+            "per_class": lambda: build_reward({"name": "distribution", "per_class": True}, feature_net=net,
+                                              init_features=init, class_stats=class_stats, init_labels=init_labels),
+            "classifier": lambda: ClassifierLogProbReward(net),
+            "knn": lambda: KNNRealismReward(net, feats(net, images(50, 5)), k=2)}
+
+
+@pytest.mark.parametrize("kind", ["distribution", "per_class", "classifier", "knn"])
+def test_the_interface_parts_make_the_reward_and_its_step(kind):
+    """features -> score_features is reward(images, ...), and push_features of those features is after_step; only
+    the rewards with a reference set keep state."""
+    make = interface_rewards()[kind]
+    x, labels, groups = images(6, 3), torch.tensor([0, 1, 2, 2, 1, 0]), np.array([0, 0, 0, 1, 1, 1])
+    parts, whole = make(), make()
+    f = parts.features(x)
+    r = parts.score_features(f, labels, groups)
+    assert r.dtype == torch.float32 and r.shape == (6,)
+    torch.testing.assert_close(r, whole(x, labels, groups), rtol=0, atol=0)
+    parts.push_features(f, labels)
+    whole.after_step(x, labels)
+    assert repr(parts.state_dict()) == repr(whole.state_dict())
+    assert parts.keeps_state == (kind in ("distribution", "per_class")) == (parts.fd() is not None)
+    if parts.keeps_state:                             # the pushed rows moved the reference set
+        assert repr(parts.state_dict()) != repr(make().state_dict())
+
+
+def test_per_class_sets_keep_the_configs_refresh_period():
+    net = TinyNet()
+    init = feats(net, images(30, 2))
+    stats = {c: GaussianStats.from_features(feats(net, images(200, 10 + c))) for c in range(3)}
+    reward = build_reward({"name": "distribution", "per_class": True, "refresh_every": 7}, feature_net=net,
+                          init_features=init, class_stats=stats, init_labels=torch.arange(30) % 3)
+    assert [s.refresh_every for s in reward.sets.values()] == [7, 7, 7]
+    plain = build_reward({"name": "distribution", "refresh_every": 7}, feature_net=net, init_features=init,
+                         real_stats=stats[0])
+    assert plain.ref.refresh_every == 7
