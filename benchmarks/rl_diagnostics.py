@@ -122,7 +122,7 @@ def grpo_gradient(net, model, ro, adv: torch.Tensor, steps: list[int], a: list[f
                   chunk: int) -> torch.Tensor:
     """The on-policy gradient of GRPO's loss on one batch: the trainer's PPO-clip loss (at rho = 1: -A grad log p),
     mean over samples and trained steps; the KL term's gradient is 0 at the base."""
-    from distreward.rl.losses import ppo_clip_loss
+    from distreward.pg import ppo_clip_loss
     from distreward.sampling import step_log_prob
 
     net.zero_grad(set_to_none=True)
@@ -158,11 +158,12 @@ def snr(args) -> dict:
     from distreward.config import load_config
     from distreward.evaluation import Evaluator
     from distreward.rl import parallel
-    from distreward.rl.loopstate import Policy
+    from distreward.pg import group_advantages
+    from distreward.rl.context import null_permutation
+    from distreward.rl.loopstate import PolicyWeights
     from distreward.rl.diagnostics import signal_report
-    from distreward.rl.losses import group_advantages, trained_steps
     from distreward.rl.nft import ode_rollouts, optimality_weights
-    from distreward.rl.rollout import collect, draw_labels, rollout_noise_levels, start_noise
+    from distreward.rl.rollout import collect, draw_labels, rollout_noise_levels, start_noise, trained_steps
     from distreward.rl.settings import nft_rollout_grid, resolve
     from distreward.rl.setup import ReferenceSampler, build_reward_for_run
     from distreward.sampling import sigma_schedule
@@ -174,7 +175,7 @@ def snr(args) -> dict:
     algorithm = str(rl.get("algorithm", "grpo"))
     P, G = int(rl.labels_per_iter), int(rl.group_size)
     shape, num_classes = tuple(cfg.model.image_shape), int(cfg.model.num_classes)
-    pol = Policy.build(cfg, "cpu", None, args.seed)
+    pol = PolicyWeights.build(cfg, "cpu", None, args.seed)
     net, model, gen = pol.net, pol.model, pol.generator
     ev = Evaluator.for_fmnist()
     run_dir = Path(args.run_dir or f"runs/snr_{cfg.name}_seed{args.seed}")
@@ -206,7 +207,7 @@ def snr(args) -> dict:
             images = pol.decode(x0)
         r, _ = parallel.score(reward, images, labels, groups)      # against the fixed initial reference set
         A = advantages(r, groups)
-        A_null = advantages(r[torch.randperm(r.numel(), generator=gen)], groups)    # the null control's rewards
+        A_null = advantages(null_permutation(r, gen), groups)    # the null control's rewards
         if algorithm == "grpo":
             steps = trained_steps(T, str(rl.train_steps.mode), fraction=float(rl.train_steps.fraction),
                                   window=rl.train_steps.window, generator=gen, count=rl.train_steps.get("count"))
