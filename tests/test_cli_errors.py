@@ -23,6 +23,7 @@ import distreward.cli.merge as cli_merge
 from distreward.cli import build_parser, main, split_overrides, subparser
 from distreward.config import repo_path
 from distreward.utils import progress as P
+from distreward.utils.errors import InputFileError
 
 SNAPSHOTS = repo_path("weights", "fmnist-base-snapshots")
 BASE = repo_path("weights", "fmnist-base.safetensors")
@@ -170,6 +171,7 @@ def test_unreadable_checkpoint_on_resume(bad, tmp_path, monkeypatch, capsys):
     argv = ["train-base", "--config", "fmnist_base_tiny", "--run-dir", str(run), "--no-progress"]
     assert main(argv) == 0
     capsys.readouterr()
+    (run / "model.safetensors").unlink()           # a run stopped before its end (a finished one is not resumed)
     damaged = [p for p in run.rglob("*") if p.is_file() and (p.suffix in (".pt", ".prev") or ".pt" in p.name)]
     assert damaged, sorted(run.rglob("*"))
     for p in damaged:
@@ -235,7 +237,7 @@ def test_a_failed_run_keeps_saved_progress(tmp_path, monkeypatch, capsys):
         if cfg.seed == 1:
             (run_dir / "checkpoints").mkdir()
             (run_dir / "checkpoints" / "last.pt").write_bytes(b"state")
-        raise ValueError(f"{tmp_path / 'late.npz'}: damaged; fix it")
+        raise InputFileError(f"{tmp_path / 'late.npz'}: damaged; fix it")
 
     monkeypatch.setattr(cli_finetune, "finetune", failing)
     for seed, kept in ((0, False), (1, True)):

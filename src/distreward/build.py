@@ -31,6 +31,8 @@ from .models.edm2 import load_pkl
 from .models.sit import load_sit
 from .models.vae import LatentCodec
 from .sampling.generate import SamplerSpec
+from .schema import ConfigError
+from .utils.errors import InputFileError
 
 # Feature network name -> metric of an EDM2 reference .pkl holding its statistics.
 PKL_METRIC = {"inception": "fid", "dinov2": "fd_dinov2"}
@@ -44,8 +46,9 @@ def apply_dry_run(cfg):
     """The preset with its `dry_run` block merged over it (and the block removed); an error if it has none."""
     block = cfg.get("dry_run")
     if block is None:
-        raise ValueError(f"config {cfg.get('name', '?')!r} has no 'dry_run' block; --dry-run needs one "
-                         "(see configs/sit_xl2_imagenet256.yaml)")
+        raise ConfigError(f"config {cfg.get('name', '?')!r} has no 'dry_run' block; --dry-run needs one: copy the "
+                          "block of a preset of the same command (configs/fmnist_grpo_tiny.yaml for finetune, "
+                          "configs/fmnist_merge_ema.yaml for merge, configs/fmnist_base.yaml for train-base)")
     out = OmegaConf.merge(cfg, block)
     OmegaConf.set_struct(out, False)
     del out["dry_run"]
@@ -88,7 +91,7 @@ def build_generator(model_cfg, device="cpu", seed: int = 0) -> nn.Module:
             net = load_pkl(ckpt, device=device)
             net.generator_meta = {"arch": "edm2", "kwargs": jsonable(net.init_kwargs)}
         else:
-            raise ValueError(f"model.checkpoint is for official sit/edm2 files; for arch {arch!r} use model.path")
+            raise ConfigError(f"model.checkpoint is for official sit/edm2 files; for arch {arch!r} use model.path")
         return net.eval()
     if kwargs is not None:
         torch.manual_seed(int(seed))
@@ -97,7 +100,7 @@ def build_generator(model_cfg, device="cpu", seed: int = 0) -> nn.Module:
         net.generator_meta = {"arch": arch, "kwargs": kw}
         return net.float().eval().to(device)
     if path is None:
-        raise ValueError("no generator: set model.checkpoint (official file), model.path (.safetensors) or "
+        raise ConfigError("no generator: set model.checkpoint (official file), model.path (.safetensors) or "
                          "model.kwargs (random weights)")
     p = find_file(path)
     if not p.is_file():
@@ -164,7 +167,7 @@ def build_codec(model_cfg, device="cpu", seed: int = 0):
     if get(vae, "config") is not None:
         return LatentCodec(random_autoencoder(plain(vae.config), seed), convention, batch_size=batch_size,
                            dtype=dtype).to(device)
-    raise ValueError("model.vae needs 'path' (a local AutoencoderKL folder such as weights/sd-vae-ft-ema) or "
+    raise ConfigError("model.vae needs 'path' (a local AutoencoderKL folder such as weights/sd-vae-ft-ema) or "
                      "'config' (a random one, for dry runs)")
 
 
@@ -216,11 +219,11 @@ def real_stats_for(name: str, path, dim: int, seed: int = 0):
     if path is None:
         if str(name) == "random":
             return random_stats(dim, seed)
-        raise ValueError(f"no real statistics for feature network {name!r}: set the path to a .npz (mu, sigma) or "
+        raise ConfigError(f"no real statistics for feature network {name!r}: set the path to a .npz (mu, sigma) or "
                          "an EDM2 .pkl (reward.real_stats / eval.real_stats)")
     st = load_reference(find_file(path), PKL_METRIC.get(str(name), "fid"))
     if st.dim != dim:
-        raise ValueError(f"{path}: statistics of dimension {st.dim}, but {name!r} gives {dim}-d features; "
+        raise InputFileError(f"{path}: statistics of dimension {st.dim}, but {name!r} gives {dim}-d features; "
                          "use the statistics of that network")
     return st
 

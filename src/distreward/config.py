@@ -9,7 +9,7 @@ from typing import Any, Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from .utils.errors import InputFileError, describe, reading
+from .utils.errors import InputFileError, OptionError, describe, reading
 from .utils.io import atomic_write_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -57,12 +57,12 @@ def load_config(name_or_path: str | os.PathLike | None, overrides: Iterable[str]
     overrides = list(overrides)
     bad = [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]
     if bad:
-        raise ValueError(f"overrides must look like key=value (e.g. rl.iterations=10); got {bad}")
+        raise OptionError(f"overrides must look like key=value (e.g. rl.iterations=10); got {bad}")
     for o in overrides:
         try:
             parts.append(OmegaConf.from_dotlist([o]))
         except Exception as e:
-            raise ValueError(f"override {o!r}: the value is not valid YAML ({describe(e)}); "
+            raise OptionError(f"override {o!r}: the value is not valid YAML ({describe(e)}); "
                              "quote it, e.g. key='[1, 2]'") from None
     cfg = OmegaConf.merge(*parts)
     OmegaConf.set_struct(cfg, False)

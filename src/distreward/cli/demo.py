@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fresh", action="store_true", help="recompute every stage instead of reusing finished ones")
     p.add_argument("--eval-cache", default="auto", metavar="DIR",
                    help="folder of the evaluation cache shared by demos (base, cross-check and merge-baseline "
-                        "evaluations; default: runs/.cache/evals, beside the real-feature cache)")
+                        "evaluations; default: <cache folder>/evals, beside the real-feature cache; --cache-dir)")
     p.add_argument("--no-eval-cache", action="store_true", help="evaluate every model afresh, without the cache")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides of the fine-tuning preset (both runs), anywhere among the options, e.g. "

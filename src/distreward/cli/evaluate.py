@@ -23,8 +23,11 @@ from distreward.data import check_images, load_images
 from distreward.evaluation import Evaluator, fit_images, format_metrics, perturb_images, sample_rows
 from distreward.features import get_feature_network
 from distreward.metrics import GaussianStats
-from distreward.utils.errors import reading
+from distreward.utils.cache import cache_root
+from distreward.utils.errors import InputFileError, OptionError, reading
 from distreward.utils.io import atomic_save_json
+
+from . import count
 
 STATS_FIX = "give statistics from 'distreward stats DATA --features F -o X.npz', or reference images"
 
@@ -35,19 +38,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="reference images (as IMAGES) or statistics .npz file(s) (default: fmnist-train)")
     p.add_argument("--features", nargs="+", default=["fmnist-reward", "fmnist-eval"],
                    help="feature networks, the reward's first and the held-out one last (names or .safetensors paths)")
-    p.add_argument("--max-images", type=int, default=None, help="evaluate a seeded random subset of N images")
-    p.add_argument("--max-ref", type=int, default=None, help="use a seeded random subset of N reference images")
-    p.add_argument("--max-real", type=int, default=10000,
+    p.add_argument("--max-images", type=count(), default=None, help="evaluate a seeded random subset of N images")
+    p.add_argument("--max-ref", type=count(), default=None, help="use a seeded random subset of N reference images")
+    p.add_argument("--max-real", type=count(), default=10000,
                    help="reference features kept for KID, precision/recall and density/coverage")
-    p.add_argument("--k", type=int, default=3, help="nearest neighbour for precision/recall")
-    p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (of up to 1000 samples each)")
+    p.add_argument("--k", type=count(), default=3, help="nearest neighbour for precision/recall")
+    p.add_argument("--kid-subsets", type=count(), default=100, help="KID subsets (of up to 1000 samples each)")
     p.add_argument("--perturb", choices=("blur", "noise"), default=None, help="degrade the images first (sanity check)")
     p.add_argument("--strength", type=float, default=None, help="blur sigma in pixels (default 1.0) or noise std (default 0.2)")
-    p.add_argument("--cache-dir", default="runs/.cache", help="where reference features are cached")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the reference-feature cache")
     p.add_argument("--json", default=None, metavar="OUT.json", help="also write the metrics as JSON")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=count(), default=500)
     p.add_argument("--device", default="cpu")
 
 
@@ -74,14 +76,14 @@ def match_stats(paths: list[str], labels: list[str], dims: list[int]) -> dict:
         else:
             same_dim = [lab for lab, d in zip(labels, dims) if d == st.dim]
             if len(same_dim) != 1:
-                raise ValueError(f"{path}: {st.dim}-d statistics{f' of {named!r}' if named else ''} match "
+                raise InputFileError(f"{path}: {st.dim}-d statistics{f' of {named!r}' if named else ''} match "
                                  f"{'none' if not same_dim else 'several'} of the feature networks {dict(zip(labels, dims))}; "
                                  "make them with 'distreward stats DATA --features NAME' for one of these networks")
             label = same_dim[0]
         if label in out:
-            raise ValueError(f"two statistics files for the feature network {label!r}")
+            raise OptionError(f"two statistics files for the feature network {label!r}")
         if st.dim != dims[labels.index(label)]:
-            raise ValueError(f"{path}: statistics of dimension {st.dim} but {label} gives {dims[labels.index(label)]}-d features")
+            raise InputFileError(f"{path}: statistics of dimension {st.dim} but {label} gives {dims[labels.index(label)]}-d features")
         out[label] = st
     return out
 
@@ -91,9 +93,9 @@ def run(args) -> int:
     input_shape = getattr(nets[0], "input_shape", None)
     stats_refs = [r for r in args.ref if _is_stats_file(r)]
     if stats_refs and len(stats_refs) != len(args.ref):
-        raise ValueError("--ref takes either reference images (one DATA) or statistics .npz files, not both")
+        raise OptionError("--ref takes either reference images (one DATA) or statistics .npz files, not both")
     if not stats_refs and len(args.ref) != 1:
-        raise ValueError(f"--ref takes one reference image set, got {len(args.ref)}: {args.ref}")
+        raise OptionError(f"--ref takes one reference image set, got {len(args.ref)}: {args.ref}")
 
     ref_images, ref_stats = None, None
     if stats_refs:
@@ -116,7 +118,7 @@ def run(args) -> int:
         images = perturb_images(images, args.perturb, args.strength, seed=args.seed)
 
     ev = Evaluator(ref_images, feature_nets=nets, device=args.device, k=args.k, max_real=args.max_real,
-                   cache_dir=None if args.no_cache else args.cache_dir, ref_stats=ref_stats,
+                   cache_dir=None if args.no_cache else cache_root(), ref_stats=ref_stats,
                    batch_size=args.batch_size, progress=not args.no_progress, seed=args.seed, kid_subsets=args.kid_subsets, labels=[str(f) for f in args.features])
     metrics = ev.evaluate(images)
     metrics = {**metrics, "images": args.images, "ref": args.ref,

@@ -7,7 +7,8 @@ import argparse
 
 from ..rl import finetune
 from ..utils.dist import is_main
-from .run_args import add_run_arguments, run_config, run_dir, run_options
+from . import print_summary
+from .run_args import add_run_arguments, finished, run_config, run_dir, run_options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,12 +18,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     cfg = run_config(args, command="finetune")
     out = run_dir(args, cfg)
+    if finished(args, out, "result.json", "rl.iterations"):
+        return 0
     res = finetune(cfg, out, **run_options(args))
     if not is_main():
         return 0
-    final = res["final"] or {}
-    figures = ", ".join(f"{k} {final[k]:.4g}"
-                        for k in ("fd_reward", "fd_eval", "precision", "recall", "density", "coverage")
-                        if final.get(k) is not None)
-    print(f"finetune: {out} (EMA model: {out / 'model_ema.safetensors'}){'; ' + figures if figures else ''}")
+    print_summary("finetune", f"{out}: EMA model {out / 'model_ema.safetensors'}", [("final", res["final"] or {})])
     return 0

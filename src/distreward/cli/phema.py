@@ -16,31 +16,38 @@ from distreward.models import build_network
 from distreward.report import save_image_grid
 from distreward.sampling.generate import balanced_labels, sample_images
 from distreward.train.phema import list_snapshots, phema_coefficients, reconstruct, save_phema
+from distreward.utils.errors import OptionError
+
+from . import count
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snapshots", required=True, help="folder of snapshots (a train-base run dir or its snapshots/)")
     p.add_argument("--std", type=float, action="append", default=[], help="target EMA std (sigma_rel); repeatable")
-    p.add_argument("--step", type=int, default=None, help="reconstruct at this training step (default: latest snapshot)")
+    p.add_argument("--step", type=count(0), default=None, help="reconstruct at this training step (default: latest snapshot)")
     p.add_argument("--method", choices=["continuous", "discrete"], default="continuous",
                    help="profile inner products: EDM2's closed form (default) or the exact per-step weights")
     p.add_argument("-o", "--out", default=None,
-                   help="output .safetensors; with several --std a path containing {std} or a folder")
+                   help="output .safetensors (with several --std: X-<std>.safetensors each, or a path containing "
+                        "{std}); any other path is a folder of phema-<std>.safetensors files")
     p.add_argument("--list", action="store_true", help="list the snapshots and exit")
     p.add_argument("--grid", default=None, help="also write a sample grid PNG (rows: the stds, columns: classes)")
-    p.add_argument("--grid-n", type=int, default=20, help="images per std in the grid (default 20)")
-    p.add_argument("--steps", type=int, default=32, help="ODE steps for the grid (default 32)")
+    p.add_argument("--grid-n", type=count(), default=20, help="images per std in the grid (default 20)")
+    p.add_argument("--steps", type=count(), default=32, help="ODE steps for the grid (default 32)")
     p.add_argument("--sampler", choices=["euler", "heun"], default="euler")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
 
 
 def _out_path(out: str, std: float, several: bool) -> Path:
+    """-o for one std: a path containing {std} is formatted; with several stds, x.safetensors becomes
+    x-<std>.safetensors (one file each) and any other path is a folder of phema-<std>.safetensors files."""
     if "{std" in out:
         return Path(out.format(std=std))
-    if several or Path(out).is_dir() or not out.endswith(".safetensors"):
-        return Path(out) / f"phema-{std:.3f}.safetensors"
-    return Path(out)
+    p = Path(out)
+    if p.suffix == ".safetensors" and not p.is_dir():
+        return p.with_name(f"{p.stem}-{std:.3f}.safetensors") if several else p
+    return p / f"phema-{std:.3f}.safetensors"
 
 
 def run(args) -> int:
@@ -52,9 +59,9 @@ def run(args) -> int:
         print(f"{len(snaps)} snapshots, profiles {sorted({s.std for s in snaps})}, steps {snaps[0].step}..{snaps[-1].step}")
         return 0
     if not args.std:
-        raise ValueError("give at least one --std (e.g. --std 0.08), or --list to see the snapshots")
+        raise OptionError("give at least one --std (e.g. --std 0.08), or --list to see the snapshots")
     if not args.out and not args.grid:
-        raise ValueError("nothing to write: give -o OUT.safetensors and/or --grid GRID.png")
+        raise OptionError("nothing to write: give -o OUT.safetensors and/or --grid GRID.png")
     outs = []
     for std in args.std:
         used, x = phema_coefficients(snaps, std, args.step, args.method)

@@ -17,16 +17,19 @@ from distreward.data import check_images, load_images
 from distreward.evaluation import fit_images, sample_rows
 from distreward.features import compute_features, get_feature_network
 from distreward.metrics import GaussianStats
+from distreward.utils.errors import InputFileError, OptionError
 from distreward.utils.io import atomic_write_bytes
+
+from . import count
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", metavar="DATA", help="fmnist-train | fmnist-test | images.npz | image folder")
     p.add_argument("--features", default="fmnist-reward", help="feature network: a registry name or a .safetensors path")
     p.add_argument("-o", "--out", default=None, help="output .npz (default: runs/stats/<DATA>-<features>.npz)")
-    p.add_argument("--max-images", type=int, default=None, help="use a seeded random subset of N images")
+    p.add_argument("--max-images", type=count(2), default=None, help="use a seeded random subset of N images")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=count(), default=500)
     p.add_argument("--device", default="cpu")
 
 
@@ -44,7 +47,7 @@ def save_stats_npz(path, stats, features: str) -> Path:
 def run(args) -> int:
     out = Path(args.out) if args.out else Path("runs/stats") / f"{_slug(args.data)}-{_slug(args.features)}.npz"
     if out.suffix != ".npz":
-        raise ValueError(f"-o {out}: statistics are written as .npz; give a path ending in .npz")
+        raise OptionError(f"-o {out}: statistics are written as .npz; give a path ending in .npz")
     net = get_feature_network(args.features, device=args.device)
     images, _ = load_images(args.data)
     keep = sample_rows(images.shape[0], args.max_images, args.seed)
@@ -52,7 +55,7 @@ def run(args) -> int:
         images = images[keep]
     images = fit_images(check_images(images, name=args.data), getattr(net, "input_shape", None), name=args.data)
     if images.shape[0] < 2:
-        raise ValueError(f"{args.data}: need at least 2 images for a covariance, got {images.shape[0]}")
+        raise InputFileError(f"{args.data}: need at least 2 images for a covariance, got {images.shape[0]}")
     feats = compute_features(net, images, batch_size=args.batch_size, progress=not args.no_progress, desc=f"features ({args.features})")
     stats = GaussianStats.from_features(feats)
     save_stats_npz(out, stats, str(args.features))

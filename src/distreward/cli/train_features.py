@@ -10,20 +10,23 @@ import argparse
 from pathlib import Path
 
 from distreward.features.fmnist import ROLES, save_classifier, train_feature_network
+from distreward.utils.errors import OptionError
 from distreward.utils.io import atomic_save_json
+
+from . import count
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--which", choices=("reward", "eval", "both"), default="both",
                    help="which network: fmnist-reward (used by the reward), fmnist-eval (held out), or both")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default: 5 for reward, 6 for eval)")
+    p.add_argument("--epochs", type=count(), default=None, help="epochs (default: 5 for reward, 6 for eval)")
     p.add_argument("--out", default="runs/train-features",
                    help="output folder (files <out>/fmnist-<which>.safetensors) or, with one network, a .safetensors path; "
                         "use --out weights/ to replace the shipped files")
     p.add_argument("--seed", type=int, default=None, help="seed (default: 0 for reward, 1 for eval)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=count(), default=128)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--max-train", type=int, default=None, help="train on the first N training images only (quick checks)")
+    p.add_argument("--max-train", type=count(), default=None, help="train on the first N training images only (quick checks)")
     p.add_argument("--device", default="cpu")
 
 
@@ -31,7 +34,7 @@ def _out_path(out: str, name: str, single: bool) -> Path:
     p = Path(out)
     if p.suffix == ".safetensors":
         if not single:
-            raise ValueError(f"--out {out} is a file but --which both writes two networks; give a folder instead")
+            raise OptionError(f"--out {out} is a file but --which both writes two networks; give a folder instead")
         return p
     return p / f"{name}.safetensors"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..utils.errors import reading
+from ..utils.errors import InputFileError, reading
 from .common import pad_to, to_float_images
 
 FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -54,14 +54,14 @@ def _read_idx(path: Path) -> np.ndarray:
                  "or fix $DISTREWARD_FMNIST"), gzip.open(path, "rb") as f:
         data = f.read()
     if data[:2] != b"\x00\x00":
-        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+        raise InputFileError(f"{path} is not an IDX file (bad magic number)")
     dtype_code, ndim = data[2], data[3]
     if dtype_code != 0x08:
-        raise ValueError(f"{path}: expected unsigned-byte IDX data, got type code {dtype_code:#x}")
+        raise InputFileError(f"{path}: expected unsigned-byte IDX data, got type code {dtype_code:#x}")
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: truncated IDX file ({arr.size} bytes for shape {shape})")
+        raise InputFileError(f"{path}: truncated IDX file ({arr.size} bytes for shape {shape})")
     return arr.reshape(shape)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..utils.errors import reading
+from ..utils.errors import InputFileError, InputTypeError, reading
 from .common import to_float_images
 from .fmnist import load_fmnist
 
@@ -24,7 +24,7 @@ def load_image_folder(path: str | os.PathLike, *, channels: int | None = None):
         raise FileNotFoundError(f"image folder {root} does not exist; check the path")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
-        raise ValueError(f"image folder {root} holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise InputFileError(f"image folder {root} holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     classes = sorted({p.parent.relative_to(root).parts[0] for p in files if p.parent != root})
     labelled = bool(classes) and all(p.parent != root for p in files)
     mode = {1: "L", 3: "RGB", None: None}[channels]
@@ -36,7 +36,7 @@ def load_image_folder(path: str | os.PathLike, *, channels: int | None = None):
             arrays.append(np.asarray(im.convert(mode)))
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
-        raise ValueError(f"images in {root} have different sizes {sorted(shapes)[:4]}; resize them to one size first")
+        raise InputFileError(f"images in {root} have different sizes {sorted(shapes)[:4]}; resize them to one size first")
     x = to_float_images(np.stack(arrays))
     labels = None
     if labelled:
@@ -54,16 +54,16 @@ def load_npz_images(path: str | os.PathLike):
     with reading(path, "image .npz", fix), np.load(path, allow_pickle=False) as z:
         key = next((k for k in ("images", "arr_0", "x") if k in z.files), None)
         if key is None:
-            raise ValueError(f"{path}: no image array (expected key 'images' or 'arr_0'; found {z.files}); {fix}")
+            raise InputFileError(f"{path}: no image array (expected key 'images' or 'arr_0'; found {z.files}); {fix}")
         imgs = z[key]
         labels = next((z[k] for k in ("labels", "arr_1", "y") if k in z.files), None)
     if imgs.dtype != np.uint8:
-        raise TypeError(f"{path}:{key} has dtype {imgs.dtype}; store uint8 pixels (0..255)")
+        raise InputTypeError(f"{path}:{key} has dtype {imgs.dtype}; store uint8 pixels (0..255)")
     x = to_float_images(imgs)
     if labels is not None:
         labels = torch.as_tensor(np.asarray(labels).astype(np.int64))
         if labels.shape[0] != x.shape[0]:
-            raise ValueError(f"{path}: {x.shape[0]} images but {labels.shape[0]} labels")
+            raise InputFileError(f"{path}: {x.shape[0]} images but {labels.shape[0]} labels")
     return x, labels
 
 
@@ -79,4 +79,4 @@ def load_images(spec: str | os.PathLike):
         return load_image_folder(p)
     if not p.exists():
         raise FileNotFoundError(f"{s}: no such file or folder (expected fmnist-train, fmnist-test, an .npz or an image folder)")
-    raise ValueError(f"{s}: unsupported input (expected fmnist-train, fmnist-test, an .npz or an image folder)")
+    raise InputFileError(f"{s}: unsupported input (expected fmnist-train, fmnist-test, an .npz or an image folder)")

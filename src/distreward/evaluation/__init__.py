@@ -5,7 +5,7 @@
                                                      #  'density', 'coverage', 'n'}
     evaluate_generator(net, ev, EvalPlan(n=2000, seed=1234))   # samples, then the same metrics (sharded under torchrun)
     evaluate_solvers(net, ev, plan, {"euler": spec1, "heun": spec2})   # several solvers on the same noise and labels
-    evaluate_generator(net, ev, plan, cache=EvalCache("runs/.cache/evals"))   # stored once, reused under its key
+    evaluate_generator(net, ev, plan, cache=EvalCache())   # stored once (in the user cache folder), reused by key
 """
 
 from .cache import (DEFAULT_EVAL_CACHE, CachedEval, EvalCache, ImageFigures, cached_evaluation, code_digest,

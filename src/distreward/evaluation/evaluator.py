@@ -12,8 +12,8 @@ computed on the held-out (last) network's features. Real statistics use every re
 precision/recall and density/coverage use a seeded random subset of at most `max_real` of them (density/coverage
 a further seeded subset of as many real rows as generated ones: the radii of its real k-NN balls shrink with the
 number of real rows, so unequal sizes move both figures). Real features
-are computed once and cached in `cache_dir`, in a file keyed by the networks' weights and the reference images,
-so repeated runs are fast.
+are computed once and cached in `cache_dir` (default: the user's cache folder, `utils.cache.cache_root()`), in a
+file keyed by the networks' weights and the reference images, so repeated runs are fast.
 """
 
 from __future__ import annotations
@@ -32,11 +32,13 @@ from ..features import compute_features, get_feature_network
 from ..metrics import (GaussianStats, KIDReference, density_coverage, frechet_distance, knn_radii, precision_recall,
                        sqrtm_psd)
 from ..metrics.evidence import class_stats_arrays, class_stats_from_arrays, labels_key, per_class_stats
+from ..utils.cache import cache_root
+from ..utils.errors import InputError
 from ..utils.io import atomic_write_bytes
 
 KID_SCALE = 1e3
 DENSITY_COVERAGE_K = 5                    # the k of Naeem et al. 2020, independent of precision/recall's k
-DEFAULT_CACHE = "runs/.cache"
+DEFAULT_CACHE = "auto"                    # the user's cache folder (utils.cache.cache_root())
 _CACHE_VERSION = "1"
 
 
@@ -118,7 +120,7 @@ def fit_images(images: torch.Tensor, input_shape: tuple[int, int, int] | None, n
     c, h, w = input_shape
     if images.shape[1] == c and images.shape[-2] <= h and images.shape[-1] <= w and (h, w) == (32, 32):
         return pad_to(images, h)
-    raise ValueError(f"{name} have shape {tuple(images.shape[1:])} (C, H, W) but the feature network expects {tuple(input_shape)}; "
+    raise InputError(f"{name} have shape {tuple(images.shape[1:])} (C, H, W) but the feature network expects {tuple(input_shape)}; "
                      + ("convert them to grayscale" if images.shape[1] != c else f"resize them to {h}x{w}"))
 
 
@@ -158,7 +160,7 @@ class Evaluator:
         self.device, self.k, self.max_real, self.seed = device, int(k), int(max_real), int(seed)
         self.batch_size, self.progress = batch_size, progress
         self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.cache_dir = cache_root() if cache_dir == DEFAULT_CACHE else None if cache_dir is None else Path(cache_dir)
         self.split: str | None = None             # "train" / "test" for the Fashion-MNIST evaluators
         self.nets, self.labels = [], []
         for spec in feature_nets:

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..utils.errors import InputError
 from ..utils.progress import progress as tqdm
 from .fmnist import load_fmnist_classifier
 
@@ -52,7 +53,7 @@ def get_feature_network(name_or_path: str | os.PathLike, *, weights: str | os.Pa
     elif Path(key).suffix == ".safetensors" or Path(key).is_file():
         net = load_fmnist_classifier(key, device)
     else:
-        raise ValueError(f"unknown feature network {key!r}: use one of {', '.join(available_features())} or a .safetensors path")
+        raise InputError(f"unknown feature network {key!r}: use one of {', '.join(available_features())} or a .safetensors path")
     return net.eval().requires_grad_(False).to(device)
 
 

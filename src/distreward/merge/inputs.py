@@ -26,6 +26,7 @@ from safetensors import safe_open
 
 from ..build import build_codec, build_evaluator, build_generator, feature_network, jsonable, real_stats_for
 from ..config import find_file, get, plain
+from ..schema import ConfigError
 from ..data import load_fmnist
 from ..evaluation import images_hash, network_hash
 from ..features import compute_features, get_feature_network
@@ -36,7 +37,7 @@ from ..sampling import edm_flow_sigmas, sigma_schedule, velocity_model
 from ..sampling.generate import generate
 from ..train.phema import Snapshot, list_snapshots as list_phema, phema_coefficients
 from ..utils import dist as D
-from ..utils.errors import reading
+from ..utils.errors import InputFileError, reading
 from ..utils.progress import phase
 from ..utils.cache import cache_valid, save_cache_key
 from ..utils.hashing import file_sha256
@@ -53,11 +54,11 @@ def open_checkpoints(merge_cfg) -> CheckpointSet:
     snaps = merge_cfg.get("snapshots")
     ckpts = list(merge_cfg.get("checkpoints") or [])
     if snaps and ckpts:
-        raise ValueError("give either merge.snapshots (a folder) or merge.checkpoints (files), not both")
+        raise ConfigError("give either merge.snapshots (a folder) or merge.checkpoints (files), not both")
     paths = snapshot_paths(find_file(snaps)) if snaps else [find_file(p) for p in ckpts]
     paths += include_paths(merge_cfg)
     if not paths:
-        raise ValueError("nothing to merge: pass --checkpoints A B ... or --snapshots DIR (merge.checkpoints / merge.snapshots)")
+        raise ConfigError("nothing to merge: pass --checkpoints A B ... or --snapshots DIR (merge.checkpoints / merge.snapshots)")
     return CheckpointSet.open(distinct_inputs(paths))
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils.errors import reading
+from ..utils.errors import InputFileError, reading
 from .gaussian import GaussianStats
 from .statfiles import read_reference_pkl
 
@@ -35,7 +35,7 @@ def load_reference(path: str | os.PathLike, metric: str = "fid") -> GaussianStat
     if path.suffix == ".pkl":
         return load_reference_pkl(path, metric)
     if path.suffix != ".npz":
-        raise ValueError(f"{path}: unknown reference format; expected an EDM2 .pkl or a .npz with 'mu' and 'sigma'")
+        raise InputFileError(f"{path}: unknown reference format; expected an EDM2 .pkl or a .npz with 'mu' and 'sigma'")
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics {path} not found; make them with "
                                 f"'distreward stats DATA --features F -o {path.name}'")
@@ -43,6 +43,6 @@ def load_reference(path: str | os.PathLike, metric: str = "fid") -> GaussianStat
             np.load(path, allow_pickle=False) as z:
         files = set(z.files)
     if metric != "fid" and "mu_s" in files:
-        raise ValueError(f"{path} is an ADM reference batch (Inception features); it has no {metric!r} statistics. "
+        raise InputFileError(f"{path} is an ADM reference batch (Inception features); it has no {metric!r} statistics. "
                          "Use metric='fid', or an EDM2 .pkl for fd_dinov2")
     return GaussianStats.load(path)

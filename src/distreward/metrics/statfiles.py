@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils.errors import reading
+from ..utils.errors import InputFileError, reading
 from ..utils.safe_pickle import safe_load
 
 
@@ -24,9 +24,9 @@ def check_mu_sigma(mu, sigma, where: str) -> tuple[np.ndarray, np.ndarray]:
     mu = np.asarray(mu, dtype=np.float64).reshape(-1)
     sigma = np.asarray(sigma, dtype=np.float64)
     if sigma.shape != (mu.size, mu.size):
-        raise ValueError(f"{where}: sigma has shape {sigma.shape}, expected ({mu.size}, {mu.size}) to match mu")
+        raise InputFileError(f"{where}: sigma has shape {sigma.shape}, expected ({mu.size}, {mu.size}) to match mu")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise ValueError(f"{where}: mu or sigma contains NaN or inf; the reference file is damaged")
+        raise InputFileError(f"{where}: mu or sigma contains NaN or inf; the reference file is damaged")
     return mu, sigma
 
 
@@ -40,11 +40,11 @@ def read_reference_pkl(path: str | os.PathLike, metric: str = "fid") -> tuple[np
                  "with 'mu' and 'sigma' ('distreward stats')"):
         data = safe_load(path)
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected an EDM2 reference dict {{'fid': {{'mu', 'sigma'}}, ...}}, "
+        raise InputFileError(f"{path}: expected an EDM2 reference dict {{'fid': {{'mu', 'sigma'}}, ...}}, "
                          f"got {type(data).__name__}")
     stats = {k: v for k, v in data.items() if isinstance(v, dict) and "mu" in v and "sigma" in v}
     if metric not in stats:
-        raise ValueError(f"{path}: no statistics for metric {metric!r}; the file has {sorted(stats) or 'none'} "
+        raise InputFileError(f"{path}: no statistics for metric {metric!r}; the file has {sorted(stats) or 'none'} "
                          f"(use metric= one of those)")
     n = data.get("num_images", 0)
     n = int(n) if isinstance(n, (int, np.integer)) else 0

@@ -55,6 +55,10 @@ def read_generator_metadata(path: str | os.PathLike) -> dict:
     if "arch" not in meta:
         raise InputFileError(f"{path} has no 'arch' metadata: it was not written by distreward.models.save_generator; "
                              f"{GENERATOR_FIX}")
+    if meta["arch"] not in ARCHS and "dim" in meta:
+        raise InputFileError(f"{path} is a feature network ({meta.get('name', meta['arch'])}, {meta['dim']}-d "
+                             "features), not a generator; --model / model.path take a generator .safetensors (from "
+                             "train-base, phema, finetune or merge); feature networks go to --features or reward.features")
     with reading(path, "generator file (its metadata is not valid JSON)", GENERATOR_FIX):
         return {"arch": meta["arch"], "kwargs": json.loads(meta.get("kwargs", "{}")),
                 "extra": json.loads(meta.get("extra", "{}"))}

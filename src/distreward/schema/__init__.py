@@ -47,8 +47,16 @@ def validate(command: str, cfg: Any = None, *, own_reward: bool = False) -> Dict
     user = plain(cfg) if cfg is not None else {}
     if not isinstance(user, dict):
         raise ConfigError(f"a {command} config is a mapping of keys, got {show(user)}")
-    out = walk(deep_merge(section_defaults(root), user), root, "", opts)
-    check(out)
+    try:
+        out = walk(deep_merge(section_defaults(root), user), root, "", opts)
+        check(out)
+    except ConfigError as e:
+        owner = preset_command(command, user)
+        if owner is None:
+            raise
+        name = f" {user['name']!r}" if isinstance(user.get("name"), str) else ""
+        raise ConfigError(f"config{name} is a {owner} preset, not a {command} one ({e}); run 'distreward {owner} "
+                          f"--config ...' with it, or give a {command} preset") from None
     base, hints = {k: v for k, v in out.items() if k not in BLOCKS}, typing.get_type_hints(root)
     for block in ("dry_run", "demo"):
         if isinstance(out.get(block), dict) and is_partial(hints.get(block)):
@@ -59,6 +67,20 @@ def validate(command: str, cfg: Any = None, *, own_reward: bool = False) -> Dict
     result = OmegaConf.create(out)
     OmegaConf.set_struct(result, False)
     return result
+
+
+def preset_command(command: str, user: dict) -> str | None:
+    """The other command whose schema `user` passes in full, when `command`'s refused it (a train-base preset given
+    to finetune); None when no other command takes it either."""
+    for other, (root, check) in COMMANDS.items():
+        if other in (command, "demo"):
+            continue
+        try:
+            check(walk(deep_merge(section_defaults(root), user), root, "", Options(root, leaves=leaf_index(root))))
+        except ConfigError:
+            continue
+        return other
+    return None
 
 
 TITLES = {"finetune": "finetune (GRPO; also the demo's runs)", "merge": "merge", "train-base": "train-base"}

@@ -552,6 +552,8 @@ class TrainBase:
     log_kimg: float = key(1.28, "kimg between log records", gt=0)
     checkpoint_kimg: float = key(12.8, "kimg between training-state checkpoints", gt=0)
     tensorboard: bool = key(True, "also log to TensorBoard (tb/)")
+    dry_run: Optional[Partial] = dry_run_key()
+    dry_run_of: Optional[str] = dry_run_of_key()
 
 
 def check_train_base(cfg: dict) -> None:

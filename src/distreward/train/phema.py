@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..models import build_network, read_generator_metadata, save_generator
+from ..utils.errors import InputError
 from .ema import power_weights, sigma_rel_to_gamma
 
 
@@ -119,7 +120,7 @@ def phema_coefficients(snapshots: list[Snapshot], std: float, step: int | None =
     step = max(s.step for s in snapshots) if step is None else int(step)
     used = [s for s in snapshots if s.step <= step]
     if not used:
-        raise ValueError(f"no snapshot at or before step {step} (earliest is step {min(s.step for s in snapshots)})")
+        raise InputError(f"no snapshot at or before step {step} (earliest is step {min(s.step for s in snapshots)})")
     x = solve_phema_coefficients([s.step for s in used], [s.std for s in used], step, std, method=method)[:, 0]
     return used, x
 
@@ -133,7 +134,7 @@ def reconstruct(snapshots: list[Snapshot], std: float, step: int | None = None, 
     meta0 = read_generator_metadata(used[0].path)
     for snap, coef in zip(used, x):
         if read_generator_metadata(snap.path)["kwargs"] != meta0["kwargs"]:
-            raise ValueError(f"snapshot {snap.path} belongs to a different network than {used[0].path}; keep one run per folder")
+            raise InputError(f"snapshot {snap.path} belongs to a different network than {used[0].path}; keep one run per folder")
         for k, v in load_file(str(snap.path)).items():
             dtypes.setdefault(k, v.dtype)
             if k not in acc:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["InputError", "InputFileError", "OptionError", "RunDirError", "reading", "describe"]
+__all__ = ["InputError", "InputFileError", "InputTypeError", "OptionError", "RunDirError", "reading", "describe"]
 
 
 class InputError(ValueError):
@@ -50,6 +50,10 @@ def describe(exc: BaseException, limit: int = 160) -> str:
     if len(text) < 8 or text.strip("'\"").isdigit():
         text = f"{type(exc).__name__}{': ' + text if text else ''}"
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+class InputTypeError(InputFileError, TypeError):
+    """An input file holding values of the wrong type (float pixels where uint8 are stored); also a TypeError."""
 
 
 @contextmanager

@@ -11,6 +11,8 @@ import os
 import torch
 from threadpoolctl import threadpool_limits
 
+from .errors import OptionError
+
 _limiter = None
 
 
@@ -20,11 +22,19 @@ def default_threads() -> int:
         try:
             n = int(env)
         except ValueError:
-            raise ValueError(f"DISTREWARD_THREADS={env!r} is not an integer; set it to a thread count such as 1 or 2") from None
+            raise OptionError(f"DISTREWARD_THREADS={env!r} is not an integer; set it to a thread count such as 1 or 2") from None
         if n < 1:
-            raise ValueError(f"DISTREWARD_THREADS must be >= 1, got {n}")
+            raise OptionError(f"DISTREWARD_THREADS must be >= 1, got {n}")
         return n
     return os.cpu_count() or 1
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, as a container limits it), else all of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def set_threads(n: int | None = None) -> int:
@@ -32,7 +42,7 @@ def set_threads(n: int | None = None) -> int:
     global _limiter
     n = default_threads() if n is None else int(n)
     if n < 1:
-        raise ValueError(f"thread count must be >= 1, got {n}")
+        raise OptionError(f"thread count must be >= 1, got {n} (--threads / DISTREWARD_THREADS)")
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(n)
     torch.set_num_threads(n)
