@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..merge import merge_parts, run_merge
+from ..merge import run_merge
 from ..utils import dist as D
-from . import print_summary
-from .run_args import add_run_arguments, finished, run_config, run_dir, run_options
+from .run_args import add_run_arguments, run_config, run_dir, run_options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,20 +32,15 @@ def run(args) -> int:
     if args.include is not None:
         cfg.merge.include = list(args.include)
     out = run_dir(args, cfg)
-    if finished(args, out, "result.json", "rl.iterations"):
-        return 0
-    device = D.init_distributed(cfg.get("device", "cpu"))   # joins torchrun's group; one process: the device as given
-    parts = merge_parts(cfg, out, str(device)) if args.dry_run or is_preset(cfg) else {}
-    res = run_merge(cfg, out, **run_options(args), **parts)
+    res = run_merge(cfg, out, **run_options(args))
     if not D.is_main():
         return 0
     rows = [(k, v) for k, v in res["baselines"].items()] + [("init", res["init"]), ("merged", res["merged"])]
-    print_summary("merge", f"{out}: coefficients {out / 'coefficients.json'}, model {res['model']}", rows)
+    for name, m in rows:
+        figures = ", ".join(f"{k} {m[k]:.4g}"
+                            for k in ("fd_reward", "fd_eval", "precision", "recall", "density", "coverage")
+                            if m.get(k) is not None)
+        print(f"  {name:>14}: {figures}")
+    print(f"merge: coefficients {out / 'coefficients.json'}, model {res['model']}")
     return 0
 
-
-def is_preset(cfg) -> bool:
-    """A paper preset (latent model, EDM2 pickles or EDM's schedule): its parts come from `merge.inputs.merge_parts`."""
-    merge, model, sampler = cfg.get("merge") or {}, cfg.get("model") or {}, cfg.get("sampler") or {}
-    return (merge.get("format") == "edm2-pkl" or model.get("vae") is not None or sampler.get("schedule") == "edm"
-            or bool(merge.get("random_checkpoints")))

@@ -5,8 +5,9 @@
 - `GaussianPolicy` + `policy_update`: the diagonal Gaussian policy over w, PPO-clip or REINFORCE with Adam.
 - `search`: the searchers behind one ask/tell interface (rl.algorithm: ppo, reinforce, cma, random; CMA-ES in
   `cmaes`, imported only when asked for); `soup`: the greedy soup baseline.
-- `inputs`: checkpoint lists, post-hoc EMA coefficients, EDM2 pickle conversion and the presets' parts
-  (`merge_parts`: inputs, ODE sampler, features, real statistics, evaluator).
+- `inputs`: checkpoint lists, post-hoc EMA coefficients, EDM2 pickle conversion and `merge_parts`, the one builder
+  of a run's parts from its config (inputs, ODE sampler with guidance and decoding, reward features with their
+  weights, real statistics, evaluator).
 - `run_merge(cfg, run_dir)`: baselines (last, uniform, post-hoc EMA grid, greedy soup), the search loop, the merged
   model. The reward is `distreward.reward.ReferenceSet.set_rewards`: r_c = FD(G) - FD(G - S + X_c) for a
   candidate's n samples X_c.

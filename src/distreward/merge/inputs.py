@@ -3,10 +3,11 @@ reward's features and real statistics.
 
 - checkpoint lists: `merge.snapshots` (a folder of power-EMA snapshots) or `merge.checkpoints` (files), plus
   `merge.include`; `phema_weights` (the train package's least-squares solve over the snapshots' metadata);
-- the paper presets' parts (`merge_parts`): random generator files for a dry run (`merge.random_checkpoints`), EDM2
-  pickles converted once to our .safetensors (`merge.format: edm2-pkl`), the ODE sampler with the preset's
-  schedule, guidance and latent decoding, and feature networks / real statistics by name or file;
-- the embedded default's parts: `make_ode_sampler`, `make_feature_fn`, `real_statistics` (Fashion-MNIST train);
+- `preset_inputs`: those lists, random generator files for a dry run (`merge.random_checkpoints`), or EDM2 pickles
+  converted once to our .safetensors (`merge.format: edm2-pkl`);
+- `merge_parts`: the one builder of a run's parts (what `run_merge` is not given): the inputs, the ODE sampler with
+  the config's schedule, guidance and latent decoding (`run_sampler`), the reward's feature network with its
+  weights (`reward_features`), the real statistics (`real_statistics`) and the evaluator;
 - inputs holding the same weights are used once (`distinct_inputs`, a printed note names the dropped file): a
   duplicate would count twice in the uniform soup and in every coefficient vector.
 
@@ -24,13 +25,14 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..build import build_codec, build_evaluator, build_generator, feature_network, jsonable, real_stats_for
+from ..build import PKL_METRIC, build_codec, build_evaluator, build_generator, feature_network, jsonable, random_stats
 from ..config import find_file, get, plain
 from ..schema import ConfigError
 from ..data import load_fmnist
-from ..evaluation import images_hash, network_hash
-from ..features import compute_features, get_feature_network
+from ..evaluation import Evaluator, images_hash, network_hash
+from ..features import compute_features
 from ..metrics import GaussianStats
+from ..metrics.reference import load_reference
 from ..models import GENERATOR_FIX, save_generator
 from ..models.edm2 import load_pkl
 from ..sampling import edm_flow_sigmas, sigma_schedule, velocity_model
@@ -139,7 +141,7 @@ def has_phema(ckpts: CheckpointSet) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The deterministic inference sampler, the reward's features and the real statistics (embedded default)
+# The deterministic inference sampler, the reward's features and the real statistics
 
 def ode_sampler(arch: str | None, sigmas: torch.Tensor, *, method: str = "heun", batch_size: int = 500, device="cpu",
                 cfg_scale: float = 1.0, null_label: int | None = None, decode: Callable | None = None) -> Sampler:
@@ -159,33 +161,40 @@ def make_ode_sampler(arch: str | None, steps: int, method: str = "heun", shift: 
                        batch_size=int(batch_size), device=device)
 
 
-def make_feature_fn(name: str, device="cpu") -> Callable[[torch.Tensor], np.ndarray]:
-    net = get_feature_network(name, device=device)
+def reward_features(cfg, device="cpu") -> Callable[[torch.Tensor], np.ndarray]:
+    """The reward's feature function: reward.features (a registry name, or random) with reward.weights, in batches
+    of sampler.batch_size. `.dim` is checked against the real statistics, `.network` keys their cache."""
+    rc = cfg.reward
+    net = feature_network(str(rc.features), get(rc, "weights"), device)
+    batch_size = int(cfg.sampler.batch_size)
 
     def features(images):
-        return compute_features(net, images)
+        return compute_features(net, images, batch_size=batch_size)
 
-    features.dim = int(net.dim)         # checked against the real statistics
-    features.network = net              # the key of the real-statistics cache
+    features.dim = int(net.dim)
+    features.network = net
     return features
 
 
 def real_statistics(cfg, feature_fn, cache: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(mu_r, Sigma_r) of the reward's features on the real training set (reward.real_stats file, else computed;
-    `cache`: a file reused only when its key, `<cache>.json`, names the same feature network and images)."""
-    path = cfg.reward.get("real_stats")
+    """(mu_r, Sigma_r) of the reward's features: the reward.real_stats file (.npz or EDM2 .pkl), random ones for the
+    random network, else computed on Fashion-MNIST train (`cache`: a file reused only when its key, `<cache>.json`,
+    names the same feature network and images)."""
+    path, name, dim = cfg.reward.real_stats, str(cfg.reward.features), getattr(feature_fn, "dim", None)
     if path:
-        st = GaussianStats.load(find_file(path))
-        dim = getattr(feature_fn, "dim", None)
+        st = load_reference(find_file(path), PKL_METRIC.get(name, "fid"))
         if dim is not None and st.dim != dim:
-            raise ValueError(f"{path}: statistics of dimension {st.dim}, but {cfg.reward.features!r} gives {dim}-d "
-                             f"features; make them with 'distreward stats fmnist-train --features "
-                             f"{cfg.reward.features} -o X.npz' (reward.real_stats)")
+            raise InputFileError(f"{path}: statistics of dimension {st.dim}, but {name!r} gives {dim}-d features; make "
+                             f"them with 'distreward stats fmnist-train --features {name} -o X.npz' "
+                             "(reward.real_stats)")
+        return st.mu, st.sigma
+    if name == "random":
+        st = random_stats(int(dim))
         return st.mu, st.sigma
     images, _ = load_fmnist("train")
     net = getattr(feature_fn, "network", None)      # a feature function of unknown weights is never cached
     key = None if net is None else {"data": "fmnist-train", "images": images_hash(images),
-                                    "features": str(cfg.reward.features), "network": network_hash(net)}
+                                    "features": name, "network": network_hash(net)}
     if cache is not None and key is not None and cache_valid(cache, key):
         st = GaussianStats.load(cache)
         return st.mu, st.sigma
@@ -197,7 +206,7 @@ def real_statistics(cfg, feature_fn, cache: Path | None = None) -> tuple[np.ndar
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The paper presets (EDM2-XS): random inputs for dry runs, EDM2 pickles, the preset's sampler and features
+# The run's inputs (random files for dry runs, EDM2 pickles, checkpoint lists) and the one builder of its parts
 
 def random_checkpoints(cfg, folder: Path, k: int) -> list[Path]:
     """k random generator files (model.arch / model.kwargs, seeds 0..k-1) for a dry run of the merge trainer."""
@@ -249,7 +258,7 @@ def convert_edm2_pkls(paths: list[Path], folder: Path) -> list[Path]:
 
 
 def preset_inputs(cfg, run_dir: Path) -> CheckpointSet:
-    """The K inputs of a preset: random files (dry run), converted EDM2 pickles, or `open_checkpoints`."""
+    """The K inputs of a config: random files (dry run), converted EDM2 pickles, or `open_checkpoints`."""
     k_random = get(cfg.merge, "random_checkpoints")
     if k_random:
         folder = run_dir / "dry_run_inputs"
@@ -273,19 +282,49 @@ def preset_sigmas(sampler_cfg) -> torch.Tensor:
     return sigma_schedule(int(s.steps), shift=float(get(s, "shift", 1.0)))
 
 
-def merge_parts(cfg, run_dir: Path, device="cpu") -> dict:
-    """ckpts, sample_fn, feature_fn, real_stats, evaluator for `merge.run_merge` from a preset."""
-    run_dir = Path(run_dir)
-    ckpts = preset_inputs(cfg, run_dir)
-    codec = build_codec(cfg.model, device, seed=int(cfg.get("seed", 0)))
-    s = cfg.sampler
-    bs = int(get(s, "batch_size", 64))
-    sample_fn = ode_sampler(ckpts.arch, preset_sigmas(s).to(device), method=str(get(s, "method", "heun")),
-                            batch_size=bs, device=device, cfg_scale=float(get(cfg.model, "cfg_scale", 1.0)),
-                            null_label=get(cfg.model, "num_classes"), decode=None if codec is None else codec.decode)
-    rc = cfg.reward
-    fnet = feature_network(rc.features, get(rc, "weights"), device)
-    real = real_stats_for(str(rc.features), get(rc, "real_stats"), int(fnet.dim))
-    evaluator = build_evaluator(cfg, device, reuse={str(rc.features): fnet})
-    return {"ckpts": ckpts, "sample_fn": sample_fn, "feature_fn": lambda im: compute_features(fnet, im, batch_size=bs),
-            "real_stats": (real.mu, real.sigma), "evaluator": evaluator}
+def run_sampler(cfg, arch: str | None, device="cpu") -> tuple[Sampler, dict]:
+    """The run's inference sampler and its key (what it is built from: the evaluation cache's sampler entry):
+    sampler.schedule, steps, method and batch size, model.cfg_scale guidance, and model.vae decoding."""
+    s, m = cfg.sampler, cfg.model
+    codec = build_codec(m, device, seed=int(cfg.seed))
+    cfg_scale = float(get(m, "cfg_scale", 1.0))
+    sample_fn = ode_sampler(arch, preset_sigmas(s).to(device), method=str(s.method), batch_size=int(s.batch_size),
+                            device=device, cfg_scale=cfg_scale, null_label=int(m.num_classes),
+                            decode=None if codec is None else codec.decode)
+    key = {"kind": "ode", "steps": int(s.steps), "method": str(s.method), "shift": float(s.shift),
+           "batch_size": int(s.batch_size), "schedule": str(get(s, "schedule", "flow")), "cfg_scale": cfg_scale,
+           "decode": None if codec is None else {"vae": plain(m.vae), "seed": int(cfg.seed)}}
+    if key["schedule"] == "edm":
+        key["edm"] = [float(get(s, k, d)) for k, d in (("sigma_min", 0.002), ("sigma_max", 80.0), ("rho", 7.0))]
+    return sample_fn, key
+
+
+def merge_parts(cfg, run_dir, device="cpu", *, ckpts: CheckpointSet | None = None, sample_fn: Sampler | None = None,
+                feature_fn=None, real_stats=None, evaluator=None) -> dict:
+    """What a merge run is built from, each part given or built from the (validated) cfg, in this order: ckpts
+    (`preset_inputs`), sample_fn (`run_sampler`; sample_key: its key, None for a given sampler), feature_fn
+    (`reward_features`), real_stats (`real_statistics`, cached in run_dir; rank 0's on every rank) and evaluator
+    (eval.features through `build.build_evaluator`, else Fashion-MNIST's)."""
+    run_dir, main = Path(run_dir), D.is_main()
+    ckpts = preset_inputs(cfg, run_dir) if ckpts is None else ckpts
+    sample_key = None
+    if sample_fn is None:
+        sample_fn, sample_key = run_sampler(cfg, ckpts.arch, device)
+    if feature_fn is None:
+        feature_fn = reward_features(cfg, device)
+    if real_stats is None:
+        cache, given = run_dir / "real_stats_reward.npz", cfg.reward.real_stats
+        if main:
+            phase(f"real statistics ({cfg.reward.features}): " + (f"reading {given}" if given else f"from {cache}"
+                  if cache.is_file() else f"computing on Fashion-MNIST train, cached in {cache}"))
+        real_stats = D.broadcast_object(real_statistics(cfg, feature_fn, cache=cache) if main else None)
+    if evaluator is None:
+        net = getattr(feature_fn, "network", None)
+        evaluator = build_evaluator(cfg, device, reuse=None if net is None else {str(cfg.reward.features): net})
+    if evaluator is None:
+        if main:
+            phase("evaluator: Fashion-MNIST train features of fmnist-reward and fmnist-eval (cached after the first run)")
+        with D.main_first():    # rank 0 fills the real-feature cache, the others read it
+            evaluator = Evaluator.for_fmnist(device=device)
+    return {"ckpts": ckpts, "sample_fn": sample_fn, "sample_key": sample_key, "feature_fn": feature_fn,
+            "real_stats": real_stats, "evaluator": evaluator}

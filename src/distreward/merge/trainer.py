@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from ..config import find_file
-from ..evaluation import EvalCache, Evaluator, cached_evaluation, eval_key
+from ..evaluation import EvalCache, cached_evaluation, eval_key
 from ..evaluation.cache import CODE_PARTS
 from ..evaluation.evaluator import evaluator_key
 from ..evaluation.generator import plain_metrics, sharded_metrics
@@ -43,7 +44,7 @@ from ..utils.rundir import add_inputs, prepare_run
 from ..utils.progress import phase, progress as tqdm
 from ..utils.runlog import RunLog
 from .blocks import GROUPS
-from .inputs import has_phema, make_feature_fn, make_ode_sampler, open_checkpoints, phema_weights, real_statistics
+from .inputs import has_phema, merge_parts, phema_weights, preset_inputs
 from .policy import GaussianPolicy, project_sum_one
 from .search import make_searcher
 from .soup import greedy_soup, soup_weights
@@ -338,10 +339,14 @@ def run_merge(cfg, run_dir, *, resume: bool = False, overwrite: bool = False, al
 
     `eval_cache` (an `evaluation.EvalCache`): the held-out evaluations (baselines, initial and merged weights) are
     read from / stored in it, keyed by the merged weights, when the sampler is built from cfg.sampler.
+
+    Every part not given (ckpts, sample_fn, feature_fn, evaluator, real_stats) is built from cfg by
+    `merge.inputs.merge_parts`, the one builder, whatever the config: dry-run inputs, EDM2 pickles, guidance,
+    latent decoding, the reward's feature weights.
     """
     cfg = resolve(cfg)
     device = str(D.init_distributed(cfg.device))      # cuda:LOCAL_RANK under torchrun; as given in one process
-    ckpts = open_checkpoints(cfg.merge) if ckpts is None else ckpts
+    ckpts = preset_inputs(cfg, Path(run_dir)) if ckpts is None else ckpts
     run = prepare_run(run_dir, cfg, command="merge", resume=resume, overwrite=overwrite, allow_changes=allow_changes,
                       changeable=CHANGEABLE, main=D.is_main(), keep=INPUT_FOLDERS, defaults=DEFAULTS,
                       inputs=input_files(cfg, find_file) + list(ckpts.paths))
@@ -361,26 +366,10 @@ def merge_run(cfg, run: RunDir, device: str, *, resume: bool, ckpts: CheckpointS
     if main:
         phase(f"merge: {ckpts.k} inputs from {describe_inputs(ckpts.paths)} ({ckpts.arch or 'unknown arch'}, "
               f"{len(ckpts.tensors)} tensors); run directory {run.root}")
-    sample_key = None
-    if sample_fn is None:
-        s = cfg.sampler
-        sample_fn = make_ode_sampler(ckpts.arch, int(s.steps), s.method, float(s.shift), int(s.batch_size), device)
-        sample_key = {"kind": "ode", "steps": int(s.steps), "method": str(s.method), "shift": float(s.shift),
-                      "batch_size": int(s.batch_size), "schedule": "flow", "cfg_scale": 1.0, "decode": None}
-    if feature_fn is None:
-        feature_fn = make_feature_fn(cfg.reward.features, device)
-    if real_stats is None and main:
-        cache, given = run.root / "real_stats_reward.npz", cfg.reward.get("real_stats")
-        phase(f"real statistics ({cfg.reward.features}): " + (f"reading {given}" if given else f"from {cache}"
-              if cache.is_file() else f"computing on Fashion-MNIST train, cached in {cache}"))
-    if real_stats is None:      # rank 0's statistics on every rank (the others wait for them)
-        real_stats = D.broadcast_object(real_statistics(cfg, feature_fn, cache=run.path("real_stats_reward.npz"))
-                                        if main else None)
-    if evaluator is None:
-        if main:
-            phase("evaluator: Fashion-MNIST train features of fmnist-reward and fmnist-eval (cached after the first run)")
-        with D.main_first():    # rank 0 fills the real-feature cache, the others read it
-            evaluator = Evaluator.for_fmnist(device=device)
+    parts = merge_parts(cfg, run.root, device, ckpts=ckpts, sample_fn=sample_fn, feature_fn=feature_fn,
+                        real_stats=real_stats, evaluator=evaluator)
+    sample_fn, sample_key, feature_fn = parts["sample_fn"], parts["sample_key"], parts["feature_fn"]
+    real_stats, evaluator = parts["real_stats"], parts["evaluator"]
     add_inputs(run, weight_files(evaluator, getattr(feature_fn, "network", None)), main=main)
 
     def merge_rl(init_mean) -> MergeRL:
