@@ -10,7 +10,8 @@ import argparse
 
 from ..merge import run_merge
 from ..utils import dist as D
-from .run_args import add_run_arguments, run_config, run_dir, run_options
+from . import print_summary
+from .run_args import add_run_arguments, finished, run_config, run_dir, run_options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,15 +33,11 @@ def run(args) -> int:
     if args.include is not None:
         cfg.merge.include = list(args.include)
     out = run_dir(args, cfg)
+    if finished(args, out, "result.json", "rl.iterations"):
+        return 0
     res = run_merge(cfg, out, **run_options(args))
     if not D.is_main():
         return 0
     rows = [(k, v) for k, v in res["baselines"].items()] + [("init", res["init"]), ("merged", res["merged"])]
-    for name, m in rows:
-        figures = ", ".join(f"{k} {m[k]:.4g}"
-                            for k in ("fd_reward", "fd_eval", "precision", "recall", "density", "coverage")
-                            if m.get(k) is not None)
-        print(f"  {name:>14}: {figures}")
-    print(f"merge: coefficients {out / 'coefficients.json'}, model {res['model']}")
+    print_summary("merge", f"{out}: coefficients {out / 'coefficients.json'}, model {res['model']}", rows)
     return 0
-
