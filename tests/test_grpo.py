@@ -4,6 +4,7 @@ velocity network and a stand-in reward (defined here) so that the tests run in s
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -49,17 +50,18 @@ class TinyVelocityNet(nn.Module):
 class BrightnessReward(Reward):
     """Stand-in reward with state: r = -(mean pixel - target[label])^2 + a small bonus that depends on a running
     mean of the pushed samples (so resuming must restore the state to give the same rewards). Its features are
-    the images."""
+    the images; `slow`: seconds of sleep per scoring (a run slow enough to be killed mid-way)."""
 
     name = "brightness"
     keeps_state = True
 
-    def __init__(self, num_classes: int = 3, fail_at_call: int | None = None):
+    def __init__(self, num_classes: int = 3, fail_at_call: int | None = None, slow: float = 0.0):
         self.target = np.linspace(-0.5, 0.5, num_classes)
         self.running = np.zeros(1, dtype=np.float64)
-        self.calls, self.fail_at_call = 0, fail_at_call
+        self.calls, self.fail_at_call, self.slow = 0, fail_at_call, slow
 
     def score_features(self, images, labels, groups=None):
+        time.sleep(self.slow)
         self.calls += 1
         if self.fail_at_call is not None and self.calls == self.fail_at_call:
             raise KeyboardInterrupt("simulated kill")

@@ -68,9 +68,8 @@ def finetune_cfg(length: int):
 
 
 def finetune_run(run_dir, cfg, slow: float = 0.0, **kw):
-    hook = (lambda it, record: time.sleep(slow)) if slow else None
-    return finetune(cfg, run_dir, net=G.make_net(), reward=G.BrightnessReward(), evaluator=G.StandInEvaluator(),
-                    progress=False, on_iteration=hook, **kw)
+    return finetune(cfg, run_dir, net=G.make_net(), reward=G.BrightnessReward(slow=slow),
+                    evaluator=G.StandInEvaluator(), progress=False, **kw)
 
 
 def finetune_state(run_dir: Path) -> dict:
