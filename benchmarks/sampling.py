@@ -5,11 +5,21 @@
     python benchmarks/sampling.py --device cuda --quick                      # GPU: SiT-XL/2 256px, EDM2-XS 512px
     python benchmarks/sampling.py --device cuda --compile --json runs/bench/sampling_gpu.json
     .venv/bin/python benchmarks/sampling.py --efficiency --threads 1 --json runs/bench/cpu_speed.json   # CPU speed
+    .venv/bin/python benchmarks/sampling.py --layout --layout-threads 1 2          # NHWC default: speed, deviations
+
+`--layout` (CPU): the ODE sampler on the shipped UNet (weights/fmnist-base.safetensors) with its NCHW path
+(`samplers.CPU_NHWC = False`: the samples as they were before the default changed) and with the default NHWC path,
+at each thread count of --layout-threads: the speed ratio NCHW time / NHWC time per interleaved pair of calls
+(10 Euler steps on --batch images; the order within a pair alternates, so load hits both alike), then the
+deviations on the evaluation protocol (--n class-balanced samples of seed 1234, Euler 10 and Heun 16): max |x_nhwc -
+x_nchw| over the samples and the relative change of FD on both Fashion-MNIST networks (runs/.cache real features),
+against the tolerance of a default (1e-4 max abs, 1e-3 relative FD; docs/sampling.md "CPU speed").
 
 `--efficiency` (CPU): for each network, the GFLOP of one network call per image (torch.utils.flop_counter:
 convolutions and matmuls, a multiply-add counted as 2), the GFLOP/s the Euler ODE sampler reaches at the
 evaluation batch (500 images, 10 steps) on each code path (`before`: the plain network on the whole batch, as
-before the CPU fast path; `default`; `nhwc`: the UNet's opt-in channels_last path; on request `chunks`: the plain
+before the CPU fast path; `nchw`: the in-place fast path with NCHW maps, the default before; `default`: + the UNet's
+channels_last maps at the full resolution; on request `chunks`: the plain
 UNet in chunks, and `compile`: torch.compile of the network), a single-thread 1024x1024 float32 matmul measured
 right before and right after each sampler call, and the ratio. Rates are given per CPU-second of the calling
 thread (robust on a shared machine: time slices lost to other processes do not count) and per wall-clock second;
@@ -266,22 +276,23 @@ def matmul_rate(repeats: int = 5) -> tuple[float, float]:
 @contextlib.contextmanager
 def cpu_path(net, arch: str, path: str, batch: int):
     """Run the sampler on a code path: `before` (the plain network, the whole batch per call: the sampler before
-    the CPU fast path), `chunks` (UNet: the plain network in chunks of CPU_CHUNK), `default`, `nhwc` (UNet:
-    + channels_last maps at the full resolution), `compile` (torch.compile of the plain network, chunked)."""
+    the CPU fast path), `chunks` (UNet: the plain network in chunks of CPU_CHUNK), `nchw` (UNet: the in-place
+    fast path on NCHW maps), `default` (+ channels_last maps at the full resolution), `compile` (torch.compile of
+    the plain network, chunked)."""
     from distreward.sampling import samplers
 
-    saved = samplers.CPU_CHUNK, getattr(net, "fast_cpu", None), getattr(net, "nhwc", None)
+    saved = samplers.CPU_CHUNK, samplers.CPU_NHWC, getattr(net, "fast_cpu", None)
     if path == "before":
         samplers.CPU_CHUNK = max(batch, 1)
+    samplers.CPU_NHWC = path == "default"
     if arch == "unet":  # compile: inductor fuses the plain ops itself (the fast path's out= / in-place ops break graphs)
         net.fast_cpu = path not in ("before", "chunks", "compile")
-        net.nhwc = path == "nhwc"
     try:
         yield
     finally:
-        samplers.CPU_CHUNK = saved[0]
+        samplers.CPU_CHUNK, samplers.CPU_NHWC = saved[0], saved[1]
         if arch == "unet":
-            net.fast_cpu, net.nhwc = saved[1], saved[2]
+            net.fast_cpu = saved[2]
 
 
 def spread(values: list[float]) -> dict:
@@ -306,7 +317,7 @@ def efficiency(args, threads: int) -> tuple[list[dict], list[dict]]:
         noise = torch.randn((args.batch, *shape), generator=gen)
         labels = torch.randint(0, max(classes, 1), (args.batch,), generator=gen) if classes else None
         sigmas = edm_flow_sigmas(args.steps) if kind == "edm" else sigma_schedule(args.steps)
-        paths = [p for p in (args.paths or ["before", "default", "nhwc"]) if arch == "unet" or p not in ("chunks", "nhwc")]
+        paths = [p for p in (args.paths or ["before", "nchw", "default"]) if arch == "unet" or p not in ("chunks", "nchw")]
         models, compile_s = {}, {}
         for path in paths:
             models[path] = model
@@ -372,6 +383,79 @@ def print_efficiency(summary: list[dict], header: str) -> None:
               f"{f(s['load_start'])} |")
 
 
+TOLERANCE = {"max_abs": 1e-4, "fd_rel": 1e-3}    # a default path's deviation bound (docs/sampling.md "CPU speed")
+SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "fmnist-base.safetensors"
+
+
+def layout_samples(model, n: int, method: str, steps: int, nhwc: bool) -> torch.Tensor:
+    """The evaluation's class-balanced samples (seed 1234) with the NHWC path on or off."""
+    from distreward.sampling import samplers, sigma_schedule
+    from distreward.sampling.generate import generate, shared_noise
+
+    noise, labels = shared_noise(n, (1, 32, 32), 10, 1234)
+    saved, samplers.CPU_NHWC = samplers.CPU_NHWC, nhwc
+    try:
+        return generate(model, noise, labels, sigma_schedule(steps), method=method, batch_size=500)
+    finally:
+        samplers.CPU_NHWC = saved
+
+
+def layout(args, threads: int) -> dict:
+    """Speed ratio (NCHW / NHWC time, interleaved pairs) and the deviations at `threads` threads."""
+    from distreward.evaluation import Evaluator
+    from distreward.models import load_generator
+    from distreward.sampling import FlowVelocity, ode_sample, samplers, sigma_schedule
+    from distreward.utils.threads import set_threads
+
+    set_threads(threads)
+    model = FlowVelocity(load_generator(SHIPPED))
+    g = torch.Generator().manual_seed(0)
+    noise, labels = torch.randn((args.batch, 1, 32, 32), generator=g), torch.arange(args.batch) % 10
+    clock = time.thread_time if threads == 1 else time.process_time
+
+    def call(nhwc: bool) -> tuple[float, float]:
+        samplers.CPU_NHWC = nhwc
+        w0, c0 = time.perf_counter(), clock()
+        ode_sample(model, noise, labels, sigma_schedule(10))
+        return time.perf_counter() - w0, clock() - c0
+
+    saved = samplers.CPU_NHWC
+    try:
+        call(False), call(True)                              # warm-up
+        wall, cpu = [], []
+        for r in range(args.repeats):
+            order = (False, True) if r % 2 == 0 else (True, False)
+            t = {nhwc: call(nhwc) for nhwc in order}
+            wall.append(t[False][0] / t[True][0])
+            cpu.append(t[False][1] / t[True][1])
+    finally:
+        samplers.CPU_NHWC = saved
+    ev = Evaluator.for_fmnist()
+    dev = {}
+    for method, steps in (("euler", 10), ("heun", 16)):
+        a, b = (layout_samples(model, args.n, method, steps, nhwc) for nhwc in (False, True))
+        ma, mb = ev.evaluate(a), ev.evaluate(b)
+        dev[f"{method} {steps}"] = {"max_abs": float((b - a).abs().max()),
+                                    **{f"{k}_rel": abs(mb[k] / ma[k] - 1) for k in ("fd_reward", "fd_eval")},
+                                    **{k: (ma[k], mb[k]) for k in ("fd_reward", "fd_eval")}}
+    return {"threads": threads, "batch": args.batch, "repeats": args.repeats, "n": args.n, "load": load(),
+            "speed_wall": spread(wall), "speed_cpu": spread(cpu), "deviations": dev}
+
+
+def print_layout(r: dict) -> None:
+    """One thread count's --layout figures, each deviation against TOLERANCE."""
+    w, c = r["speed_wall"], r["speed_cpu"]
+    print(f"\n{r['threads']} thread(s), {r['load']}: NHWC default vs NCHW, 10 Euler steps on {r['batch']} images, "
+          f"{r['repeats']} interleaved pairs: speed x{w['median']:.2f} wall ({w['min']:.2f}-{w['max']:.2f}), "
+          f"x{c['median']:.2f} CPU time ({c['min']:.2f}-{c['max']:.2f})")
+    for name, d in r["deviations"].items():
+        ok = d["max_abs"] <= TOLERANCE["max_abs"] and max(d["fd_reward_rel"], d["fd_eval_rel"]) <= TOLERANCE["fd_rel"]
+        print(f"  {name}, n = {r['n']}: max |dx| {d['max_abs']:.2e}; FD reward {d['fd_reward'][0]:.5f} -> "
+              f"{d['fd_reward'][1]:.5f} (rel {d['fd_reward_rel']:.1e}), held-out {d['fd_eval'][0]:.6f} -> "
+              f"{d['fd_eval'][1]:.6f} (rel {d['fd_eval_rel']:.1e}): {'within' if ok else 'OUTSIDE'} the tolerance "
+              f"({TOLERANCE['max_abs']:.0e} max abs, {TOLERANCE['fd_rel']:.0e} relative FD)", flush=True)
+
+
 def print_table(rows: list[dict], header: str) -> None:
     print(f"\n{header}")
     print("| network | variant | sampler | batch | steps | NFE | images/s | best images/s | ms/NFE | x fp32 |")
@@ -399,7 +483,11 @@ def main(argv=None) -> int:
                    help="CPU: GFLOP/s of the Euler ODE sampler per code path vs a single-thread matmul, in the same run "
                         "(default batch 500, 10 steps, 3 repeats)")
     p.add_argument("--paths", type=lambda s: s.split(","), default=None,
-                   help="--efficiency code paths: before,default,nhwc (default), chunks, compile")
+                   help="--efficiency code paths: before,nchw,default (default), chunks, compile")
+    p.add_argument("--layout", action="store_true",
+                   help="CPU: the UNet's NHWC default against its NCHW path: speed ratio and sample / FD deviations")
+    p.add_argument("--layout-threads", type=int, nargs="+", default=[1, 2], help="--layout thread counts (default 1 2)")
+    p.add_argument("--n", type=int, default=500, help="--layout: samples behind the deviations (default 500)")
     args = p.parse_args(argv)
 
     from distreward.utils.threads import set_threads
@@ -413,8 +501,8 @@ def main(argv=None) -> int:
     if args.efficiency:
         if gpu:
             raise SystemExit("--efficiency measures the CPU paths; drop --device cuda")
-        if args.paths and set(args.paths) - {"before", "chunks", "default", "nhwc", "compile"}:
-            raise SystemExit(f"--paths takes before, chunks, default, nhwc, compile; got {args.paths}")
+        if args.paths and set(args.paths) - {"before", "chunks", "nchw", "default", "compile"}:
+            raise SystemExit(f"--paths takes before, chunks, nchw, default, compile; got {args.paths}")
         args.batch = args.batch or (64 if args.quick else 500)
         args.steps = args.steps or (2 if args.quick else 10)
         args.repeats = args.repeats or (1 if args.quick else 3)
@@ -431,6 +519,13 @@ def main(argv=None) -> int:
                                          "batch": args.batch, "steps": args.steps, "repeats": args.repeats,
                                          "matmul_n": MATMUL_N, "rows": rows, "summary": summary})
             print(f"-> {args.json}")
+        return 0
+    if args.layout:
+        if gpu:
+            raise SystemExit("--layout measures the CPU's NHWC path; drop --device cuda")
+        args.batch, args.repeats = args.batch or 128, args.repeats or 5
+        for t in args.layout_threads:
+            print_layout(layout(args, t))
         return 0
     args.batch = args.batch or ((32 if gpu else 8) if args.quick else (64 if gpu else 16))
     args.steps = args.steps or ((8 if gpu else 4) if args.quick else 10)

@@ -453,3 +453,43 @@ def test_real_sit_and_edm2_networks_through_the_adapters():
                        channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=16).eval()
     out = ode_sample(EDMVelocity(pre), x, torch.tensor([1, 5]), edm_flow_sigmas(3), "heun")
     assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+SHIPPED = __import__("pathlib").Path(__file__).resolve().parents[1] / "weights" / "fmnist-base.safetensors"
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason=f"{SHIPPED} (the shipped embedded default) is missing")
+@pytest.mark.parametrize("method,steps", [("euler", 10), ("heun", 4)])
+def test_nhwc_default_stays_within_the_tolerance_of_the_nchw_samples(method, steps, monkeypatch):
+    """The ODE sampler's default UNet path (channels_last maps on the CPU) against the NCHW path on the shipped
+    network: samples within 1e-4 (max abs) and the FD of a fixed feature map within 1e-3 relative
+    (docs/sampling.md "CPU speed"); the network's own `nhwc` setting is left as it was."""
+    import numpy as np
+
+    from distreward.metrics import frechet_distance
+    from distreward.models import load_generator
+    from distreward.sampling import samplers
+
+    assert samplers.CPU_NHWC                       # the default
+    net = load_generator(SHIPPED)
+    model, n = FlowVelocity(net), samplers.CPU_CHUNK + 6       # two chunks
+    noise, labels = torch.randn((n, 1, 32, 32), generator=gen(4)), torch.arange(n) % 10
+    calls = []
+    conv_in = net.conv_in.forward
+    monkeypatch.setattr(net.conv_in, "forward", lambda x, nhwc=None: calls.append(nhwc) or conv_in(x, nhwc))
+    fast = ode_sample(model, noise, labels, sigma_schedule(steps), method)
+    assert calls and all(calls) and net.nhwc is False          # NHWC inside the sampler, restored after it
+    monkeypatch.setattr(samplers, "CPU_NHWC", False)
+    calls.clear()
+    plain = ode_sample(model, noise, labels, sigma_schedule(steps), method)
+    assert calls and not any(calls)
+    assert float((fast - plain).abs().max()) <= 1e-4
+
+    proj = torch.randn((32 * 32, 8), generator=gen(5)) / 32          # a fixed random feature map, d = 8
+    real = torch.randn((4 * n, 8), generator=gen(6)).double().numpy() * 0.5
+
+    def fd(x):
+        f = (x.flatten(1) @ proj).double().numpy()
+        return frechet_distance(f.mean(0), np.cov(f, rowvar=False), real.mean(0), np.cov(real, rowvar=False))
+
+    assert abs(fd(fast) / fd(plain) - 1) <= 1e-3

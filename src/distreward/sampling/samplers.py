@@ -8,6 +8,7 @@ sigma_max-scaled noise as EDM does for schedules starting below 1 (edm_flow_sigm
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, NamedTuple, Sequence
 
@@ -43,6 +44,27 @@ def heun_correct(x: torch.Tensor, v: torch.Tensor, v_next: torch.Tensor, sigma, 
 # are about 100 MB per map, which glibc returns to the OS on every free and page-faults in again on the next
 # allocation: the sampler ran 30-40% slower (docs/sampling.md "CPU speed"). Other devices take the whole batch.
 CPU_CHUNK = 64
+# The ODE sampler runs the UNet's channels_last path on the CPU (models/unet.py `nhwc`: full-resolution maps NHWC,
+# faster). Another convolution kernel rounds differently, so the samples move, within the tolerance of a default:
+# 1e-4 max abs on the samples, 1e-3 relative on FD (measured: docs/sampling.md "CPU speed"; tested).
+# False: the NCHW path (bit for bit the samples before). The RL rollouts and the trained steps keep NCHW.
+CPU_NHWC = True
+
+
+@contextlib.contextmanager
+def cpu_layout(model, device: torch.device):
+    """Within the block, every UNet inside `model` (an nn.Module adapter) runs its NHWC path when CPU_NHWC and
+    `device` is the CPU; each network's own `nhwc` setting is restored afterwards."""
+    nets = ([m for m in model.modules() if isinstance(getattr(m, "nhwc", None), bool)]
+            if CPU_NHWC and device.type == "cpu" and isinstance(model, torch.nn.Module) else [])
+    saved = [m.nhwc for m in nets]
+    for m in nets:
+        m.nhwc = True
+    try:
+        yield
+    finally:
+        for m, v in zip(nets, saved):
+            m.nhwc = v
 
 
 @torch.no_grad()
@@ -51,18 +73,21 @@ def ode_sample(model: Callable, noise: torch.Tensor, labels: torch.Tensor | None
     """Integrate the flow ODE from sigmas[0] to sigmas[-1]; returns x at sigmas[-1] (float32).
 
     Heun skips its correction on a step that lands on sigma = 0 (as EDM does), so T steps cost 2T - 1 calls.
-    On the CPU the batch is integrated in chunks of `CPU_CHUNK` images (the same per-image result, faster).
+    On the CPU the batch is integrated in chunks of `CPU_CHUNK` images (the same per-image result, faster), with
+    the UNet's channels_last path (`CPU_NHWC`).
     """
     if method not in ("euler", "heun"):
         raise ValueError(f"unknown ODE method {method!r}; choose 'euler' or 'heun'")
     sig = check_sigmas(sigmas).tolist()
     x = _start(noise, sig[0])
     chunk = CPU_CHUNK if x.device.type == "cpu" else x.shape[0]
-    if x.shape[0] <= chunk:
-        return _ode_chunk(model, x, labels, sig, method)
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    for i in range(0, x.shape[0], chunk):
-        out[i:i + chunk] = _ode_chunk(model, x[i:i + chunk], None if labels is None else labels[i:i + chunk], sig, method)
+    with cpu_layout(model, x.device):
+        if x.shape[0] <= chunk:
+            return _ode_chunk(model, x, labels, sig, method)
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        for i in range(0, x.shape[0], chunk):
+            out[i:i + chunk] = _ode_chunk(model, x[i:i + chunk], None if labels is None else labels[i:i + chunk],
+                                          sig, method)
     return out
 
 
