@@ -1,0 +1,107 @@
+"""report.md of finetune, merge and study run directories (distreward.runreport), on tiny runs: the tables hold the
+run's own logged numbers, the curves and sample grids exist and are linked."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from _tiny import TinyClassifier, save_tiny_unet
+from distreward.utils.threads import set_threads
+
+set_threads()   # $DISTREWARD_THREADS (1 in the project's test runs)
+
+
+@pytest.fixture()
+def tiny(tmp_path):
+    from distreward.evaluation import Evaluator
+
+    save_tiny_unet(tmp_path / "base.safetensors", noise=0.3)
+    ref = (0.5 * torch.randn((200, 1, 32, 32), generator=torch.Generator().manual_seed(3))).clamp(-1, 1)
+    ev = Evaluator(ref, feature_nets=(TinyClassifier(1, num_classes=10), TinyClassifier(2, num_classes=10)),
+                   labels=["fmnist-reward", "fmnist-eval"], cache_dir=None, max_real=200, kid_subsets=5,
+                   kid_subset_size=20, ref_labels=torch.arange(200) % 10)
+    overrides = [f"model.path={tmp_path / 'base.safetensors'}", "rl.iterations=2", "rl.labels_per_iter=2",
+                 "rl.group_size=3", "rl.steps=3", "rl.train_steps.window=1", "reward.reference_size=24",
+                 "eval.n=20", "eval.steps=3", "eval.every=1", "eval.grid=10", "eval.batch_size=20",
+                 "checkpoint.every=1", "evidence.n=30", "evidence.uncertainty=5", "evidence.converged_steps=2",
+                 "evidence.report_seed=5", "distill.teacher_steps=6"]
+    return tmp_path, ev, overrides
+
+
+def links(md: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+
+
+def test_finetune_report_tabulates_the_logged_evaluations_with_errors(tiny):
+    from distreward.config import load_config
+    from distreward.rl import finetune
+    from distreward.runreport import run_kind, write_run_report
+
+    tmp_path, ev, overrides = tiny
+    run = tmp_path / "ft"
+    finetune(load_config("fmnist_grpo", overrides + ["eval.uncertainty=5"]), run, evaluator=ev, progress=False)
+    assert run_kind(run) == "finetune"
+    md = write_run_report(run).read_text()
+    evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval/fd_eval" in r]
+    assert [r["iteration"] for r in evals] == [0, 1, 2]
+    for r in evals:      # each evaluation's row: its logged FDs with their bootstrap errors
+        row = next(line for line in md.splitlines() if line.startswith(f"| iteration {r['iteration']} |"))
+        assert f"{r['eval/fd_reward']:.3f} ± {r['eval/fd_reward_err']:.3f}" in row
+        assert f"{r['eval/fd_eval']:.4f} ± {r['eval/fd_eval_err']:.4f}" in row
+    assert "Fine-tuning run `fmnist_grpo`" in md and "2 of 2 iterations logged" in md
+    shown = links(md)
+    assert "fd_curve.png" in shown and "samples/ema_0000.png" in shown and "samples/ema_0002.png" in shown
+    for rel in shown:
+        assert (run / rel).stat().st_size > 500, rel
+
+
+def test_merge_report_has_every_baseline_the_merged_model_and_its_samples(tmp_path):
+    from test_merge import StubEvaluator, euler_sampler, feature_fn, real_stats, tiny_checkpoints, tiny_cfg
+
+    from distreward.merge import CheckpointSet, run_merge
+    from distreward.runreport import run_kind, write_run_report
+
+    run = tmp_path / "merge"
+    res = run_merge(tiny_cfg(iterations=2), run, ckpts=CheckpointSet.open(tiny_checkpoints(tmp_path)),
+                    sample_fn=euler_sampler(), feature_fn=feature_fn, evaluator=StubEvaluator(),
+                    real_stats=real_stats(), progress=False)
+    assert run_kind(run) == "merge"
+    md = write_run_report(run).read_text()
+    for name in [*res["baselines"], "init", "merged"]:
+        r = res["merged"] if name == "merged" else res["init"] if name == "init" else res["baselines"][name]
+        row = next(line for line in md.splitlines() if line.startswith(f"| {name} |"))
+        assert f"{r['fd_reward']:.3f}" in row and f"{r['fd_eval']:.4f}" in row
+    assert "No standard errors" in md
+    assert ", ".join(f"{w:.3f}" for w in res["merged"]["w"]) in md
+    assert {"search_curve.png", "samples_merged.png"} <= set(links(md))
+    assert all((run / rel).stat().st_size > 200 for rel in links(md))
+
+
+def test_a_directory_without_run_files_is_refused_with_the_fix(tmp_path):
+    from distreward.runreport import write_run_report
+
+    with pytest.raises(ValueError, match="give the directory of a finetune, merge or study run"):
+        write_run_report(tmp_path)
+
+
+@pytest.mark.slow
+def test_study_report_adds_every_arms_curves_and_samples(tiny):
+    from distreward.runreport import run_kind, write_run_report
+    from distreward.study import run_study
+
+    tmp_path, ev, overrides = tiny
+    root = tmp_path / "study"
+    run_study("fmnist_grpo", overrides, seeds=[0], arms=["grpo", "null"], run_dir=root, progress=False,
+              evaluator=ev, eval_cache=None)
+    assert run_kind(root) == "study"
+    md = write_run_report(root).read_text()
+    assert md.startswith((root / "study.md").read_text())       # the study's own tables, with their errors
+    assert "| grpo/seed0 |" in md and "±" in md
+    shown = links(md)
+    assert {"study.png", "fd_curve.png", "seed0/grpo/samples/ema_0002.png", "seed0/null/samples/ema_0002.png"} <= set(shown)
+    for rel in shown:
+        assert (root / rel).stat().st_size > 500, rel
