@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..pg import ppo_clip_loss
+from ..pg import clip_masks, ppo_clip_loss
 
 
 class GaussianPolicy(nn.Module):
@@ -88,5 +88,5 @@ def policy_update(policy: GaussianPolicy, optimizer: torch.optim.Optimizer, w: t
         with torch.no_grad():
             ratio = (policy.log_prob(w) - old_lp).exp()
         stats = {"loss": float(loss.detach()), "ratio_mean": float(ratio.mean()),
-                 "clip_frac": float(((ratio - 1).abs() > clip).double().mean())}
+                 "clip_frac": float(torch.logical_or(*clip_masks(ratio, clip)).double().mean())}
     return stats

@@ -95,7 +95,7 @@ class RunContext:
 
     def score(self, images: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor):
         """Rewards r of the whole batch from this rank's samples (permuted under the null control) and the gathered
-        rows to push; then the group-relative advantages A and which groups had no reward spread."""
+        rows to push (None for a reward without state)."""
         r, gathered = parallel.score(self.reward, images, labels, groups)
         if self.rl.null_control == "permute":
             r = null_permutation(r, self.generator)
