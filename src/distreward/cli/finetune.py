@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..rl import finetune
+from ..runreport import write_run_report
 from ..utils.dist import is_main
 from . import print_summary
 from .run_args import add_run_arguments, finished, run_config, run_dir, run_options
@@ -24,4 +25,5 @@ def run(args) -> int:
     if not is_main():
         return 0
     print_summary("finetune", f"{out}: EMA model {out / 'model_ema.safetensors'}", [("final", res["final"] or {})])
+    print(f"finetune: report {write_run_report(out)}")
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from ..merge import run_merge
+from ..runreport import write_run_report
 from ..utils import dist as D
 from . import print_summary
 from .run_args import add_run_arguments, finished, run_config, run_dir, run_options
@@ -40,4 +41,5 @@ def run(args) -> int:
         return 0
     rows = [(k, v) for k, v in res["baselines"].items()] + [("init", res["init"]), ("merged", res["merged"])]
     print_summary("merge", f"{out}: coefficients {out / 'coefficients.json'}, model {res['model']}", rows)
+    print(f"merge: report {write_run_report(out)}")
     return 0

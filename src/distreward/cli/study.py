@@ -8,6 +8,7 @@ import argparse
 from ..config import load_config
 from ..study import ARMS, default_arms, run_study
 from ..report import mean_std
+from ..runreport import write_run_report
 from . import new_output
 
 
@@ -43,4 +44,5 @@ def run(args) -> int:
             e = figs.get("fd_eval")
             if e:
                 print(f"    {arm:>8}: {mean_std(e)} over {len(e['seeds'])} seeds")
+    print(f"study: report {write_run_report(out or 'runs/study_' + result['config'])}")
     return 0
