@@ -71,3 +71,12 @@ def test_null_control_gives_the_batchs_rewards_to_other_samples(tmp_path, name):
         assert null["history"][0][key] == pytest.approx(real["history"][0][key], rel=1e-6, abs=1e-12)
     assert real["history"][0]["r_std"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(real["net"].parameters(), null["net"].parameters()))
+
+
+def test_a_reward_outside_the_interface_is_refused_before_any_work(tmp_path):
+    def brightness(images, labels, groups=None):
+        return images.mean((1, 2, 3))
+
+    with pytest.raises(TypeError, match="not a distreward.reward.Reward; subclass it"):
+        train("grpo", frame_cfg("grpo", 1), tmp_path / "run", net=make_net(), reward=brightness, progress=False)
+    assert not (tmp_path / "run").exists()

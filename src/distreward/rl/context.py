@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..pg import group_advantages
+from ..reward import Reward
 from ..utils import dist as D
 from ..utils.io import RunDir
 from ..utils.hashing import weight_files
@@ -27,6 +28,14 @@ def null_permutation(r: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     """The null control (rl.null_control = permute): the batch's rewards given to random members of the batch, so
     the advantages keep the real rewards' scale and spread but carry no information about the samples."""
     return r[torch.randperm(r.numel(), generator=generator).to(r.device)]
+
+
+def check_reward(reward):
+    """A reward given by the caller must implement the interface the trainers use (`distreward.reward.Reward`)."""
+    if reward is not None and not isinstance(reward, Reward):
+        raise TypeError(f"reward: a {type(reward).__name__} is not a distreward.reward.Reward; subclass it and define "
+                        "score_features (and features / push_features when it needs a network or keeps state)")
+    return reward
 
 
 @dataclass
@@ -54,6 +63,7 @@ class RunContext:
         """The policy (cfg.model or `net`), its AdamW, the evaluator and (when `uses_reward`) the reward with its
         reference set, in this order (the order of their random draws)."""
         world, main = D.world_size(), D.is_main()
+        reward = reward if uses_reward else None
         weights = PolicyWeights.build(cfg, device, net, int(cfg.seed))
         optimizer = weights.optimizer(cfg.rl)
         needed = int(cfg.eval.every) > 0 or (uses_reward and reward is None)
@@ -63,7 +73,7 @@ class RunContext:
         add_inputs(run, weight_files(evaluator, reward), main=main)
         rows = parallel.group_rows(int(cfg.rl.labels_per_iter), int(cfg.rl.group_size))
         return cls(cfg=cfg, run=run, device=device, world=world, main=main, weights=weights, optimizer=optimizer,
-                   reward=reward if uses_reward else None, evaluator=evaluator, rows=rows, progress=progress)
+                   reward=reward, evaluator=evaluator, rows=rows, progress=progress)
 
     @property
     def rl(self):

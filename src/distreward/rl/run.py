@@ -22,7 +22,7 @@ from ..utils.configdiff import only_raise
 from ..utils.hashing import input_files
 from ..utils.rundir import prepare_run
 from ..utils.runlog import RunLog
-from .context import Algorithm, RunContext
+from .context import Algorithm, RunContext, check_reward
 from .distill import Distill
 from .grpo import GRPO
 from .loopstate import EmaEvaluation, due, restore_checkpoint, save_merge_input, save_state
@@ -86,6 +86,7 @@ def train(name: str, cfg, run_dir, *, resume: bool = False, overwrite: bool = Fa
     if name not in ALGORITHMS:
         raise ValueError(f"unknown trainer {name!r}; use one of {', '.join(ALGORITHMS)}")
     algorithm = ALGORITHMS[name]
+    check_reward(reward)
     cfg = resolve(cfg, own_reward=reward is not None or not algorithm.uses_reward)
     if algorithm.one_process:
         check_single_process(D.launched_world_size())

@@ -138,7 +138,7 @@ def feature_batch_key():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# finetune (GRPO, distreward.rl.grpo.finetune; docs/rl.md)
+# finetune (GRPO, distreward.rl.finetune; docs/rl.md)
 
 @dataclass
 class GrpoModel:
