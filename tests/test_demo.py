@@ -82,6 +82,12 @@ def test_demo_writes_report_and_metrics_and_reuses_stages(tiny_setup, monkeypatc
     assert m["served"]["models"]["distribution"]["fd_eval"] == m["distribution"]["fd_eval"]
     assert {(r["model"], r["method"]) for r in m["evidence"]["curve"]} == {
         (a, b) for a in ("base", "distribution", "sample") for b in ("euler", "heun")}
+    # the plot's points: each model's FD minus the base's at the same solver, with a paired standard error
+    curve_base = {(r["method"], r["nfe"]): r for r in m["evidence"]["curve"] if r["model"] == "base"}
+    for r in m["evidence"]["curve"]:
+        b = curve_base[(r["method"], r["nfe"])]
+        assert r["n"] == b["n"] == 20 and r["fd_eval_diff"] == pytest.approx(r["fd_eval"] - b["fd_eval"], abs=1e-12)
+        assert (r["fd_eval_diff_err"] == 0) == (r["model"] == "base")
     # the cross-check sampler (2 Euler steps instead of the served 3) gives other numbers for the same models
     cross = m["crosscheck"]
     assert cross["steps"] == 2 and set(cross["models"]) == {"base", "distribution", "sample"}
@@ -170,3 +176,19 @@ def test_grpo_inputs_do_not_list_the_final_ema_twice(tmp_path):
     assert all(torch.equal(final[k], ema[k]) for k in ema)               # the duplicate the stage used to list
     files = grpo_inputs(SimpleNamespace(run_dir=tmp_path / "demo"))
     assert files == [ck / "ema_00001.safetensors", d / "model.safetensors", d / "model_ema.safetensors"]
+
+
+def test_merge_ema_searches_per_block_at_the_converged_solver(tiny_setup):
+    """merge_ema: per-block coefficients from the best baseline, sampled and selected with Heun at the evidence's
+    converged step count (the setting measured to beat the best post-hoc EMA, docs/merge.md)."""
+    from distreward import demo
+    from distreward.demo.merge import merge_ema_config, merge_rl_config
+
+    tmp_path, ev, overrides = tiny_setup
+    ctx = demo.make_context(tmp_path / "ctx", overrides=overrides + ["evidence.converged_steps=12"], progress=False,
+                            evaluator=ev)
+    cfg = merge_ema_config(ctx)
+    assert (cfg.merge.space, cfg.merge.init, cfg.sampler.method, cfg.sampler.steps) == ("blocks", "best", "heun", 12)
+    assert cfg.eval.seed == ctx.cfg.eval.seed                 # selected on the validation seed
+    rl = merge_rl_config(ctx)                                 # merge_rl keeps the served sampler
+    assert (rl.sampler.method, rl.sampler.steps) == (ctx.cfg.eval.method, ctx.cfg.eval.steps)
