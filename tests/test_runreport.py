@@ -7,29 +7,8 @@ import json
 import re
 
 import pytest
-import torch
 
-from _tiny import TinyClassifier, save_tiny_unet
-from distreward.utils.threads import set_threads
-
-set_threads()   # $DISTREWARD_THREADS (1 in the project's test runs)
-
-
-@pytest.fixture()
-def tiny(tmp_path):
-    from distreward.evaluation import Evaluator
-
-    save_tiny_unet(tmp_path / "base.safetensors", noise=0.3)
-    ref = (0.5 * torch.randn((200, 1, 32, 32), generator=torch.Generator().manual_seed(3))).clamp(-1, 1)
-    ev = Evaluator(ref, feature_nets=(TinyClassifier(1, num_classes=10), TinyClassifier(2, num_classes=10)),
-                   labels=["fmnist-reward", "fmnist-eval"], cache_dir=None, max_real=200, kid_subsets=5,
-                   kid_subset_size=20, ref_labels=torch.arange(200) % 10)
-    overrides = [f"model.path={tmp_path / 'base.safetensors'}", "rl.iterations=2", "rl.labels_per_iter=2",
-                 "rl.group_size=3", "rl.steps=3", "rl.train_steps.window=1", "reward.reference_size=24",
-                 "eval.n=20", "eval.steps=3", "eval.every=1", "eval.grid=10", "eval.batch_size=20",
-                 "checkpoint.every=1", "evidence.n=30", "evidence.uncertainty=5", "evidence.converged_steps=2",
-                 "evidence.report_seed=5", "distill.teacher_steps=6"]
-    return tmp_path, ev, overrides
+from test_study import tiny  # noqa: F401  (the tiny study's base model, evaluator and overrides)
 
 
 def links(md: str) -> list[str]:
@@ -43,7 +22,7 @@ def test_finetune_report_tabulates_the_logged_evaluations_with_errors(tiny):
 
     tmp_path, ev, overrides = tiny
     run = tmp_path / "ft"
-    finetune(load_config("fmnist_grpo", overrides + ["eval.uncertainty=5"]), run, evaluator=ev, progress=False)
+    finetune(load_config("fmnist_grpo", overrides + ["eval.every=1", "eval.uncertainty=5"]), run, evaluator=ev, progress=False)
     assert run_kind(run) == "finetune"
     md = write_run_report(run).read_text()
     evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval/fd_eval" in r]
@@ -95,7 +74,7 @@ def test_study_report_adds_every_arms_curves_and_samples(tiny):
 
     tmp_path, ev, overrides = tiny
     root = tmp_path / "study"
-    run_study("fmnist_grpo", overrides, seeds=[0], arms=["grpo", "null"], run_dir=root, progress=False,
+    run_study("fmnist_grpo", overrides + ["eval.every=1"], seeds=[0], arms=["grpo", "null"], run_dir=root, progress=False,
               evaluator=ev, eval_cache=None)
     assert run_kind(root) == "study"
     md = write_run_report(root).read_text()
