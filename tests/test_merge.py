@@ -14,7 +14,8 @@ import distreward.merge.trainer as T
 from distreward.merge import (CheckpointSet, GaussianPolicy, MergeRL, normalise_rewards, policy_update, ppo_clip_loss,
                               project_sum_one, reinforce_loss, resolve, run_merge, shared_noise)
 from distreward.merge.inputs import make_ode_sampler, open_checkpoints
-from distreward.merge.trainer import baseline_weights, best_baseline, initial_mean
+from distreward.merge.baselines import baseline_weights, best_baseline, initial_mean
+from distreward.merge.state import load_search_state, search_state
 from distreward.metrics import GaussianStats, frechet_distance
 from distreward.models import build_network, load_generator, save_generator
 from distreward.reward import ReferenceSet
@@ -145,9 +146,9 @@ def test_merge_rewards_equal_the_set_replace_formula(tmp_path):
     cs = CheckpointSet.open(tiny_checkpoints(tmp_path))
     rl = MergeRL(tiny_cfg(), cs, [1 / 3] * 3, sample_fn=euler_sampler(), feature_fn=feature_fn,
                  real_mu=st.mu, real_sigma=st.sigma)
-    rl.load_reward_state({"rows": G.copy(), "ptr": N - 2})      # an old checkpoint; the replaced rows wrap around
+    rl.scorer.load_state_dict({"rows": G.copy(), "ptr": N - 2})      # an old checkpoint; the replaced rows wrap around
     assert isinstance(rl.reward, ReferenceSet) and rl.reward.ptr == N - 2
-    np.testing.assert_allclose(rl.rewards(cands), old_set_replace_rewards(G, N - 2, cands, st.mu, st.sigma),
+    np.testing.assert_allclose(rl.scorer(cands), old_set_replace_rewards(G, N - 2, cands, st.mu, st.sigma),
                                rtol=1e-9, atol=1e-9)
     rl.reward.push(np.concatenate(cands))
     idx = (N - 2 + np.arange(3 * n)) % N
@@ -155,20 +156,20 @@ def test_merge_rewards_equal_the_set_replace_formula(tmp_path):
     assert rl.reward.ptr == (N - 2 + 3 * n) % N and np.array_equal(rl.reward.rows, G)
     new = [rng.normal(size=(n, d)) for _ in range(4)]
     expect = old_set_replace_rewards(G, rl.reward.ptr, new, st.mu, st.sigma)
-    np.testing.assert_allclose(rl.rewards(new), expect, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(rl.scorer(new), expect, rtol=1e-9, atol=1e-9)
     back = MergeRL(tiny_cfg(), cs, [1 / 3] * 3, sample_fn=euler_sampler(), feature_fn=feature_fn,
                    real_mu=st.mu, real_sigma=st.sigma)
-    back.load_state_dict(rl.state_dict())
-    np.testing.assert_array_equal(back.rewards(new), rl.rewards(new))
+    load_search_state(back, search_state(rl))
+    np.testing.assert_array_equal(back.scorer(new), rl.scorer(new))
     plain = MergeRL(tiny_cfg(reference_size=0), cs, [1 / 3] * 3, sample_fn=euler_sampler(), feature_fn=feature_fn,
                     real_mu=st.mu, real_sigma=st.sigma)
     plain.init_reference()
     assert plain.reward is None
     sets = [rng.normal(size=(40, d)) * s for s in (0.8, 1.0, 1.2)]    # n > d: a well-conditioned covariance
-    np.testing.assert_allclose(plain.rewards(sets), old_set_replace_rewards(None, 0, sets, st.mu, st.sigma),
+    np.testing.assert_allclose(plain.scorer(sets), old_set_replace_rewards(None, 0, sets, st.mu, st.sigma),
                                rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match="whole reference set"):
-        rl.rewards([rng.normal(size=(N, d))] * 2)
+        rl.scorer([rng.normal(size=(N, d))] * 2)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -240,8 +241,8 @@ def test_identical_candidates_get_identical_rewards(tmp_path):
     rl.init_reference()
     noise, labels = shared_noise(8, (1, 8, 8), 2, seed=11)
     w_same, w_other = np.array([0.5, 0.3, 0.2]), np.array([0.1, 0.1, 0.8])
-    feats = [feature_fn(rl.images(w, noise, labels)) for w in (w_same, w_other, w_same)]
-    r = rl.rewards(feats)
+    feats = [feature_fn(rl.sampler.images(w, noise, labels)) for w in (w_same, w_other, w_same)]
+    r = rl.scorer(feats)
     assert r[0] == r[2]
     assert r[0] != r[1]
 

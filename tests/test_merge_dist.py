@@ -19,7 +19,7 @@ import torch
 from distreward.evaluation import Evaluator
 from distreward.merge import CheckpointSet, MergeRL, resolve, run_merge
 from distreward.merge.inputs import make_ode_sampler
-from distreward.merge.trainer import evaluate_weights
+from distreward.merge.baselines import evaluate_weights
 from distreward.metrics import GaussianStats
 from distreward.models import build_network, save_generator
 from distreward.utils import dist as D
@@ -211,7 +211,7 @@ def test_two_process_run_resumes_to_the_same_result(two_ranks, single):
     p = parts(outdir, real_images=False)
     probe = MergeRL(tiny_cfg(), p["ckpts"], [1 / 3] * 3, sample_fn=p["sample_fn"], feature_fn=feature_fn,
                     real_mu=p["real_stats"][0], real_sigma=p["real_stats"][1])
-    ref = evaluate_weights(probe, res[0]["resumed"]["merged"]["w"], p["evaluator"], tiny_cfg())
+    ref = evaluate_weights(probe.sampler, res[0]["resumed"]["merged"]["w"], p["evaluator"], tiny_cfg())
     got = res[0]["resumed"]["merged"]
     assert got["n"] == 10 and got["kid"] is None
     assert got["fd_reward"] == pytest.approx(ref["fd_reward"], rel=1e-6)

@@ -19,6 +19,7 @@ from distreward.merge import (SEARCHERS, CheckpointSet, MergeRL, PolicySearch, R
                               make_searcher, project_sum_one, run_merge, soup_weights)
 from distreward.merge.cmaes import CmaSearch
 from distreward.merge.inputs import make_ode_sampler
+from distreward.merge.state import load_search_state, search_state
 from distreward.schema import ConfigError
 from distreward.utils.checkpoint import load_checkpoint
 
@@ -112,12 +113,12 @@ def test_candidates_are_projected_before_merging_and_scored_alike(tmp_path, name
     assert raw.shape == (3, 3) and not np.allclose(raw.sum(1), 1.0)
     np.testing.assert_array_equal(np.stack(seen), project_sum_one(asked[0]).numpy())
     # the same rewards from the trainer's scoring path for the same projected weights
-    noise, labels = rl.noise(8, 0)
-    feats = [feature_fn(rl.images(w, noise, labels)) for w in list(seen)]
-    rl2 = MergeRL(tiny_cfg(), cs, [0.5, 0.3, 0.2], sample_fn=rl.sample_fn, feature_fn=feature_fn, real_mu=mu,
+    noise, labels = rl.sampler.noise(8, 0)
+    feats = [feature_fn(rl.sampler.images(w, noise, labels)) for w in list(seen)]
+    rl2 = MergeRL(tiny_cfg(), cs, [0.5, 0.3, 0.2], sample_fn=rl.sampler.sample_fn, feature_fn=feature_fn, real_mu=mu,
                   real_sigma=sigma)
     rl2.init_reference()
-    np.testing.assert_array_equal(rl2.rewards(feats), told[0])
+    np.testing.assert_array_equal(rl2.scorer(feats), told[0])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -271,10 +272,10 @@ def test_a_checkpoint_of_another_searcher_is_refused(tmp_path):
     mu, sigma = real_stats()
     make = lambda name: MergeRL(tiny_cfg(algorithm=name), cs, [1 / 3] * 3, sample_fn=None, feature_fn=feature_fn,  # noqa: E731
                                 real_mu=mu, real_sigma=sigma)
-    st = make("cma").state_dict()
+    st = search_state(make("cma"))
     plain_values(st)
     with pytest.raises(ValueError, match="'cma' searcher"):
-        make("ppo").load_state_dict(st)
+        load_search_state(make("ppo"), st)
 
 
 # ------------------------------------------------------------------------------------------------------------

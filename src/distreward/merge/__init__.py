@@ -8,9 +8,12 @@
 - `inputs`: checkpoint lists, post-hoc EMA coefficients, EDM2 pickle conversion and `merge_parts`, the one builder
   of a run's parts from its config (inputs, ODE sampler with guidance and decoding, reward features with their
   weights, real statistics, evaluator).
-- `run_merge(cfg, run_dir)`: baselines (last, uniform, post-hoc EMA grid, greedy soup), the search loop, the merged
-  model. The reward is `distreward.reward.ReferenceSet.set_rewards`: r_c = FD(G) - FD(G - S + X_c) for a
-  candidate's n samples X_c.
+- `candidates`: a candidate from its drawn coefficients to its reward: the coefficient space (`as_merged`), the
+  samples and features of merged models over the ranks (`CandidateSampler`), the set-replace FD reward
+  (`SetReward`: r_c = FD(G) - FD(G - S + X_c) for a candidate's n samples X_c, `reward.ReferenceSet.set_rewards`).
+- `baselines`: held-out evaluations of theta(w) and the baselines (last, uniform, post-hoc EMA grid, greedy soup);
+  `state`: the checkpoint of a search and the run's outputs.
+- `run_merge(cfg, run_dir)` (`trainer`): the baselines, the search loop (`MergeRL`), the merged model.
 - `study.run_merge_study`: every searcher at the same image budget over seeds against the baselines, reported with
   the evidence protocol (`distreward merge-study`).
 """

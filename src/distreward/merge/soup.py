@@ -1,6 +1,6 @@
 """Greedy soup (Wortsman et al. 2022, "Model soups"): the `greedy_soup` baseline of `distreward merge`.
 
-The inputs are sorted by their own validation score (lower is better: `merge.trainer.SELECT_BY`); the soup starts
+The inputs are sorted by their own validation score (lower is better: `merge.baselines.SELECT_BY`); the soup starts
 as the best single input and each next input is added to it (the soup is the uniform average of its inputs) only
 when the soup with it scores lower than the soup without.
 """
