@@ -1,21 +1,13 @@
-"""The richer merging spaces of benchmarks/merge_headroom.py: block assignments and noise-level switching."""
+"""The richer merging spaces of distreward.merge.headroom: block assignments, noise-level switching, anchors."""
 
 from __future__ import annotations
-
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from distreward.merge import CheckpointSet
+from distreward.merge import CheckpointSet, headroom
 from distreward.models import build_network, save_generator
-from test_merge import TINY
-
-_spec = importlib.util.spec_from_file_location("merge_headroom",
-                                               Path(__file__).parents[1] / "benchmarks" / "merge_headroom.py")
-headroom = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(headroom)
+from test_merge import TINY, tiny_checkpoints
 
 def test_block_weights_take_each_group_from_its_anchor(tmp_path):
     paths = []
@@ -46,3 +38,11 @@ def test_switch_uses_the_high_model_above_the_edge_per_sample():
     assert out[:, 0, 0, 0].tolist() == [1.0, -1.0, -1.0, 1.0]        # sigma = edge belongs to the low model
     assert torch.all(sw(x, torch.full((4,), 0.8)) == 1.0)
     assert torch.all(sw(x, torch.full((4,), 0.1)) == -1.0)
+
+
+def test_anchors_of_checkpoints_are_the_first_the_last_and_the_uniform_soup(tmp_path):
+    paths = tiny_checkpoints(tmp_path, k=4)
+    ckpts, anchor_w = headroom.anchors(checkpoints=paths)
+    assert ckpts.k == 4 and list(anchor_w) == ["first", "last", "uniform"]
+    assert anchor_w["first"].tolist() == [1, 0, 0, 0] and anchor_w["last"].tolist() == [0, 0, 0, 1]
+    assert anchor_w["uniform"].tolist() == [0.25] * 4
