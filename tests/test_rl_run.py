@@ -80,3 +80,49 @@ def test_a_reward_outside_the_interface_is_refused_before_any_work(tmp_path):
     with pytest.raises(TypeError, match="not a distreward.reward.Reward; subclass it"):
         train("grpo", frame_cfg("grpo", 1), tmp_path / "run", net=make_net(), reward=brightness, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_shared_update_is_the_plain_minibatch_loop():
+    """step.minibatch_steps against the loop written out: one permutation per epoch from the run's generator,
+    per minibatch zero_grad, backward, grad-norm clip, AdamW step, EMA; the logged means over the updates."""
+    from types import SimpleNamespace
+
+    from distreward.rl.step import ema_update, minibatch_steps, stat_sums
+
+    rl = SimpleNamespace(minibatches=3, inner_epochs=2, grad_clip=0.5, ema_decay=0.9)
+    x = torch.randn(10, 4, generator=torch.Generator().manual_seed(1))
+    y = torch.randn(10, generator=torch.Generator().manual_seed(2))
+
+    def setup():
+        torch.manual_seed(0)
+        net = torch.nn.Linear(4, 1)
+        return net, torch.nn.Linear(4, 1).requires_grad_(False), torch.optim.AdamW(net.parameters(), lr=0.1)
+
+    def loss_of(net, rows):
+        return (net(x[rows])[:, 0] - y[rows]) ** 2
+
+    net, ema, opt = setup()
+
+    def backward(mb, _):
+        loss = loss_of(net, mb.local)
+        (loss.mean() * mb.share).backward()
+        return stat_sums(loss.sum(), torch.tensor(float(mb.idx.numel())))
+
+    stats = minibatch_steps(net, ema, opt, rl, torch.Generator().manual_seed(3), batch=10, rows=range(10),
+                            names=("loss", "size"), divisors=(1, 2), backward=backward)
+
+    ref, ref_ema, ref_opt = setup()
+    g, losses, norms = torch.Generator().manual_seed(3), [], []
+    for _ in range(2):
+        for idx in torch.randperm(10, generator=g).chunk(3):
+            ref_opt.zero_grad()
+            loss = loss_of(ref, idx)
+            loss.mean().backward()
+            norms.append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)))
+            ref_opt.step()
+            ema_update(ref_ema, ref, 0.9)
+            losses.append(float(loss.detach().mean()))
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), ref.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(ema.parameters(), ref_ema.parameters()))
+    assert stats["loss"] == pytest.approx(sum(losses) / 6, rel=1e-6) and stats["size"] == 0.5
+    assert stats["grad_norm"] == pytest.approx(sum(norms) / 6, rel=1e-6)

@@ -21,7 +21,7 @@ from . import parallel
 from .loopstate import PolicyWeights, run_evaluator, run_reward
 from .rollout import draw_labels
 
-__all__ = ["Algorithm", "RunContext", "null_permutation"]
+__all__ = ["Algorithm", "RunContext", "check_reward", "null_permutation", "reward_record"]
 
 
 def null_permutation(r: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
