@@ -25,17 +25,17 @@ TINY = {"img_resolution": 8, "img_channels": 1, "num_classes": 2, "model_channel
         "num_blocks": 1, "attn_resolutions": [], "num_heads": 1}
 
 
-def tiny_checkpoints(tmp_path, k=3, seed=0, const=None):
+def tiny_checkpoints(tmp_path, k=3, seed=0, const=None, kwargs=TINY):
     paths = []
     for i in range(k):
         torch.manual_seed(seed + i)
-        net = build_network("unet", TINY)
+        net = build_network("unet", kwargs)
         with torch.no_grad():
             for p in net.parameters():
                 p.normal_(0, 0.1)
             if const is not None:
                 net.conv_in.bias.fill_(const)
-        paths.append(save_generator(tmp_path / f"ckpt{i}.safetensors", net, "unet", TINY, extra={"step": i}))
+        paths.append(save_generator(tmp_path / f"ckpt{i}.safetensors", net, "unet", kwargs, extra={"step": i}))
     return paths
 
 

@@ -13,7 +13,6 @@ from distreward.build import build_codec
 from distreward.features import register_features
 from distreward.merge import CheckpointSet, resolve, run_merge
 from distreward.merge.inputs import ode_sampler
-from distreward.models import build_network, save_generator
 from distreward.sampling import sigma_schedule
 from test_merge import StubEvaluator, feature_fn, real_stats, tiny_checkpoints, tiny_cfg
 
@@ -78,15 +77,7 @@ LATENT = {"img_resolution": 8, "img_channels": 4, "num_classes": 2, "model_chann
 
 def test_run_merge_decodes_a_latent_model_with_the_configs_vae(tmp_path):
     pytest.importorskip("diffusers")
-    paths = []
-    for i in range(2):
-        torch.manual_seed(i)
-        net = build_network("unet", LATENT)
-        with torch.no_grad():
-            for p in net.parameters():
-                p.normal_(0, 0.1)
-        paths.append(save_generator(tmp_path / f"latent{i}.safetensors", net, "unet", LATENT))
-    ckpts = CheckpointSet.open(paths)
+    ckpts = CheckpointSet.open(tiny_checkpoints(tmp_path, k=2, kwargs=LATENT))
     cfg = with_model(image_shape=[4, 8, 8], vae=VAE)
     codec = build_codec(cfg.model, "cpu", seed=int(cfg.seed))
     by_hand = ode_sampler("unet", sigma_schedule(STEPS), method="heun", batch_size=500, decode=codec.decode)
