@@ -124,7 +124,7 @@ def test_cli_stats_then_evaluate_with_stats_only(tmp_path, data, capsys):
     res = tmp_path / "m.json"
     assert main(["evaluate", str(imgs), "--ref", str(out), "--json", str(res), "--no-cache"]) == 0
     printed = capsys.readouterr().out
-    assert "skipped" in printed and "FD fmnist-eval" in printed
+    assert "skipped" in printed and "fd fmnist-eval" in printed
     m = json.loads(res.read_text())
     assert m["fd_reward"] is None and m["kid"] is None and m["fd_eval"] > 0 and m["n"] == 300
 
@@ -138,7 +138,13 @@ def test_cli_evaluate_images_reference_and_perturb(tmp_path, capsys):
     for key in ("fd_reward", "fd_eval", "kid", "precision", "recall"):
         assert clean[key] is not None and np.isfinite(clean[key])
     assert noise["fd_eval"] > 5 * clean["fd_eval"] and noise["perturb"] == "noise"
-    assert "KID x1e3" in capsys.readouterr().out
+    # the record holds what it takes to repeat it: the subsets' sizes and the seed that drew them
+    assert {k: clean[k] for k in ("max_images", "max_ref", "max_real", "seed", "kid_subsets")} == \
+        {"max_images": 400, "max_ref": 1000, "max_real": 1000, "seed": 0, "kid_subsets": 5}
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("evaluate: fmnist-test (400 images) against fmnist-train")
+    assert lines[1].startswith("  metrics: fd fmnist-reward ") and "kid_x1e3 " in lines[1]
+    assert list((tmp_path / "cache").glob("real-features-*.npz"))          # --cache-dir holds the reference features
 
 
 def test_cli_errors(tmp_path, capsys):
@@ -171,3 +177,13 @@ def test_fmnist_test_vs_full_train_reference(tmp_path):
     blurred = ev.evaluate(perturb_images(test[:2000], "blur"))
     assert blurred["fd_eval"] > 10 * clean["fd_eval"] and blurred["fd_reward"] > 10 * clean["fd_reward"]
     assert clean["precision"] > 0.6 and clean["recall"] > 0.6
+
+
+def test_stats_default_file_is_keyed_by_the_number_of_images(tmp_path, monkeypatch, capsys):
+    """Without -o, statistics of another number of images go to another file instead of replacing the first."""
+    monkeypatch.chdir(tmp_path)
+    for n in (40, 60):
+        assert main(["stats", "fmnist-test", "--features", "fmnist-eval", "--max-images", str(n), "--no-progress"]) == 0
+    files = sorted((tmp_path / "runs" / "stats").glob("*.npz"))
+    assert [f.name for f in files] == ["fmnist-test-fmnist-eval-40.npz", "fmnist-test-fmnist-eval-60.npz"]
+    assert [int(np.load(f)["n"]) for f in files] == [40, 60]

@@ -216,12 +216,12 @@ def figures(m: dict, keys=FIGURES) -> str:
                      for k in keys if m.get(k) is not None)
 
 
-def print_summary(command: str, head: str, rows=()) -> None:
+def print_summary(command: str, head: str, rows=(), keys=FIGURES) -> None:
     """Every command's end summary on stdout, one format: `CMD: <head>`, then one line per model `  name: key value,
-    ...` (the full record is in the run directory's result files)."""
+    ...` (the full record is in the run directory's result files or the --json file)."""
     print(f"{command}: {head}")
     for name, m in rows:
-        print(f"  {name}: {figures(m) or '-'}")
+        print(f"  {name}: {figures(m, keys) or '-'}")
 
 
 # ------------------------------------------------------------------------------------------------ main

@@ -20,14 +20,15 @@ from pathlib import Path
 import numpy as np
 
 from distreward.data import check_images, load_images
-from distreward.evaluation import Evaluator, fit_images, format_metrics, perturb_images, sample_rows
+from distreward.evaluation import Evaluator, fit_images, perturb_images, sample_rows
 from distreward.features import get_feature_network
 from distreward.metrics import GaussianStats
 from distreward.utils.cache import cache_root
 from distreward.utils.errors import InputFileError, OptionError, reading
 from distreward.utils.io import atomic_save_json
+from distreward.utils.progress import phase
 
-from . import count
+from . import count, print_summary
 
 STATS_FIX = "give statistics from 'distreward stats DATA --features F -o X.npz', or reference images"
 
@@ -120,11 +121,16 @@ def run(args) -> int:
     ev = Evaluator(ref_images, feature_nets=nets, device=args.device, k=args.k, max_real=args.max_real,
                    cache_dir=None if args.no_cache else cache_root(), ref_stats=ref_stats,
                    batch_size=args.batch_size, progress=not args.no_progress, seed=args.seed, kid_subsets=args.kid_subsets, labels=[str(f) for f in args.features])
+    phase(f"evaluate: features and metrics of {images.shape[0]} images from {args.images}")
     metrics = ev.evaluate(images)
-    metrics = {**metrics, "images": args.images, "ref": args.ref,
-               "features": list(ev.labels), "perturb": args.perturb, "strength": args.strength, "kid_scale": 1e3, "k": args.k}
-    print(format_metrics(metrics))
+    metrics = {**metrics, "images": args.images, "ref": args.ref, "features": list(ev.labels), "perturb": args.perturb,
+               "strength": args.strength, "kid_scale": 1e3, "k": args.k, "seed": args.seed,
+               "max_images": args.max_images, "max_ref": args.max_ref, "max_real": args.max_real,
+               "kid_subsets": args.kid_subsets}
     if args.json:
         atomic_save_json(args.json, metrics)
-        print(f"-> {args.json}")
+    row = {**{f"fd {label}": v for label, v in metrics["fd"].items()}, "kid_x1e3": metrics["kid"],
+           "kid_x1e3_err": metrics["kid_std"], **{k: metrics.get(k) for k in ("precision", "recall", "density", "coverage")}}
+    head = f"{args.images} ({metrics['n']} images) against {' '.join(args.ref)}" + (f"; metrics in {args.json}" if args.json else "")
+    print_summary("evaluate", head, [("metrics", row)], keys=[k for k in row if not k.endswith("_err")])
     return 0

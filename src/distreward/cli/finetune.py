@@ -8,6 +8,7 @@ import argparse
 from ..rl import finetune
 from ..runreport import write_run_report
 from ..utils.dist import is_main
+from ..utils.progress import phase
 from . import print_summary
 from .run_args import add_run_arguments, finished, run_config, run_dir, run_options
 
@@ -21,6 +22,8 @@ def run(args) -> int:
     out = run_dir(args, cfg)
     if finished(args, out, "result.json", "rl.iterations"):
         return 0
+    phase(f"finetune: {cfg.name} -> {out} ({cfg.rl.get('algorithm', 'grpo')}, {cfg.rl.iterations} iterations, "
+          f"reward {cfg.reward.name}){' resumed' if args.resume else ''}")
     res = finetune(cfg, out, **run_options(args))
     if not is_main():
         return 0

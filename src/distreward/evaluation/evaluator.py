@@ -35,6 +35,7 @@ from ..metrics.evidence import class_stats_arrays, class_stats_from_arrays, labe
 from ..utils.cache import cache_root
 from ..utils.errors import InputError
 from ..utils.io import atomic_write_bytes
+from ..utils.progress import phase
 
 KID_SCALE = 1e3
 DENSITY_COVERAGE_K = 5                    # the k of Naeem et al. 2020, independent of precision/recall's k
@@ -242,6 +243,8 @@ class Evaluator:
                     return st, z["feats"].copy(), classes
             except (OSError, KeyError, ValueError):  # also: no per-class sums for these labels in the file
                 pass  # an unreadable cache entry is recomputed and overwritten
+        where = f"; cached in {path.parent}" if path is not None else ""
+        phase(f"evaluator: features of the {images.shape[0]} reference images on {label} (once{where})")
         feats = compute_features(net, images, batch_size=self.batch_size, progress=self.progress, desc=f"real features ({label})")
         st = GaussianStats.from_features(feats)
         classes = None if lab_key is None else per_class_stats(feats, ref_labels)
