@@ -47,7 +47,8 @@ CPU_CHUNK = 64
 # The ODE sampler runs the UNet's channels_last path on the CPU (models/unet.py `nhwc`: full-resolution maps NHWC,
 # faster). Another convolution kernel rounds differently, so the samples move, within the tolerance of a default:
 # 1e-4 max abs on the samples, 1e-3 relative on FD (measured: docs/sampling.md "CPU speed"; tested).
-# False: the NCHW path (bit for bit the samples before). The RL rollouts and the trained steps keep NCHW.
+# False: the NCHW path (bit for bit the samples before). Every ODE step without gradients (`ode_step`: the sampler,
+# the distillation teacher) takes it; the RL rollouts and every step with gradients keep NCHW.
 CPU_NHWC = True
 
 
@@ -74,31 +75,30 @@ def ode_sample(model: Callable, noise: torch.Tensor, labels: torch.Tensor | None
 
     Heun skips its correction on a step that lands on sigma = 0 (as EDM does), so T steps cost 2T - 1 calls.
     On the CPU the batch is integrated in chunks of `CPU_CHUNK` images (the same per-image result, faster), with
-    the UNet's channels_last path (`CPU_NHWC`).
+    the UNet's channels_last path (`CPU_NHWC`, in `ode_step`).
     """
     if method not in ("euler", "heun"):
         raise ValueError(f"unknown ODE method {method!r}; choose 'euler' or 'heun'")
     sig = check_sigmas(sigmas).tolist()
     x = _start(noise, sig[0])
     chunk = CPU_CHUNK if x.device.type == "cpu" else x.shape[0]
-    with cpu_layout(model, x.device):
-        if x.shape[0] <= chunk:
-            return _ode_chunk(model, x, labels, sig, method)
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        for i in range(0, x.shape[0], chunk):
-            out[i:i + chunk] = _ode_chunk(model, x[i:i + chunk], None if labels is None else labels[i:i + chunk],
-                                          sig, method)
+    if x.shape[0] <= chunk:
+        return _ode_chunk(model, x, labels, sig, method)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    for i in range(0, x.shape[0], chunk):
+        out[i:i + chunk] = _ode_chunk(model, x[i:i + chunk], None if labels is None else labels[i:i + chunk], sig, method)
     return out
 
 
 def ode_step(model: Callable, x: torch.Tensor, labels: torch.Tensor | None, s: float, s_next: float,
              method: str) -> torch.Tensor:
     """One step of the flow ODE from sigma s to s_next (Euler, or Heun, which skips its correction on a step that
-    lands on sigma = 0)."""
-    v = model(x, sigma_vector(s, x), labels)
-    x_next = euler_step(x, v, s, s_next)
-    if method == "heun" and s_next > 0:
-        x_next = heun_correct(x, v, model(x_next, sigma_vector(s_next, x), labels), s, s_next)
+    lands on sigma = 0). Without gradients on the CPU, UNets run their channels_last path (`CPU_NHWC`)."""
+    with cpu_layout(model, x.device) if not torch.is_grad_enabled() else contextlib.nullcontext():
+        v = model(x, sigma_vector(s, x), labels)
+        x_next = euler_step(x, v, s, s_next)
+        if method == "heun" and s_next > 0:
+            x_next = heun_correct(x, v, model(x_next, sigma_vector(s_next, x), labels), s, s_next)
     return x_next
 
 
