@@ -171,8 +171,9 @@ class TrainSteps:
 
 @dataclass
 class GrpoRL:
-    algorithm: str = key("grpo", "the trainer: GRPO on SDE rollouts, or the forward-process trainer on ODE samples "
-                                 "(nft section)", choices=("grpo", "nft"))
+    algorithm: str = key("grpo", "the trainer: GRPO on SDE rollouts, the forward-process trainer on ODE samples "
+                                 "(nft section), or the pathwise one (pathwise section)",
+                         choices=("grpo", "nft", "pathwise"))
     iterations: int = key(30, "GRPO iterations", ge=1)
     labels_per_iter: int = key(16, "P: groups (one label each) per iteration, split over the ranks", ge=1)
     labels: str = key("balanced", "label stream: every class equally often (balanced) or random",
@@ -309,6 +310,15 @@ class Distill:
 
 
 @dataclass
+class Pathwise:
+    """The pathwise trainer (rl.algorithm = pathwise, distreward.rl.pathwise): the FD's first variation of each
+    sample back-propagated through the reward's feature network and the last k steps of the policy's ODE."""
+    k: int = key(1, "K: the sampler's last steps that keep gradients (the earlier ones run without)", ge=1)
+    method: str = key("euler", "ODE method of the samples", choices=ODE_METHODS)
+    steps: Optional[int] = key(None, "ODE steps of the samples (null: eval.steps, the served sampler's)", ge=1)
+
+
+@dataclass
 class Nft:
     """The forward-process trainer (rl.algorithm = nft, distreward.rl.nft): ODE samples of the old policy, rewards
     turned into optimality weights, the flow-matching loss of implicit positive / negative policies."""
@@ -336,6 +346,7 @@ class Finetune:
                                            "solver, uncertainty")
     distill: Distill = section(Distill, "the distillation control of `distreward study`")
     nft: Nft = section(Nft, "the forward-process trainer (rl.algorithm = nft)")
+    pathwise: Pathwise = section(Pathwise, "the pathwise trainer (rl.algorithm = pathwise)")
     dry_run: Optional[Partial] = dry_run_key()
     dry_run_of: Optional[str] = dry_run_of_key()
 
@@ -346,9 +357,9 @@ def check_finetune(cfg: dict) -> None:
     if reward.get("name") == "distribution" and reward.get("credit") == "group":
         fail("reward.credit", "group", "group credit gives every member of a group the group's reward, so the "
              "group-relative advantages are all zero; use reward.credit=sample (each sample replaces the same row)")
-    if rl["algorithm"] == "nft" and rl["shared_noise"]:
-        fail("rl.shared_noise", True, "the forward-process trainer samples with the deterministic ODE: a group sharing "
-             "one starting noise holds G identical samples and no reward spread; use rl.shared_noise=false")
+    if rl["algorithm"] in ("nft", "pathwise") and rl["shared_noise"]:
+        fail("rl.shared_noise", True, f"the {rl['algorithm']} trainer samples with the deterministic ODE: a group "
+             "sharing one starting noise holds G identical samples and no reward spread; use rl.shared_noise=false")
     ts = rl["train_steps"]
     if rl["noise_steps"] == "window" and ts["mode"] != "window":
         fail("rl.noise_steps", "window", "needs rl.train_steps.mode=window: the stochastic steps must be known "

@@ -1,0 +1,174 @@
+"""The pathwise trainer (rl.algorithm = pathwise), in the style of DRaFT-K (Clark et al. 2023, arXiv 2309.17400):
+the distribution-wise reward's gradient back-propagated through the feature network and the sampler's last K steps
+(docs/rl.md "The pathwise trainer").
+
+One iteration, top to bottom:
+  1. samples: P labels x G samples of the policy's ODE (pathwise.method, pathwise.steps), each from its own noise;
+     the first T - K steps run without gradients, the state x_{T-K} is kept;
+  2. reward r of the decoded samples against the reference set (logged, as the other trainers'), and each
+     sample's first variation d_i = dFD/df_i of the reference set's FD against the real statistics, at its
+     features f_i (metrics.variation.fd_first_variation; under the null control the d_i go to other samples);
+  3. update: per minibatch the last K steps are re-run from x_{T-K} with gradients, decoded / clamped, passed
+     through the reward's feature network, and the loss sum_i <stopgrad(d_i), f_i(theta)> (the first-order change
+     of the FD; lower is better) is back-propagated; AdamW, grad-norm clip, EMA (rl.step.minibatch_steps);
+  4. push: the samples' features enter the reference set.
+Each record also holds the batch's FD on the reward's network and on the held-out one (`watch_fd_reward`,
+`watch_fd_eval`): a pathwise gradient can exploit the reward's network, and the held-out FD rising while the
+reward's falls is the sign. One process, pixel-space models (the VAE decoder runs without gradients).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from ..metrics.variation import fd_first_variation
+from ..reward.rewards import ClassDistributionReward, DistributionReward
+from ..sampling import check_sigmas, ode_sample, ode_step, sigma_schedule
+from .context import Algorithm, RunContext, reward_record
+from .rollout import start_noise
+from .step import minibatch_steps, stat_sums
+
+__all__ = ["Pathwise", "pathwise_grid", "pathwise_loss", "first_variations", "first_steps", "last_steps", "pathwise_update"]
+
+
+# --------------------------------------------------------------------------------------------- the equations
+
+# Per-sample loss <stopgrad(d_i), f_i(theta)>: its gradient is the first-order change of FD when f_i moves.
+def pathwise_loss(features: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    return (features * directions.detach()).sum(1)
+
+
+def first_variations(reward, features: np.ndarray, labels: torch.Tensor) -> np.ndarray:
+    """d_i = dFD/df_i (B, d) float64 of each sample as a member of its reference set (the class's set under
+    reward.per_class) against the real statistics."""
+    if isinstance(reward, DistributionReward):
+        sets, rows = {None: reward.ref}, {None: np.arange(features.shape[0])}
+    else:
+        lab = labels.cpu().numpy()
+        sets = {c: reward.sets[c] for c in np.unique(lab).tolist()}
+        rows = {c: np.flatnonzero(lab == c) for c in sets}
+    out = np.zeros_like(features, dtype=np.float64)
+    for c, ref in sets.items():
+        out[rows[c]] = fd_first_variation(features[rows[c]], ref.mu, ref.sigma, ref.real_mu, ref.real_sigma_half,
+                                          ref.n)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- sampling
+
+def pathwise_grid(cfg) -> tuple[str, torch.Tensor, int]:
+    """(method, sigmas, K): the ODE of the samples (pathwise.method; pathwise.steps, or eval.steps when null) and
+    the number of its last steps that keep gradients."""
+    pw = cfg.pathwise
+    steps = int(cfg.eval.steps if pw.steps is None else pw.steps)
+    k = int(pw.k)
+    if k > steps:
+        raise ValueError(f"pathwise.k = {k} exceeds the sampler's {steps} steps; use pathwise.k <= {steps}")
+    return str(pw.method), sigma_schedule(steps, shift=float(cfg.rl.shift)), k
+
+
+def last_steps(model, x: torch.Tensor, labels: torch.Tensor, sigmas: torch.Tensor, method: str) -> torch.Tensor:
+    """The ODE from sigmas[0] to sigmas[-1] with gradients (the last K steps of the sampler; `x` carries none)."""
+    sig = check_sigmas(sigmas).tolist()
+    for s, s_next in zip(sig[:-1], sig[1:]):
+        x = ode_step(model, x, labels, s, s_next, method)
+    return x
+
+
+@torch.no_grad()
+def first_steps(model, noise: torch.Tensor, labels: torch.Tensor, sigmas: torch.Tensor, method: str) -> torch.Tensor:
+    """x_{T-K}: the sampler's first T - K steps from sigma = 1 without gradients (the noise itself when K = T)."""
+    return noise.float() if sigmas.numel() < 2 else ode_sample(model, noise, labels, sigmas, method)
+
+
+# --------------------------------------------------------------------------------------------- the update
+
+def pathwise_update(net, model, ema, optimizer, features_net, decode, x_start: torch.Tensor, labels: torch.Tensor,
+                    directions: torch.Tensor, sigmas: torch.Tensor, method: str, rl,
+                    generator: torch.Generator) -> dict:
+    """Step 3: inner epochs x minibatches; per minibatch the last steps from `x_start` with gradients, decoded,
+    the reward's features, the loss B x mean_i <d_i, f_i> (the batch's sum, estimated by the minibatch).
+    Returns the logged means over the updates: loss_pathwise (mean <d_i, f_i>) and grad_norm."""
+    batch = labels.shape[0]
+
+    def backward(mb, _):
+        rows = mb.idx.to(x_start.device)
+        x = last_steps(model, x_start[rows], labels[rows], sigmas, method)
+        loss = pathwise_loss(features_net(decode(x)).float(), directions[rows])
+        (loss.mean() * batch).backward()
+        return stat_sums(loss.sum())
+
+    return minibatch_steps(net, ema, optimizer, rl, generator, batch=batch, rows=range(batch),
+                           names=("loss_pathwise",), divisors=(1,), backward=backward)
+
+
+# --------------------------------------------------------------------------------------------- the trainer
+
+class Pathwise(Algorithm):
+    """rl.algorithm = pathwise: the FD's first variation back-propagated through the reward's feature network and
+    the sampler's last pathwise.k steps. One process; a pixel-space model; a distribution-wise reward."""
+
+    name = "pathwise"
+    one_process = True
+
+    def __init__(self, ctx: RunContext):
+        super().__init__(ctx)
+        if not isinstance(ctx.reward, (DistributionReward, ClassDistributionReward)):
+            raise ValueError(f"the pathwise trainer needs the distribution-wise reward (its FD's first variation), "
+                             f"got {type(ctx.reward).__name__}; use reward.name=distribution")
+        if ctx.weights.codec is not None:
+            raise ValueError("the pathwise trainer back-propagates through the decoder, but the latent model's VAE "
+                             "decodes without gradients; use a pixel-space model")
+        self.method, sigmas, self.k = pathwise_grid(ctx.cfg)
+        T = sigmas.numel() - 1
+        self.head, self.tail = sigmas[:T - self.k + 1], sigmas[T - self.k:]
+
+    def meta(self, ctx: RunContext) -> dict:
+        return {**super().meta(ctx), "pathwise_k": self.k, "pathwise_method": self.method}
+
+    def postfix(self, record: dict) -> dict:
+        return {**super().postfix(record), "fd_eval": f"{record['watch_fd_eval']:.3g}"
+                if record.get("watch_fd_eval") is not None else "-"}
+
+    def iteration(self, ctx: RunContext, it: int) -> dict:
+        rl, gen, device, weights = ctx.rl, ctx.generator, ctx.device, ctx.weights
+        # 1. the policy's ODE: the first T - K steps without gradients, then the rest (for the rewards)
+        t0 = time.perf_counter()
+        labels, groups = ctx.draw_labels(it)
+        noise = start_noise(groups, ctx.image_shape, gen, shared=False).to(device)
+        labels, groups = labels.to(device), groups.to(device)
+        x_start = first_steps(weights.model, noise, labels, self.head, self.method)
+        with torch.no_grad():
+            images = weights.decode(last_steps(weights.model, x_start, labels, self.tail, self.method))
+        t1 = time.perf_counter()
+        # 2. rewards (logged) and each sample's first variation of the reference set's FD
+        r, gathered = ctx.score(images, labels, groups)
+        A, zero_std = ctx.advantages(r, groups)
+        directions = torch.from_numpy(first_variations(ctx.reward, np.asarray(gathered), labels)).float()
+        if rl.null_control == "permute":
+            directions = directions[torch.randperm(directions.shape[0], generator=gen)]
+        watch = watch_fds(ctx.evaluator, images)
+        t2 = time.perf_counter()
+        # 3. the last K steps with gradients, through the decoder and the reward's feature network
+        stats = pathwise_update(weights.net, weights.model, weights.ema, ctx.optimizer, ctx.reward.net,
+                                weights.decode, x_start, labels, directions.to(device), self.tail, self.method, rl,
+                                gen)
+        t3 = time.perf_counter()
+        # 4. the samples enter the reference set
+        fd_ref = ctx.push(gathered, labels.cpu())
+        t4 = time.perf_counter()
+        return {"iteration": it + 1, **reward_record(r, zero_std, fd_ref), **watch,
+                "direction_norm": float(directions.norm(dim=1).mean()), **stats, "time_rollout": t1 - t0,
+                "time_reward": t2 - t1, "time_update": t3 - t2, "time_push": t4 - t3}
+
+
+def watch_fds(evaluator, images: torch.Tensor) -> dict:
+    """The batch's FD on the reward's network and on the held-out one (biased by the batch's size; compare them
+    across iterations): the held-out one rising while the reward's falls is adversarial drift."""
+    if evaluator is None:
+        return {"watch_fd_reward": None, "watch_fd_eval": None}
+    m = evaluator.evaluate(images)
+    return {"watch_fd_reward": m.get("fd_reward"), "watch_fd_eval": m.get("fd_eval")}

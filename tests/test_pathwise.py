@@ -1,0 +1,143 @@
+"""The pathwise trainer (distreward.rl.pathwise) and the FD's first variation it back-propagates
+(distreward.metrics.variation): the formula against finite differences of the FD of a set with one member moved,
+the gradient cut before the last K sampler steps against a closed form, and a tiny run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from distreward.utils.threads import set_threads
+
+set_threads()
+
+from distreward.metrics import frechet_distance_sqrtm, sqrtm_psd  # noqa: E402
+from distreward.metrics.variation import fd_covariance_gradient, fd_first_variation  # noqa: E402
+from distreward.rl import train  # noqa: E402
+from distreward.rl.pathwise import first_steps, last_steps  # noqa: E402
+from distreward.sampling import sigma_schedule  # noqa: E402
+
+from test_grpo import StandInEvaluator  # noqa: E402
+from test_grpo_dist import make_net, make_reward  # noqa: E402
+from test_rl_run import frame_cfg  # noqa: E402
+
+
+def set_fd(rows: np.ndarray, real_mu: np.ndarray, real_sigma: np.ndarray) -> float:
+    """FD of a set of rows (mean, unbiased covariance) against the real statistics, by scipy's sqrtm."""
+    return frechet_distance_sqrtm(rows.mean(0), np.cov(rows, rowvar=False), real_mu, real_sigma)
+
+
+def gaussian_problem(n: int, d: int, seed: int):
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=(d, 2 * d)), rng.normal(size=(d, d))
+    real_sigma = a @ a.T / (2 * d) + 0.1 * np.eye(d)
+    rows = rng.normal(size=(n, d)) @ b * 0.7 + 0.3
+    return rows, rng.normal(size=d) * 0.5, real_sigma
+
+
+@pytest.mark.parametrize("n, d", [(12, 3), (40, 6)])
+def test_first_variation_is_the_fd_derivative_of_a_set_with_one_member_moved(n, d):
+    rows, real_mu, real_sigma = gaussian_problem(n, d, seed=n)
+    grad = fd_first_variation(rows, rows.mean(0), np.cov(rows, rowvar=False), real_mu, sqrtm_psd(real_sigma), n)
+    h = 1e-5
+    for i in (0, n // 2, n - 1):
+        numeric = np.zeros(d)
+        for j in range(d):
+            up, down = rows.copy(), rows.copy()
+            up[i, j] += h
+            down[i, j] -= h
+            numeric[j] = (set_fd(up, real_mu, real_sigma) - set_fd(down, real_mu, real_sigma)) / (2 * h)
+        np.testing.assert_allclose(grad[i], numeric, rtol=1e-5, atol=1e-8)
+
+
+def test_first_variation_differs_from_the_two_over_n_form_by_order_one_over_n_squared():
+    rows, real_mu, real_sigma = gaussian_problem(200, 4, seed=3)
+    mu, sigma, half = rows.mean(0), np.cov(rows, rowvar=False), sqrtm_psd(real_sigma)
+    exact = fd_first_variation(rows, mu, sigma, real_mu, half, 200)
+    approx = 2 / 200 * ((mu - real_mu) + (rows - mu) @ fd_covariance_gradient(sigma, half))
+    gap = np.abs(exact - approx).max()
+    assert 0 < gap < 10 * np.abs(exact).max() / 200
+
+
+def test_covariance_gradient_vanishes_at_the_real_covariance():
+    # FD is minimal in Sigma at Sigma = Sigma_r: G = I - R (R Sigma_r R)^{-1/2} R = 0
+    _, _, real_sigma = gaussian_problem(10, 5, seed=7)
+    np.testing.assert_allclose(fd_covariance_gradient(real_sigma, sqrtm_psd(real_sigma)), 0, atol=1e-9)
+
+
+def test_first_variation_refuses_mismatched_dimensions():
+    with pytest.raises(ValueError, match="share the feature dimension"):
+        fd_first_variation(np.zeros((3, 4)), np.zeros(3), np.eye(3), np.zeros(3), np.eye(3), 10)
+
+
+class Gain(torch.nn.Module):
+    """v = theta x: an Euler step s -> s' multiplies x by (1 + (s' - s) theta)."""
+
+    def __init__(self, theta: float):
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.tensor(theta))
+
+    def forward(self, x, sigma, labels):
+        return self.theta * x
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_gradients_reach_only_the_last_k_steps(k):
+    """d x_T / d theta with the first T - K steps held fixed is x_T sum_{j >= T-K} h_j / (1 + h_j theta), the
+    Euler product's logarithmic derivative over the last K factors only."""
+    T, theta = 4, 0.7
+    model, sigmas = Gain(theta), sigma_schedule(T)
+    noise = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    x_start = first_steps(model, noise, None, sigmas[:T - k + 1], "euler")
+    assert not x_start.requires_grad
+    x = last_steps(model, x_start, None, sigmas[T - k:], "euler")
+    x.sum().backward()
+    h = (sigmas[1:] - sigmas[:-1]).double()
+    expected = float(x.detach().double().sum() * (h[T - k:] / (1 + h[T - k:] * theta)).sum())
+    assert float(model.theta.grad) == pytest.approx(expected, rel=1e-5)
+    full = (h / (1 + h * theta)).sum() * x.detach().double().sum()
+    assert k == T or abs(float(model.theta.grad) - float(full)) > 1e-3      # the earlier steps' share is cut
+
+
+def run(tmp_path, name, iterations=2, **overrides):
+    cfg = frame_cfg("pathwise", iterations)
+    for key, value in overrides.items():
+        section, leaf = key.split("__")
+        cfg[section][leaf] = value
+    return train("pathwise", cfg, tmp_path / name, net=make_net(), reward=make_reward(), evaluator=StandInEvaluator(),
+                 progress=False)
+
+
+def test_a_tiny_run_moves_the_policy_and_logs_the_drift_watch(tmp_path):
+    res = run(tmp_path, "run")
+    first = res["history"][0]
+    for key in ("r_mean", "fd_ref", "loss_pathwise", "grad_norm", "direction_norm", "watch_fd_reward",
+                "watch_fd_eval"):
+        assert np.isfinite(first[key]), key
+    assert first["grad_norm"] > 0 and first["direction_norm"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(make_net().parameters(), res["net"].parameters()))
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["watch_fd_eval"] for r in logged if "watch_fd_eval" in r] == [h["watch_fd_eval"] for h in res["history"]]
+
+
+def test_more_gradient_steps_give_a_different_update(tmp_path):
+    one, two = run(tmp_path, "k1", 1, pathwise__k=1), run(tmp_path, "k2", 1, pathwise__k=2)
+    assert any(not torch.equal(a, b) for a, b in zip(one["net"].parameters(), two["net"].parameters()))
+    assert one["history"][0]["r_mean"] == two["history"][0]["r_mean"]      # the same samples before the update
+
+
+def test_k_beyond_the_sampler_and_a_sample_wise_reward_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="pathwise.k = 5 exceeds"):
+        run(tmp_path, "k", 1, pathwise__k=5)
+    from distreward.reward.rewards import ClassifierLogProbReward
+
+    class Logits(torch.nn.Module):
+        def logits(self, images):
+            return images.flatten(1)[:, :3]
+
+    with pytest.raises(ValueError, match="needs the distribution-wise reward"):
+        train("pathwise", frame_cfg("pathwise", 1), tmp_path / "c", net=make_net(),
+              reward=ClassifierLogProbReward(Logits()), evaluator=StandInEvaluator(), progress=False)
