@@ -21,6 +21,10 @@ from test_grpo_dist import SHAPE, make_net, make_reward  # noqa: E402
 REWARDED = [name for name, algorithm in ALGORITHMS.items() if algorithm.uses_reward]
 
 
+# Pool rounds at their smallest: the pool is as large as make_reward's reference set (40 rows), in 3 shards.
+POOL = {"size": 40, "shard": 16, "method": "euler", "steps": 3, "epochs": 2, "minibatch": 10}
+
+
 def frame_cfg(name: str, iterations: int, **rl) -> dict:
     """A tiny config every trainer accepts: P = 2 groups of G = 3, 4 served steps, two minibatches; the trainer's
     own sections at their smallest. A trainer of the finetune command is named by rl.algorithm."""
@@ -28,10 +32,10 @@ def frame_cfg(name: str, iterations: int, **rl) -> dict:
     return {"name": "frame", "seed": 0, "model": {"num_classes": 3, "image_shape": list(SHAPE)},
             "rl": {"iterations": iterations, "labels_per_iter": 2, "group_size": 3, "steps": 4, "noise_level": 0.8,
                    "shared_noise": False, "train_steps": {"mode": "window", "window": 2}, "minibatches": 2,
-                   "lr": 3e-3, "beta": 0.05, "ema_decay": 0.5, "batch_size": 8, **algorithm, **rl},
+                   "lr": 3e-3, "beta": 0.05, "ema_decay": 0.5, "batch_size": 8, "pool": POOL, **algorithm, **rl},
             "nft": {"method": "euler", "steps": 3, "timesteps": 2}, "distill": {"teacher_steps": 8},
             "pathwise": {"k": 2, "steps": 3},
-            "reward": {"name": "distribution"},
+            "reward": {"name": "distribution", "reference_size": POOL["size"]},
             "eval": {"every": 2, "n": 6, "steps": 3, "method": "euler", "seed": 5, "grid": 3, "batch_size": 6},
             "checkpoint": {"every": 1}}
 

@@ -27,13 +27,15 @@ from .distill import Distill
 from .grpo import GRPO
 from .loopstate import EmaEvaluation, due, restore_checkpoint, save_merge_input, save_state
 from .nft import NFT
+from .pool import Pool
 from .pathwise import Pathwise
 from .settings import DEFAULTS, check_world, resolve
 
 __all__ = ["ALGORITHMS", "CHANGEABLE", "distill", "finetune", "train"]
 
 # The trainers, by name (rl.algorithm for finetune's; "distill" for the distillation control).
-ALGORITHMS: dict[str, type[Algorithm]] = {"grpo": GRPO, "nft": NFT, "distill": Distill, "pathwise": Pathwise}
+ALGORITHMS: dict[str, type[Algorithm]] = {"grpo": GRPO, "nft": NFT, "distill": Distill, "pathwise": Pathwise,
+                                          "pool": Pool}
 
 # Settings a resumed run can take new values of (with allow_changes / --allow-change KEY); docs/runs.md.
 CHANGEABLE = {"rl.iterations": only_raise, "eval.every": None, "eval.grid": None, "checkpoint.every": None,

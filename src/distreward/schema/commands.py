@@ -170,10 +170,24 @@ class TrainSteps:
 
 
 @dataclass
+class PoolRound:
+    """rl.algorithm = pool (distreward.rl.pool): each iteration is a round over a pool of the policy's samples."""
+    size: int = key(4096, "M: class-balanced samples per round, the reward's reference set (reward.reference_size "
+                          "= M)", ge=2)
+    method: str = key("heun", "ODE method of the pool's samples", choices=ODE_METHODS)
+    steps: int = key(8, "ODE steps of the pool's samples (near-converged)", ge=1)
+    shard: int = key(500, "samples per shard file (a resumed round keeps its finished shards)", ge=1)
+    epochs: int = key(2, "K: passes of the forward-process loss (nft.beta, nft.timesteps) over the pool", ge=1)
+    minibatch: int = key(128, "samples per optimizer step", ge=1)
+    credit: str = key("pool", "each sample scored against the whole pool, or against its class's part with that "
+                              "class's real statistics (reward.per_class)", choices=("pool", "class"))
+
+
+@dataclass
 class GrpoRL:
     algorithm: str = key("grpo", "the trainer: GRPO on SDE rollouts, the forward-process trainer on ODE samples "
                                  "(nft section), or the pathwise one (pathwise section)",
-                         choices=("grpo", "nft", "pathwise"))
+                         choices=("grpo", "nft", "pool", "pathwise"))
     iterations: int = key(30, "GRPO iterations", ge=1)
     labels_per_iter: int = key(16, "P: groups (one label each) per iteration, split over the ranks", ge=1)
     labels: str = key("balanced", "label stream: every class equally often (balanced) or random",
@@ -207,6 +221,7 @@ class GrpoRL:
     null_control: str = key("none", "permute: the rewards of each iteration are permuted across the batch before "
                                     "the advantages (a null control with the real rewards' scale)",
                             choices=("none", "permute"))
+    pool: PoolRound = section(PoolRound, "the pool-round trainer (rl.algorithm = pool)")
 
 
 @dataclass
@@ -360,6 +375,8 @@ def check_finetune(cfg: dict) -> None:
     if rl["algorithm"] in ("nft", "pathwise") and rl["shared_noise"]:
         fail("rl.shared_noise", True, f"the {rl['algorithm']} trainer samples with the deterministic ODE: a group "
              "sharing one starting noise holds G identical samples and no reward spread; use rl.shared_noise=false")
+    if rl["algorithm"] == "pool" and reward.get("name") == "distribution":
+        check_pool(rl["pool"], reward)
     ts = rl["train_steps"]
     if rl["noise_steps"] == "window" and ts["mode"] != "window":
         fail("rl.noise_steps", "window", "needs rl.train_steps.mode=window: the stochastic steps must be known "
@@ -368,6 +385,16 @@ def check_finetune(cfg: dict) -> None:
         fail("rl.train_steps.window", ts["window"], f"selects no step among 0..{rl['steps'] - 2} (rl.steps="
              f"{rl['steps']}, the last step is never trained)")
     check_vae(cfg.get("model") or {})
+
+
+def check_pool(pool: dict, reward: dict) -> None:
+    """The pool is the reward's reference set: as many rows, per class when the credit is by class."""
+    if reward["reference_size"] != pool["size"]:
+        fail("reward.reference_size", reward["reference_size"], f"the pool is the reference set: use "
+             f"reward.reference_size={pool['size']} (rl.pool.size)")
+    if bool(reward.get("per_class")) != (pool["credit"] == "class"):
+        fail("rl.pool.credit", pool["credit"], "class credit scores with per-class reference sets: use "
+             "rl.pool.credit=class with reward.per_class=true, or neither")
 
 
 def check_vae(model: dict) -> None:
