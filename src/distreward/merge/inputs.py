@@ -18,8 +18,9 @@ noise it is given.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -273,12 +274,16 @@ def preset_inputs(cfg, run_dir: Path) -> CheckpointSet:
     return open_checkpoints(cfg.merge)
 
 
+def edm_settings(sampler_cfg) -> list[float]:
+    """[sigma_min, sigma_max, rho] of sampler.schedule edm (EDM's values where the keys are left out)."""
+    return [float(get(sampler_cfg, k, d)) for k, d in (("sigma_min", 0.002), ("sigma_max", 80.0), ("rho", 7.0))]
+
+
 def preset_sigmas(sampler_cfg) -> torch.Tensor:
     """sampler.schedule: `edm` (EDM's rho schedule as flow sigmas) or `flow` (the shifted flow schedule)."""
     s = sampler_cfg
     if str(get(s, "schedule", "flow")) == "edm":
-        return edm_flow_sigmas(int(s.steps), float(get(s, "sigma_min", 0.002)), float(get(s, "sigma_max", 80.0)),
-                               float(get(s, "rho", 7.0)))
+        return edm_flow_sigmas(int(s.steps), *edm_settings(s))
     return sigma_schedule(int(s.steps), shift=float(get(s, "shift", 1.0)))
 
 
@@ -295,14 +300,26 @@ def run_sampler(cfg, arch: str | None, device="cpu") -> tuple[Sampler, dict]:
            "batch_size": int(s.batch_size), "schedule": str(get(s, "schedule", "flow")), "cfg_scale": cfg_scale,
            "decode": None if codec is None else {"vae": plain(m.vae), "seed": int(cfg.seed)}}
     if key["schedule"] == "edm":
-        key["edm"] = [float(get(s, k, d)) for k, d in (("sigma_min", 0.002), ("sigma_max", 80.0), ("rho", 7.0))]
+        key["edm"] = edm_settings(s)
     return sample_fn, key
 
 
+@dataclass
+class MergeParts:
+    """What a merge run is built from (`merge_parts`). `sample_key`: the settings sample_fn was built from (the
+    evaluation cache's key of its samples; None for a sampler of the caller's)."""
+    ckpts: CheckpointSet
+    sample_fn: Sampler
+    sample_key: dict | None
+    feature_fn: Callable[[torch.Tensor], np.ndarray]
+    real_stats: tuple[np.ndarray, np.ndarray]
+    evaluator: Any
+
+
 def merge_parts(cfg, run_dir, device="cpu", *, ckpts: CheckpointSet | None = None, sample_fn: Sampler | None = None,
-                feature_fn=None, real_stats=None, evaluator=None) -> dict:
+                feature_fn=None, real_stats=None, evaluator=None) -> MergeParts:
     """What a merge run is built from, each part given or built from the (validated) cfg, in this order: ckpts
-    (`preset_inputs`), sample_fn (`run_sampler`; sample_key: its key, None for a given sampler), feature_fn
+    (`preset_inputs`), sample_fn (`run_sampler`, with its sample_key), feature_fn
     (`reward_features`), real_stats (`real_statistics`, cached in run_dir; rank 0's on every rank) and evaluator
     (eval.features through `build.build_evaluator`, else Fashion-MNIST's)."""
     run_dir, main = Path(run_dir), D.is_main()
@@ -313,18 +330,19 @@ def merge_parts(cfg, run_dir, device="cpu", *, ckpts: CheckpointSet | None = Non
     if feature_fn is None:
         feature_fn = reward_features(cfg, device)
     if real_stats is None:
-        cache, given = run_dir / "real_stats_reward.npz", cfg.reward.real_stats
+        cache, given, name = run_dir / "real_stats_reward.npz", cfg.reward.real_stats, str(cfg.reward.features)
         if main:
-            phase(f"real statistics ({cfg.reward.features}): " + (f"reading {given}" if given else f"from {cache}"
-                  if cache.is_file() else f"computing on Fashion-MNIST train, cached in {cache}"))
+            phase(f"real statistics ({name}): " + (f"reading {given}" if given else "random (the random network)"
+                  if name == "random" else f"from {cache}" if cache.is_file()
+                  else f"computing on Fashion-MNIST train, cached in {cache}"))
         real_stats = D.broadcast_object(real_statistics(cfg, feature_fn, cache=cache) if main else None)
     if evaluator is None:
         net = getattr(feature_fn, "network", None)
         evaluator = build_evaluator(cfg, device, reuse=None if net is None else {str(cfg.reward.features): net})
     if evaluator is None:
         if main:
-            phase("evaluator: Fashion-MNIST train features of fmnist-reward and fmnist-eval (cached after the first run)")
+            phase("evaluator: Fashion-MNIST train features of fmnist-reward and fmnist-eval (cached after the first "
+                  "run)")
         with D.main_first():    # rank 0 fills the real-feature cache, the others read it
             evaluator = Evaluator.for_fmnist(device=device)
-    return {"ckpts": ckpts, "sample_fn": sample_fn, "sample_key": sample_key, "feature_fn": feature_fn,
-            "real_stats": real_stats, "evaluator": evaluator}
+    return MergeParts(ckpts, sample_fn, sample_key, feature_fn, real_stats, evaluator)

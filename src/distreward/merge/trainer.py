@@ -1,4 +1,4 @@
-"""Search over merging coefficients (METHOD.md §5): the loop, its baselines, logs, checkpoints and outputs.
+"""Search over merging coefficients (METHOD.md §5): the search loop and the run (baselines, search, outputs).
 
 One iteration: the searcher (`merge.search`, rl.algorithm) proposes P candidate w (by default w ~ N(m, diag(s^2)));
 for each, merge theta(w) into one live network, draw n samples with the deterministic inference ODE sampler from
@@ -187,17 +187,16 @@ def merge_run(cfg, run: RunDir, device: str, *, resume: bool, ckpts: CheckpointS
               f"{len(ckpts.tensors)} tensors); run directory {run.root}")
     parts = merge_parts(cfg, run.root, device, ckpts=ckpts, sample_fn=sample_fn, feature_fn=feature_fn,
                         real_stats=real_stats, evaluator=evaluator)
-    sample_fn, sample_key, feature_fn = parts["sample_fn"], parts["sample_key"], parts["feature_fn"]
-    real_stats, evaluator = parts["real_stats"], parts["evaluator"]
-    add_inputs(run, weight_files(evaluator, getattr(feature_fn, "network", None)), main=main)
+    evaluator = parts.evaluator
+    add_inputs(run, weight_files(evaluator, getattr(parts.feature_fn, "network", None)), main=main)
+    sampling = dict(sample_fn=parts.sample_fn, feature_fn=parts.feature_fn, device=device,
+                    sample_key=parts.sample_key)
 
     base_w = baseline_weights(ckpts, cfg)
-    probe = CandidateSampler(cfg, ckpts, sample_fn=sample_fn, feature_fn=feature_fn, device=device,
-                             sample_key=sample_key)
+    probe = CandidateSampler(cfg, ckpts, **sampling)
     results = evaluate_baselines(probe, base_w, evaluator, cfg, run, resume, progress, eval_cache)
     init = initial_mean(cfg.merge.init, ckpts, base_w, results)
-    rl = MergeRL(cfg, ckpts, init, sample_fn=sample_fn, feature_fn=feature_fn, real_mu=real_stats[0],
-                 real_sigma=real_stats[1], device=device, sample_key=sample_key)
+    rl = MergeRL(cfg, ckpts, init, real_mu=parts.real_stats[0], real_sigma=parts.real_stats[1], **sampling)
     train(rl, run, resume, progress)
 
     w, searcher = rl.mean_weights(), rl.searcher.name
