@@ -17,8 +17,15 @@ from distreward.rl import ALGORITHMS, train  # noqa: E402
 
 from test_grpo import StandInEvaluator  # noqa: E402
 from test_grpo_dist import SHAPE, make_net, make_reward  # noqa: E402
+from test_pretrain import write_images  # noqa: E402
 
 REWARDED = [name for name, algorithm in ALGORITHMS.items() if algorithm.uses_reward]
+DATA: dict = {}     # the training images of the trainers that read them (pretrain.images)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def training_images(tmp_path_factory):
+    DATA["images"] = str(write_images(tmp_path_factory.mktemp("data") / "images.npz", 12, SHAPE, 3))
 
 
 # Pool rounds at their smallest: the pool is as large as make_reward's reference set (40 rows), in 3 shards.
@@ -35,6 +42,7 @@ def frame_cfg(name: str, iterations: int, **rl) -> dict:
                    "lr": 3e-3, "beta": 0.05, "ema_decay": 0.5, "batch_size": 8, "pool": POOL, **algorithm, **rl},
             "nft": {"method": "euler", "steps": 3, "timesteps": 2}, "distill": {"teacher_steps": 8},
             "pathwise": {"k": 2, "steps": 3},
+            "pretrain": {"images": DATA.get("images", "fmnist-train"), "batch": 3, "steps": 2},
             "reward": {"name": "distribution", "reference_size": POOL["size"]},
             "eval": {"every": 2, "n": 6, "steps": 3, "method": "euler", "seed": 5, "grid": 3, "batch_size": 6},
             "checkpoint": {"every": 1}}

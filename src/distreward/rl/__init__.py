@@ -8,7 +8,7 @@ its reference set), loopstate.py (policy weights, checkpoints, EMA evaluation), 
 under torchrun), settings.py (defaults and checks). The policy-gradient equations are `distreward.pg`.
 """
 
-from .run import ALGORITHMS, distill, finetune, train
+from .run import ALGORITHMS, distill, finetune, guidance_distill, pretrain, train
 from .settings import DEFAULTS
 
-__all__ = ["ALGORITHMS", "DEFAULTS", "distill", "finetune", "train"]
+__all__ = ["ALGORITHMS", "DEFAULTS", "distill", "finetune", "guidance_distill", "pretrain", "train"]

@@ -29,12 +29,14 @@ from .loopstate import EmaEvaluation, due, restore_checkpoint, save_merge_input,
 from .nft import NFT
 from .pool import Pool
 from .pathwise import Pathwise
+from .pretrain import GuidanceDistill, Pretrain
 from .settings import DEFAULTS, check_world, resolve
 
-__all__ = ["ALGORITHMS", "CHANGEABLE", "distill", "finetune", "train"]
+__all__ = ["ALGORITHMS", "CHANGEABLE", "distill", "finetune", "guidance_distill", "pretrain", "train"]
 
-# The trainers, by name (rl.algorithm for finetune's; "distill" for the distillation control).
+# The trainers, by name (rl.algorithm for finetune's; the controls and references of `distreward study` by theirs).
 ALGORITHMS: dict[str, type[Algorithm]] = {"grpo": GRPO, "nft": NFT, "distill": Distill, "pathwise": Pathwise,
+                                          "pretrain": Pretrain, "guidance-distill": GuidanceDistill,
                                           "pool": Pool}
 
 # Settings a resumed run can take new values of (with allow_changes / --allow-change KEY); docs/runs.md.
@@ -72,6 +74,17 @@ def distill(cfg, run_dir, *, resume: bool = False, overwrite: bool = False, allo
     any reward name passes); the other arguments behave as finetune's."""
     return train("distill", cfg, run_dir, resume=resume, overwrite=overwrite, allow_changes=allow_changes, net=net,
                  evaluator=evaluator, progress=progress, initial_eval=initial_eval)
+
+
+def pretrain(cfg, run_dir, **kw) -> dict:
+    """Run the continued-training control (rl/pretrain.py) for cfg.rl.iterations; arguments and result as `distill`."""
+    return train("pretrain", cfg, run_dir, **kw)
+
+
+def guidance_distill(cfg, run_dir, **kw) -> dict:
+    """Run guidance distillation (rl/pretrain.py, guidance.scale) for cfg.rl.iterations; arguments and result as
+    `distill`."""
+    return train("guidance-distill", cfg, run_dir, **kw)
 
 
 def check_single_process(world: int) -> None:

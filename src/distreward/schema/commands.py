@@ -325,6 +325,26 @@ class Distill:
 
 
 @dataclass
+class Pretrain:
+    """The continued-training control (`pretrain`) and guidance distillation (`guidance-distill`) of `distreward
+    study` (distreward.rl.pretrain): noised training images as the base training noises them (train-base's
+    defaults), `steps` AdamW steps of `batch` images per iteration, the EMA at rl.ema_decay."""
+    images: str = key("fmnist-train", "training images: fmnist-train, an .npz of uint8 images and labels, or a folder")
+    lr: float = key(1e-4, "AdamW learning rate", ge=0)
+    batch: int = key(128, "images per optimizer step", ge=1)
+    steps: int = key(10, "optimizer steps per iteration", ge=1)
+    match_wall_time: bool = key(True, "`distreward study` sets rl.iterations so that the measured seconds per iteration "
+                                      "times it equal the config's trainer's training seconds (false: as given)")
+
+
+@dataclass
+class Guidance:
+    """The guided reference rows of `distreward study`: the `guided` arm (the base sampled with classifier-free
+    guidance) and the target of `guidance-distill` (the frozen base's guided velocity)."""
+    scale: float = key(1.25, "w: the classifier-free guidance scale (null label: model.num_classes)", gt=0)
+
+
+@dataclass
 class Pathwise:
     """The pathwise trainer (rl.algorithm = pathwise, distreward.rl.pathwise): the FD's first variation of each
     sample back-propagated through the reward's feature network and the last k steps of the policy's ODE."""
@@ -362,6 +382,8 @@ class Finetune:
     distill: Distill = section(Distill, "the distillation control of `distreward study`")
     nft: Nft = section(Nft, "the forward-process trainer (rl.algorithm = nft)")
     pathwise: Pathwise = section(Pathwise, "the pathwise trainer (rl.algorithm = pathwise)")
+    pretrain: Pretrain = section(Pretrain, "continued training and guidance distillation (`distreward study`)")
+    guidance: Guidance = section(Guidance, "the guided reference rows of `distreward study`")
     dry_run: Optional[Partial] = dry_run_key()
     dry_run_of: Optional[str] = dry_run_of_key()
 
