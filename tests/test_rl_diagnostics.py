@@ -1,11 +1,14 @@
-"""The gradient signal-share estimator (distreward.rl.diagnostics), on synthetic batch gradients."""
+"""The gradient signal-share estimator and the nested variance decomposition (distreward.rl.diagnostics), on
+synthetic gradients with known parts."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from distreward.rl.diagnostics import batch_for_signal_equal_noise, signal_report, signal_share
+from distreward.rl.diagnostics import (batch_for_signal_equal_noise, decomposition_report, jackknife_errors,
+                                       signal_report, signal_share, variance_components)
 
 
 def batch_gradients(mu: torch.Tensor, noise_std: float, K: int, seed: int) -> list[torch.Tensor]:
@@ -58,3 +61,52 @@ def test_signal_report_bounds_the_batch_from_below_at_two_errors():
     out = signal_report(real, null, 32)
     assert out["real"] == signal_share(real) and out["null"] == signal_share(null)
     assert 0 < out["batch_for_signal_equal_noise_at_least"] < out["batch_for_signal_equal_noise"]
+
+
+# --------------------------------------------------------------------------------------------- the decomposition
+
+def nested_gradients(I: int, J: int, K: int, d: int, signal: float, policy: float, reward: float, loss: float,
+                     seed: int) -> torch.Tensor:
+    """g_ijk = s + p_i + r_ij + l_ijk with |s|^2 = signal and isotropic Gaussian parts of the given traces."""
+    g = torch.Generator().manual_seed(seed)
+
+    def part(shape, trace):
+        return (trace / d) ** 0.5 * torch.randn((*shape, d), generator=g, dtype=torch.float64)
+
+    s = torch.full((d,), (signal / d) ** 0.5, dtype=torch.float64)
+    return (s + part((I, 1, 1), policy) + part((I, J, 1), reward) + part((I, J, K), loss))
+
+
+@pytest.mark.parametrize("parts", [(1.0, 4.0, 2.0, 8.0), (0.5, 0.5, 6.0, 1.0), (2.0, 3.0, 0.0, 12.0)])
+def test_variance_components_recover_known_traces(parts):
+    signal, policy, reward, loss = parts
+    x = nested_gradients(8, 3, 2, 20000, signal, policy, reward, loss, seed=int(10 * sum(parts)))
+    out = variance_components(x)
+    assert out["signal"] == pytest.approx(signal, rel=0.1)
+    assert out["policy"] == pytest.approx(policy, rel=0.1)
+    assert out["loss"] == pytest.approx(loss, rel=0.05)
+    assert out["reward"] == pytest.approx(reward, rel=0.1, abs=0.1)      # the naive mean square is off by loss / K
+    total = signal + policy + reward + loss
+    assert out["rho"] == pytest.approx(signal / total, rel=0.1)
+    assert out["share"]["loss"] == pytest.approx(loss / total, rel=0.1)
+    assert out["rho_without"]["policy"] == pytest.approx(signal / (total - policy), rel=0.1)
+
+
+def test_the_jackknife_error_covers_the_spread_over_repeats():
+    # few dimensions: the estimates scatter; the jackknife's error matches their spread over repeats
+    runs = [nested_gradients(6, 2, 2, 50, 1.0, 2.0, 1.0, 2.0, seed=s) for s in range(150)]
+    policy = np.array([variance_components(x)["policy"] for x in runs])
+    err = np.array([jackknife_errors(x)["policy"] for x in runs])
+    assert policy.mean() == pytest.approx(2.0, abs=3 * policy.std() / np.sqrt(len(runs)))    # unbiased
+    assert 0.6 < np.median(err) / policy.std() < 1.6
+
+
+def test_variance_components_refuse_a_design_without_replicates():
+    with pytest.raises(ValueError, match="I, J, K >= 2"):
+        variance_components(torch.zeros(4, 1, 3, 10))
+
+
+def test_decomposition_report_names_the_batch_for_signal_equal_noise():
+    out = decomposition_report(nested_gradients(5, 2, 2, 5000, 1.0, 1.0, 1.0, 1.0, seed=1), batch=64)
+    assert out["batch_for_signal_equal_noise"] == pytest.approx(64 * (1 - out["rho"]) / out["rho"])
+    assert set(out["err"]) >= {"signal", "policy", "reward", "loss", "share.reward", "rho_without.loss"}
