@@ -43,8 +43,8 @@ from ..utils.progress import progress as tqdm
 from .context import Algorithm, RunContext, null_permutation, reward_record
 from .nft import nft_update, optimality_weights
 
-__all__ = ["Pool", "gradient_pair_share", "pool_signal_share", "pool_groups", "round_settings", "shard_seed",
-           "PoolShards", "GradientPairs"]
+__all__ = ["GradientPairs", "Pool", "PoolShards", "gradient_pair_share", "pool_groups", "pool_signal_share",
+           "round_settings", "score_against_pool", "shard_seed"]
 
 POOL_DIR = "pool"
 
@@ -79,6 +79,14 @@ def round_settings(rl) -> SimpleNamespace:
     n_mb = max(1, math.ceil(int(pool.size) / int(pool.minibatch)))
     return SimpleNamespace(inner_epochs=int(pool.epochs), minibatches=n_mb, grad_clip=float(rl.grad_clip),
                            ema_decay=float(rl.ema_decay))
+
+
+def score_against_pool(reward, images: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """The pool's features (computed once) become the reward's state (its reference set, reward.reference_size =
+    M; per class with reward.per_class), then every sample is scored against it: CPU float32 (M,)."""
+    f = reward.features(images)
+    reward.push_features(f, labels)
+    return reward.score_features(f, labels, groups).detach().float().cpu()
 
 
 def shard_seed(seed: int, round_: int, shard: int) -> int:
@@ -211,17 +219,6 @@ class Pool(Algorithm):
         return torch.cat([ode_sample(self.old_model, noise[i:i + bs].to(device), labels[i:i + bs].to(device),
                                      self.sigmas.to(device), method).cpu() for i in range(0, noise.shape[0], bs)])
 
-    def scores(self, ctx: RunContext, images: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor):
-        """The pool's features (once) become the reward's state, then every sample is scored against it; the
-        null control permutes the rewards. Returns r and the reference set's FD (the pool's own)."""
-        reward = ctx.reward
-        f = reward.features(images)
-        reward.push_features(f, labels)
-        r = reward.score_features(f, labels, groups).detach().float().cpu()
-        if ctx.rl.null_control == "permute":
-            r = null_permutation(r, ctx.generator)
-        return r, ctx.reward_fd()
-
     def iteration(self, ctx: RunContext, it: int) -> dict:
         rl, weights, device = ctx.rl, ctx.weights, ctx.device
         # 1. the pool: v_old is the policy at the round's start
@@ -236,7 +233,10 @@ class Pool(Algorithm):
         t1 = time.perf_counter()
         # 2. rewards against the pool itself, advantages within the pool (or class), optimality weights
         groups = pool_groups(labels, str(rl.pool.credit))
-        r, fd_ref = self.scores(ctx, weights.decode(x0.to(device)), labels, groups)
+        r = score_against_pool(ctx.reward, weights.decode(x0.to(device)), labels, groups)
+        if rl.null_control == "permute":
+            r = null_permutation(r, ctx.generator)
+        fd_ref = ctx.reward_fd()
         A, zero_std = ctx.advantages(r, groups)
         w = optimality_weights(A)
         t2 = time.perf_counter()
