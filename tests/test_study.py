@@ -120,3 +120,64 @@ def test_separation_of_hand_made_seeds(a, b, expected):
     if b is not None:
         summary["b"] = {"fd_eval": {"seeds": b}}
     assert separation(summary, "a", "b") is expected
+
+
+@pytest.mark.slow
+def test_study_with_the_wall_time_matched_arms_and_the_guided_base(tiny):
+    """pretrain and guidance-distill train for the iterations whose measured seconds match the fine-tune's logged
+    training seconds (recorded in budget.json, reused by a second call); guided is the base sampled with guidance."""
+    from distreward.study import run_study, training_seconds
+    from test_pretrain import write_images
+
+    tmp_path, ev, overrides = tiny
+    write_images(tmp_path / "train.npz", 40, (1, 32, 32), 10)
+    overrides = overrides + [f"pretrain.images={tmp_path / 'train.npz'}", "pretrain.batch=4", "pretrain.steps=1",
+                             "guidance.scale=2.0"]
+    arms = ["pretrain", "guided", "guidance-distill", "grpo"]
+    root = tmp_path / "study"
+    res = run_study("fmnist_grpo", overrides, seeds=[0], arms=arms, run_dir=root, progress=False, evaluator=ev,
+                    eval_cache=None)
+    for sname in ("served", "converged"):
+        rows = res["rows"][sname]
+        assert set(rows) == {"base", "guided", "grpo/seed0", "pretrain/seed0", "guidance-distill/seed0"}
+        assert rows["guided"]["fd_eval"] != rows["base"]["fd_eval"] and rows["guided"]["n"] == 30
+        assert set(res["summary"][sname]) == {"grpo", "pretrain", "guidance-distill"}
+    fine_tune = json.loads((root / "seed0" / "grpo" / "result.json").read_text())["history"]
+    for arm in ("pretrain", "guidance-distill"):
+        budget = json.loads((root / "seed0" / arm / "budget.json").read_text())
+        history = json.loads((root / "seed0" / arm / "result.json").read_text())["history"]
+        assert budget == res["budgets"][f"{arm}/seed0"] and budget["reference"] == "grpo/seed0"
+        assert budget["reference_seconds"] == pytest.approx(training_seconds(fine_tune))
+        assert budget["seconds_per_iteration"] == pytest.approx(training_seconds(history[:3]) / 3)
+        assert len(history) == budget["iterations"] == max(3, round(budget["reference_seconds"]
+                                                                    / budget["seconds_per_iteration"]))
+    md = (root / "study.md").read_text()
+    assert all(f"| {a} |" in md for a in arms) and "Equal wall time: pretrain/seed0 ran" in md
+    assert "Every grpo seed below every pretrain seed" in md
+
+    # a second call reuses the recorded budgets and the finished runs
+    res2 = run_study("fmnist_grpo", overrides, seeds=[0], arms=arms, run_dir=root, progress=False, evaluator=ev,
+                     eval_cache=None)
+    assert res2["rows"] == res["rows"] and res2["budgets"] == res["budgets"]
+
+
+def test_a_wall_time_matched_arm_needs_the_fine_tune(tiny):
+    from distreward.study import run_study
+    from distreward.utils.errors import InputError
+
+    tmp_path, ev, overrides = tiny
+    with pytest.raises(InputError, match=r"grpo/result.json: missing; the pretrain arm runs at the wall time of the "
+                                         r"grpo arm .* add grpo to the arms, or set pretrain.match_wall_time=false"):
+        run_study("fmnist_grpo", overrides, seeds=[0], arms=["pretrain"], run_dir=tmp_path / "study",
+                  progress=False, evaluator=ev, eval_cache=None)
+
+
+def test_equal_wall_time_iterations():
+    """The fine-tune's logged training seconds over the probe's seconds per iteration; never below the probe."""
+    from distreward.study import matched_iterations, training_seconds
+
+    probe = [{"time_data": 0.5, "time_update": 1.5, "loss": 9.0}, {"time_data": 0.5, "time_update": 0.5}]
+    assert training_seconds(probe) == 3.0
+    assert matched_iterations(30.0, probe) == 20
+    assert matched_iterations(31.0, probe) == 21
+    assert matched_iterations(1.0, probe) == 2

@@ -1,5 +1,5 @@
-"""`distreward study --config PRESET --seeds 0 1 2 --controls`: a config against its controls over several seeds
-(thin over distreward.study.run_study)."""
+"""`distreward study --config PRESET --seeds 0 1 2 --controls [--references]`: a config against its controls (and the
+guided references) over several seeds (thin over distreward.study.run_study)."""
 
 from __future__ import annotations
 
@@ -16,11 +16,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="fmnist_grpo", help="the fine-tuning preset or YAML file (default: fmnist_grpo)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
     p.add_argument("--controls", action="store_true",
-                   help="add the controls: the permuted-reward null and the distillation control")
+                   help="add the controls: the permuted-reward null, the distillation control and continued "
+                        "flow-matching training (pretrain, at the trainer's wall time)")
     p.add_argument("--sample", action="store_true", help="add the sample-wise reward (classifier log-prob) arm")
+    p.add_argument("--references", action="store_true",
+                   help="add the guided references: the base sampled with guidance (guided) and the network "
+                        "regressed onto it (guidance-distill, at the trainer's wall time); scale: guidance.scale")
     p.add_argument("--arms", nargs="+", choices=ARMS, default=None,
                    help="the arms explicitly (default: the config's trainer rl.algorithm, plus the controls / "
-                        "sample arm when asked)")
+                        "sample arm / references when asked)")
     p.add_argument("--run-dir", default=None, help="output folder (default: runs/study_<config name>)")
     p.add_argument("--overwrite", action="store_true",
                    help="train every arm afresh (default: resume or reuse runs of the same settings)")
@@ -31,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     arms = args.arms or default_arms(load_config(args.config, args.overrides), controls=args.controls,
-                                     sample=args.sample)
+                                     sample=args.sample, references=args.references)
     out = args.run_dir and new_output(args.run_dir)
     result = run_study(args.config, args.overrides, seeds=args.seeds, arms=arms, run_dir=out,
                        overwrite=args.overwrite, progress=not args.no_progress,
@@ -40,6 +44,8 @@ def run(args) -> int:
         s = result["solvers"][sname]
         base = result["rows"][sname]["base"]
         print(f"  {sname} ({s['method']} {s['steps']}): base FD held-out {base['fd_eval']:.4f}")
+        if "guided" in result["rows"][sname]:
+            print(f"    {'guided':>8}: {result['rows'][sname]['guided']['fd_eval']:.4f} (the base with guidance)")
         for arm, figs in result["summary"][sname].items():
             e = figs.get("fd_eval")
             if e:
