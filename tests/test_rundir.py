@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -478,3 +479,65 @@ def test_a_key_the_saved_run_lacks_is_no_change_at_its_default(tmp_path):
     OmegaConf.save(saved, run / "config.yaml")
     t.run(run, t.cfg(3), resume=True, allow_changes=["rl.iterations"])
     assert {c["key"] for c in read_provenance(run)[-1]["changes"]} == {"rl.iterations"}
+
+
+# --------------------------------------------------------------------------------------------- the command line
+
+def run_cli(line: str, run: Path, capsys) -> tuple[int, str]:
+    """One `distreward` invocation in-process: (exit code, stdout + stderr)."""
+    from distreward.cli import main
+
+    rc = main([a.replace("{run}", str(run)) for a in line.split()] + ["--no-progress"])
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+BASE_DRY = "train-base --config fmnist_base_tiny --dry-run --run-dir {run}"
+CLI_CASES = [   # (the command lines in order, each with its exit code and a text its output holds; provenance entries)
+    pytest.param([(BASE_DRY, 0, "step 2 of 2"),
+                  ("train-base --run-dir {run} --resume train.total_kimg=0.128 --allow-change train.total_kimg", 0,
+                   "step 4 of 4")], 2, id="resume-takes-the-runs-own-config"),
+    pytest.param([(BASE_DRY, 0, "step 2 of 2"), ("train-base --run-dir {run} --resume train.lr=0.1", 2,
+                                                  "differs from the saved run's in 1 setting(s): train.lr")], 1,
+                 id="resume-compares-only-the-overrides-given"),
+    pytest.param([(BASE_DRY, 0, "step 2 of 2"), ("train-base --run-dir {run} --resume", 0, "already finished")], 1,
+                 id="train-base-resume-a-finished-run"),
+    pytest.param([("finetune --config fmnist_grpo_tiny --dry-run --run-dir {run}", 0, "final: fd_reward"),
+                  ("finetune --run-dir {run} --resume", 0, "already finished")], 1, id="finetune-resume-a-finished-run"),
+    pytest.param([(BASE_DRY, 0, "step 2 of 2"), (BASE_DRY, 0, "replacing the earlier dry run")], 1,
+                 id="a-dry-run-replaces-its-own-folder"),
+    pytest.param([("train-base --config fmnist_base_tiny --run-dir {run} data.limit=64 train.total_kimg=0.064", 0,
+                   "step 2 of 2"), (BASE_DRY, 2, "holds a previous run")], 1, id="a-dry-run-never-replaces-another-run"),
+]
+
+
+@pytest.mark.parametrize("steps,entries", CLI_CASES)
+def test_run_commands_on_the_command_line(steps, entries, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    for line, rc, text in steps:
+        got, printed = run_cli(line, run, capsys)
+        assert got == rc and text in printed, (line, printed)
+        assert "Traceback" not in printed
+    assert len(read_provenance(run)) == entries          # a refused or finished resume runs nothing
+
+
+def test_the_thread_warning_counts_the_threads_that_trained(tmp_path):
+    """A resume is compared with the threads of the invocation that wrote the checkpoint, not with a later one that
+    stopped before saving anything."""
+    t = TRAINERS["merge"]
+    run = tmp_path / "run"
+    t.run(run, t.cfg(2))
+    n = torch.get_num_threads()
+    history = read_provenance(run)
+    later = {**history[-1], "threads": n + 3, "started": "2999-01-01T00:00:00+00:00"}   # after the checkpoint
+    (run / PROVENANCE_FILE).write_text(json.dumps(history + [later]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResumeWarning)
+        t.run(run, t.cfg(2), resume=True)                        # trained with n threads: no warning
+    history = read_provenance(run)
+    for entry in history:                                        # the invocations that trained: another count
+        entry["threads"] = entry["threads"] if entry["started"].startswith("2999") else n + 1
+    (run / PROVENANCE_FILE).write_text(json.dumps(history))
+    with pytest.warns(ResumeWarning, match=f"trained with {n + 1}"):
+        t.run(run, t.cfg(2), resume=True)

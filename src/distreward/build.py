@@ -43,7 +43,8 @@ RANDOM_FEATURE_DIM = 8
 # Dry run
 
 def apply_dry_run(cfg):
-    """The preset with its `dry_run` block merged over it (and the block removed); an error if it has none."""
+    """The preset with its `dry_run` block merged over it (the block removed, and the `demo` block: a dry run is not
+    the demo's size); an error if it has none."""
     block = cfg.get("dry_run")
     if block is None:
         raise ConfigError(f"config {cfg.get('name', '?')!r} has no 'dry_run' block; --dry-run needs one: copy the "
@@ -51,7 +52,8 @@ def apply_dry_run(cfg):
                           "configs/fmnist_merge_ema.yaml for merge, configs/fmnist_base.yaml for train-base)")
     out = OmegaConf.merge(cfg, block)
     OmegaConf.set_struct(out, False)
-    del out["dry_run"]
+    for block in ("dry_run", "demo"):
+        out.pop(block, None)
     out.name = f"{cfg.get('name', 'run')}_dry_run"
     out.dry_run_of = str(cfg.get("name", "run"))
     return out

@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     cfg = run_config(args, command="finetune")
     out = run_dir(args, cfg)
-    if finished(args, out, "result.json", "rl.iterations"):
+    if finished(args, out, cfg, "result.json", "rl.iterations"):
         return 0
     phase(f"finetune: {cfg.name} -> {out} ({cfg.rl.get('algorithm', 'grpo')}, {cfg.rl.iterations} iterations, "
           f"reward {cfg.reward.name}){' resumed' if args.resume else ''}")

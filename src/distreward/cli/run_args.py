@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from ..build import load_dry_run_config
 from ..config import load_config
 from ..schema import validate
+from ..utils.configdiff import changed_keys
 from ..utils.errors import OptionError
 from ..utils.progress import phase
 from ..utils.rundir import CONFIG_FILE
@@ -97,10 +98,17 @@ def run_dir(args, cfg) -> Path:
     return new_output(path)
 
 
-def finished(args, out: Path, marker: str, length: str) -> bool:
-    """With --resume and no --allow-change: True (and one line saying so) when the run in `out` has finished,
-    i.e. holds `marker` (the file its trainer writes last); `length` is the key that makes it longer."""
+def finished(args, out: Path, cfg, marker: str, length: str) -> bool:
+    """With --resume, no --allow-change and the saved settings unchanged: True (and one line saying so) when the run
+    in `out` has finished, i.e. holds `marker` (the file its trainer writes last); `length` is the key that makes it
+    longer. A changed setting goes on to the resume checks (refused, or applied with --allow-change)."""
     if not (args.resume and not args.allow_changes and (out / marker).is_file()):
+        return False
+    try:
+        saved = OmegaConf.load(out / CONFIG_FILE)
+    except Exception:           # no readable config: the resume checks name the problem
+        return False
+    if changed_keys(saved, cfg):
         return False
     print(f"{out}: already finished ({out / marker}); nothing to resume. To run it longer: --resume {length}=N "
           f"--allow-change {length}; to start over: --overwrite", file=sys.stderr)

@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     cfg = run_config(args, command="train-base")
     out = run_dir(args, cfg)
-    if finished(args, out, "model.safetensors", "train.total_kimg"):
+    if finished(args, out, cfg, "model.safetensors", "train.total_kimg"):
         return 0
     s = train_base(cfg, out, device=args.device, **run_options(args))
     model = f", model {s['model']}" if s.get("model") else ""
