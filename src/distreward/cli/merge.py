@@ -34,7 +34,7 @@ def run(args) -> int:
     if args.include is not None:
         cfg.merge.include = list(args.include)
     out = run_dir(args, cfg)
-    if finished(args, out, "result.json", "rl.iterations"):
+    if finished(args, out, cfg, "result.json", "rl.iterations"):
         return 0
     res = run_merge(cfg, out, **run_options(args))
     if not D.is_main():
