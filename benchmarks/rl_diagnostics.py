@@ -15,6 +15,11 @@ snr: how much of one update's gradient is signal. Draws `--batches` independent 
     noise_k, the mean dot product of two batches estimates |mu|^2 and the mean squared norm |mu|^2 + tr(Sigma)/B,
     so their ratio rho is the signal's share of the update and B (1 - rho) / rho the batch at which signal equals
     noise. The same batches with the advantages permuted (the null control's rewards) give rho's noise floor.
+decompose: where the noise of one update's gradient lives. Nested draws: `--batches` batches of samples (policy
+    noise), `--references` reference sets per batch, each N = reward.reference_size fresh base samples (reward
+    noise: the same samples, rewards recomputed), `--loss-draws` draws of the loss's own randomness per reference
+    set (the forward-process loss's noise levels and eps, GRPO's trained steps); the law of total variance splits
+    tr Var g into the three, with the signal |mu|^2 and jackknife errors (distreward.rl.diagnostics).
 null: GRPO on the fmnist_grpo preset with the real rewards of every iteration permuted across the batch
     (`rl.null_control=permute`: the same scale and spread, no information about the samples): how far training on
     uninformative rewards moves the evaluation metrics in the same budget. `distreward study --controls` runs it
@@ -23,6 +28,8 @@ null: GRPO on the fmnist_grpo preset with the real rewards of every iteration pe
     .venv/bin/python benchmarks/rl_diagnostics.py agreement --threads 1
     .venv/bin/python benchmarks/rl_diagnostics.py samplers --n 2000 --threads 2
     .venv/bin/python benchmarks/rl_diagnostics.py snr --config fmnist_grpo_fine --batches 6 --threads 1
+    .venv/bin/python benchmarks/rl_diagnostics.py decompose --config fmnist_nft --batches 4 --references 3 \
+        --loss-draws 3 --threads 1
     .venv/bin/python benchmarks/rl_diagnostics.py null --seed 0 --threads 1 [key=value ...]
 """
 
@@ -32,6 +39,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -154,77 +162,152 @@ def nft_gradient(net, model, x0, labels, w, sigma, eps, beta: float, chunk: int)
     return _flat_grad(net)
 
 
-def snr(args) -> dict:
+def trainer_setup(args, what: str) -> SimpleNamespace:
+    """What snr and decompose share: the preset's config, the base policy, the reward with its initial reference set
+    (fixed), the trainer's sampling grid."""
     from distreward.config import load_config
     from distreward.evaluation import Evaluator
-    from distreward.rl import parallel
-    from distreward.pg import group_advantages
-    from distreward.rl.context import null_permutation
     from distreward.rl.loopstate import PolicyWeights
-    from distreward.rl.diagnostics import signal_report
-    from distreward.rl.nft import ode_rollouts, optimality_weights
-    from distreward.rl.rollout import collect, draw_labels, rollout_noise_levels, start_noise, trained_steps
+    from distreward.rl.rollout import rollout_noise_levels
     from distreward.rl.settings import nft_rollout_grid, resolve
     from distreward.rl.setup import ReferenceSampler, build_reward_for_run
     from distreward.sampling import sigma_schedule
 
-    if args.batches < 3:
-        raise SystemExit("snr: --batches must be at least 3 (the error of rho comes from the spread of the pairs)")
     cfg = resolve(load_config(args.config, [f"seed={args.seed}", *args.overrides]))
-    rl, nft = cfg.rl, cfg.get("nft")
+    rl = cfg.rl
     algorithm = str(rl.get("algorithm", "grpo"))
-    P, G = int(rl.labels_per_iter), int(rl.group_size)
-    shape, num_classes = tuple(cfg.model.image_shape), int(cfg.model.num_classes)
+    if algorithm not in ("grpo", "nft"):
+        raise SystemExit(f"{what}: rl.algorithm={algorithm}; the gradients are GRPO's or the forward-process "
+                         "trainer's (grpo, nft)")
     pol = PolicyWeights.build(cfg, "cpu", None, args.seed)
-    net, model, gen = pol.net, pol.model, pol.generator
-    ev = Evaluator.for_fmnist()
-    run_dir = Path(args.run_dir or f"runs/snr_{cfg.name}_seed{args.seed}")
+    run_dir = Path(args.run_dir or f"runs/{what}_{cfg.name}_seed{args.seed}")
     run_dir.mkdir(parents=True, exist_ok=True)
     sampler = ReferenceSampler.of_run(cfg, int(cfg.reward.reference_size))
-    reward = build_reward_for_run(OmegaConf.to_container(cfg.reward, resolve=True), sampler, net, run_dir, ev,
-                                  model=model, decode=pol.decode, progress=True)
+    reward = build_reward_for_run(OmegaConf.to_container(cfg.reward, resolve=True), sampler, pol.net, run_dir,
+                                  Evaluator.for_fmnist(), model=pol.model, decode=pol.decode, progress=True)
+    S = SimpleNamespace(cfg=cfg, rl=rl, nft=cfg.get("nft"), algorithm=algorithm, P=int(rl.labels_per_iter),
+                        G=int(rl.group_size), shape=tuple(cfg.model.image_shape),
+                        num_classes=int(cfg.model.num_classes), pol=pol, reward=reward, sampler=sampler,
+                        chunk=args.chunk, seed=args.seed)
     if algorithm == "grpo":
-        T = int(rl.steps)
-        sigmas, a = sigma_schedule(T, shift=float(rl.shift)), rollout_noise_levels(rl)
+        S.T = int(rl.steps)
+        S.sigmas, S.a = sigma_schedule(S.T, shift=float(rl.shift)), rollout_noise_levels(rl)
     else:
-        method, steps = nft_rollout_grid(cfg)
-        sigmas = sigma_schedule(steps, shift=float(rl.shift))
+        S.method, steps = nft_rollout_grid(cfg)
+        S.sigmas = sigma_schedule(steps, shift=float(rl.shift))
+    return S
 
-    def advantages(r, groups):
-        return group_advantages(r, groups, std=str(rl.adv_std), clip=float(rl.adv_clip))[0]
 
+def draw_batch(S, k: int):
+    """Batch k of the trainer's update: labels, groups, its samples (GRPO's rollouts or the ODE's x_0) and images."""
+    from distreward.rl.nft import ode_rollouts
+    from distreward.rl.rollout import collect, draw_labels, start_noise
+
+    rl, gen = S.rl, S.pol.generator
+    labels, groups = draw_labels(S.P, S.G, S.num_classes, gen, balanced=rl.labels == "balanced", start=k * S.P,
+                                 seed=S.seed)
+    if S.algorithm == "grpo":
+        sample = collect(S.pol.model, labels, groups, S.sigmas, S.a, S.shape, gen, "cpu", bool(rl.shared_noise))
+        return labels, groups, sample, S.pol.decode(sample.xs[-1])
+    noise = start_noise(groups, S.shape, gen, shared=False)
+    sample = ode_rollouts(S.pol.model, noise, labels, S.sigmas, S.method, range(labels.shape[0]), "cpu",
+                          int(rl.batch_size))
+    return labels, groups, sample, S.pol.decode(sample)
+
+
+def advantages(S, r, groups):
+    from distreward.pg import group_advantages
+
+    return group_advantages(r, groups, std=str(S.rl.adv_std), clip=float(S.rl.adv_clip))[0]
+
+
+def loss_draw(S, batch: int):
+    """The loss's own randomness for one gradient: GRPO's trained steps, or the forward-process loss's noise
+    levels (B, K) and noises."""
+    from distreward.rl.rollout import trained_steps
+
+    rl, gen = S.rl, S.pol.generator
+    if S.algorithm == "grpo":
+        return trained_steps(S.T, str(rl.train_steps.mode), fraction=float(rl.train_steps.fraction),
+                             window=rl.train_steps.window, generator=gen, count=rl.train_steps.get("count"))
+    K = int(S.nft.timesteps)
+    return torch.rand((batch, K), generator=gen), torch.randn((batch, K, *S.shape), generator=gen)
+
+
+def gradient(S, sample, labels, A, draw) -> torch.Tensor:
+    """The trainer's on-policy gradient of one batch with advantages A and the loss draw `draw`."""
+    from distreward.rl.nft import optimality_weights
+
+    net, model = S.pol.net, S.pol.model
+    if S.algorithm == "grpo":
+        return grpo_gradient(net, model, sample, A, draw, S.a, float(S.rl.clip_eps), S.chunk)
+    sigma, eps = draw
+    return nft_gradient(net, model, sample, labels, optimality_weights(A), sigma, eps, float(S.nft.beta), S.chunk)
+
+
+def snr(args) -> dict:
+    from distreward.rl import parallel
+    from distreward.rl.context import null_permutation
+    from distreward.rl.diagnostics import signal_report
+
+    if args.batches < 3:
+        raise SystemExit("snr: --batches must be at least 3 (the error of rho comes from the spread of the pairs)")
+    S = trainer_setup(args, "snr")
     real, null = [], []
     for k in range(args.batches):
         t0 = time.perf_counter()
-        labels, groups = draw_labels(P, G, num_classes, gen, balanced=rl.labels == "balanced", start=k * P,
-                                     seed=args.seed)
-        if algorithm == "grpo":
-            ro = collect(model, labels, groups, sigmas, a, shape, gen, "cpu", bool(rl.shared_noise))
-            images = pol.decode(ro.xs[-1])
-        else:
-            noise = start_noise(groups, shape, gen, shared=False)
-            x0 = ode_rollouts(model, noise, labels, sigmas, method, range(labels.shape[0]), "cpu", int(rl.batch_size))
-            images = pol.decode(x0)
-        r, _ = parallel.score(reward, images, labels, groups)      # against the fixed initial reference set
-        A = advantages(r, groups)
-        A_null = advantages(null_permutation(r, gen), groups)    # the null control's rewards
-        if algorithm == "grpo":
-            steps = trained_steps(T, str(rl.train_steps.mode), fraction=float(rl.train_steps.fraction),
-                                  window=rl.train_steps.window, generator=gen, count=rl.train_steps.get("count"))
-            real.append(grpo_gradient(net, model, ro, A, steps, a, float(rl.clip_eps), args.chunk))
-            null.append(grpo_gradient(net, model, ro, A_null, steps, a, float(rl.clip_eps), args.chunk))
-        else:
-            K = int(nft.timesteps)
-            sigma = torch.rand((labels.shape[0], K), generator=gen)
-            eps = torch.randn((labels.shape[0], K, *shape), generator=gen)
-            real.append(nft_gradient(net, model, x0, labels, optimality_weights(A), sigma, eps, float(nft.beta),
-                                     args.chunk))
-            null.append(nft_gradient(net, model, x0, labels, optimality_weights(A_null), sigma, eps,
-                                     float(nft.beta), args.chunk))
+        labels, groups, sample, images = draw_batch(S, k)
+        r, _ = parallel.score(S.reward, images, labels, groups)      # against the fixed initial reference set
+        A = advantages(S, r, groups)
+        A_null = advantages(S, null_permutation(r, S.pol.generator), groups)    # the null control's rewards
+        draw = loss_draw(S, labels.shape[0])
+        real.append(gradient(S, sample, labels, A, draw))
+        null.append(gradient(S, sample, labels, A_null, draw))
         print(f"batch {k + 1}/{args.batches}: {time.perf_counter() - t0:.0f} s, r mean {float(r.mean()):.4g} "
               f"std {float(r.std()):.3g}", flush=True)
-    return {"config": cfg.name, "algorithm": algorithm, "samples_per_update": P * G, "batches": args.batches,
-            "seed": args.seed, **signal_report(real, null, P * G)}
+    return {"config": S.cfg.name, "algorithm": S.algorithm, "samples_per_update": S.P * S.G, "batches": args.batches,
+            "seed": args.seed, **signal_report(real, null, S.P * S.G)}
+
+
+def decompose(args) -> dict:
+    """Nested gradients: --batches batches of samples x --references reference sets of the base (fresh, disjoint) x
+    --loss-draws draws of the loss's noise; rl.diagnostics.decomposition_report splits the variance."""
+    from dataclasses import replace
+
+    from distreward.reward import ReferenceSet
+    from distreward.rl.diagnostics import decomposition_report
+    from distreward.rl.setup import reference_features
+
+    I, J, K = args.batches, args.references, args.loss_draws
+    if min(I, J, K) < 2 or I < 3:
+        raise SystemExit("decompose: --batches >= 3, --references >= 2 and --loss-draws >= 2 (each source needs "
+                         "replicates; the jackknife leaves one batch out)")
+    S = trainer_setup(args, "decompose")
+    if not isinstance(getattr(S.reward, "ref", None), ReferenceSet):
+        raise SystemExit("decompose: the reward noise comes from the reference set; use reward.name=distribution "
+                         "without reward.per_class")
+    ref, N = S.reward.ref, int(S.cfg.reward.reference_size)
+    pool = replace(S.sampler, n=I * J * N, seed=S.sampler.seed + 1)      # other base samples than the run's set
+    print(f"decompose: {I * J} reference sets of {N} base samples", flush=True)
+    feats = reference_features(S.pol.model, S.pol.decode, S.reward.net, pool, progress=True)
+    grads = []
+    for i in range(I):
+        t0 = time.perf_counter()
+        labels, groups, sample, images = draw_batch(S, i)
+        f = S.reward.features(images)
+        cell = []
+        for j in range(J):
+            refs = ReferenceSet(feats[(i * J + j) * N:(i * J + j + 1) * N], ref.real_mu, ref.real_sigma)
+            r = torch.from_numpy(refs.rewards(f, groups=groups.numpy(), mode=S.reward.mode, credit=S.reward.credit)
+                                 * S.reward.scale).float()
+            A = advantages(S, r, groups)
+            cell.append(torch.stack([gradient(S, sample, labels, A, loss_draw(S, labels.shape[0]))
+                                     for _ in range(K)]))
+        grads.append(torch.stack(cell))
+        print(f"batch {i + 1}/{I}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return {"config": S.cfg.name, "algorithm": S.algorithm, "samples_per_update": S.P * S.G, "batches": I,
+            "references": J, "loss_draws": K, "reference_size": N, "seed": args.seed,
+            **decomposition_report(torch.stack(grads), S.P * S.G)}
 
 
 def null(args) -> dict:
@@ -239,10 +322,13 @@ def null(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("check", choices=["agreement", "samplers", "null", "snr"])
-    p.add_argument("--config", default="fmnist_grpo_fine", help="snr: the trainer's preset")
-    p.add_argument("--batches", type=int, default=6, help="snr: independent batches (one update's samples each)")
-    p.add_argument("--chunk", type=int, default=64, help="snr: samples per backward pass (memory)")
+    p.add_argument("check", choices=["agreement", "samplers", "null", "snr", "decompose"])
+    p.add_argument("--config", default="fmnist_grpo_fine", help="snr, decompose: the trainer's preset")
+    p.add_argument("--batches", type=int, default=6, help="snr, decompose: independent batches (one update's samples "
+                   "each)")
+    p.add_argument("--references", type=int, default=2, help="decompose: reference sets of the base per batch")
+    p.add_argument("--loss-draws", type=int, default=2, help="decompose: draws of the loss's noise per reference set")
+    p.add_argument("--chunk", type=int, default=64, help="snr, decompose: samples per backward pass (memory)")
     p.add_argument("--n", type=int, default=2000, help="samplers: samples per sampler")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -252,10 +338,10 @@ def main() -> None:
     p.add_argument("--reference", type=int, default=1000)
     p.add_argument("--run-dir", default=None)
     p.add_argument("overrides", nargs="*", help="key=value overrides of the preset (agreement, null: fmnist_grpo; "
-                   "snr: --config)")
+                   "snr, decompose: --config)")
     args = p.parse_intermixed_args()
     set_threads(args.threads)
-    checks = {"agreement": agreement, "samplers": samplers, "null": null, "snr": snr}
+    checks = {"agreement": agreement, "samplers": samplers, "null": null, "snr": snr, "decompose": decompose}
     print(json.dumps(checks[args.check](args), indent=1))
 
 
