@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import distreward.cli.finetune as cli_finetune
 import distreward.cli.merge as cli_merge
@@ -27,6 +28,7 @@ from distreward.utils.errors import InputFileError
 
 SNAPSHOTS = repo_path("weights", "fmnist-base-snapshots")
 BASE = repo_path("weights", "fmnist-base.safetensors")
+FEATURES = repo_path("weights", "fmnist-reward.safetensors")
 
 
 class Planted:
@@ -57,6 +59,7 @@ def bad_files(d: Path) -> Path:
     (d / "text.npz").write_text("not a zip archive\n")
     (d / "bad.yaml").write_text("rl: {iterations: 3\nreward: [\n")
     (d / "list.yaml").write_text("- 1\n- 2\n")
+    (d / "nodry.yaml").write_text("name: nodry\nrl: {iterations: 2}\n")
     (d / "emptydir").mkdir()
     (d / "images").mkdir()
     (d / "images" / "broken.png").write_text("not a png")
@@ -117,7 +120,26 @@ CASES = [
     ("overrides-among-options/finetune", _("finetune rl.iterations=2 --run-dir {out} seed=3 "
                                            "model.path={tmp}/missing.safetensors"), "missing.safetensors"),
 ]
-END_TO_END = ["planted-pickle-stats/merge", "overrides-among-options/finetune"]
+CASES += [
+    # option values: one line naming the option, never "range() arg 3 must not be zero"
+    ("negative-count/sample", _(f"sample --model {BASE} -n -3 -o {{out}}/g.png"), "-n/--num"),
+    ("zero-batch/sample", _(f"sample --model {BASE} --batch-size 0 -o {{out}}/g.png"), "--batch-size"),
+    ("zero-batch/evaluate", _("evaluate {tmp}/few.npz --batch-size 0 --no-cache --json {out}/m.json"), "--batch-size"),
+    ("negative-grid-n/phema", _(f"phema --snapshots {SNAPSHOTS} --std 0.1 --grid {{out}}/g.png --grid-n -2"), "--grid-n"),
+    ("unknown-device/sample", _(f"sample --model {BASE} --device gpu -o {{out}}/g.png"), "--device gpu"),
+    ("threads-before-the-command/stats", _("--threads 0 stats fmnist-test -o {out}/s.npz"), "thread count"),
+    # what a file or a preset is, when it is not what the command takes
+    ("feature-network-as-model/sample", _(f"sample --model {FEATURES} -o {{out}}/g.png"), "is a feature network"),
+    ("train-base-preset/finetune", _("finetune --config fmnist_base --run-dir {out}"), "is a train-base preset"),
+    ("finetune-preset/merge", _("merge --config fmnist_grpo_tiny --run-dir {out}"), "is a finetune preset"),
+    ("merge-preset/train-base", _("train-base --config fmnist_merge_ema --run-dir {out}"), "is a merge preset"),
+    ("no-dry-run-block/finetune", _("finetune --config {tmp}/nodry.yaml --dry-run --run-dir {out}"), "no 'dry_run' block"),
+    ("allow-change-without-resume/merge", _("merge --allow-change rl.iterations --run-dir {out}"), "--allow-change"),
+]
+if not torch.cuda.is_available():
+    CASES += [("no-cuda/sample", _(f"sample --model {BASE} --device cuda -o {{out}}/g.png"), "--device cuda"),
+              ("no-cuda/finetune", _("finetune --config fmnist_grpo_tiny device=cuda --run-dir {out}"), "device=cuda")]
+END_TO_END = ["planted-pickle-stats/merge", "overrides-among-options/finetune", "negative-count/sample"]
 
 
 def expand(argv: list[str], tmp: Path, out: Path) -> list[str]:
@@ -291,3 +313,82 @@ def test_progress_is_quiet_for_short_loops(capsys):
     for _ in P.progress(range(100), desc="fast"):
         pass
     assert capsys.readouterr().err == ""
+
+
+# ------------------------------------------------------------------------------------ bugs, Ctrl-C, common options
+
+
+def test_a_bare_value_error_is_a_bug_and_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only the package's bad-input errors become one line; a ValueError from deep inside propagates."""
+    def buggy(cfg, run_dir, **kw):
+        raise ValueError("operands could not be broadcast together")
+
+    monkeypatch.setattr(cli_finetune, "finetune", buggy)
+    with pytest.raises(ValueError, match="broadcast"):
+        main(["finetune", "--run-dir", str(tmp_path / "run")])
+
+
+@pytest.mark.parametrize("command,counter", [("finetune", "iteration"), ("merge", "iteration")])
+def test_ctrl_c_names_the_iteration_and_the_resume(command, counter, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during a run: one line with the iteration its log reached and --resume, exit code 130; the run
+    directory (it holds a checkpoint) stays. Interrupted before any checkpoint: nothing to resume, nothing left."""
+    def interrupted(cfg, run_dir, **kw):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.seed == 1:
+            (run_dir / "checkpoints").mkdir()
+            (run_dir / "checkpoints" / "last.pt").write_bytes(b"state")
+            (run_dir / "metrics.jsonl").write_text("".join(f'{{"{counter}": {i}, "loss": 0.5}}\n' for i in (1, 2, 3)))
+        raise KeyboardInterrupt
+
+    module = cli_finetune if command == "finetune" else cli_merge
+    monkeypatch.setattr(module, "finetune" if command == "finetune" else "run_merge", interrupted)
+    for seed, kept in ((1, True), (0, False)):
+        run = tmp_path / f"run{seed}"
+        assert main([command, "--run-dir", str(run), f"seed={seed}"]) == 130
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]
+        assert "Traceback" not in err and err.count("interrupted") == 1, err
+        if kept:
+            assert last.startswith(f"distreward {command}: interrupted at {counter} 3; run the same command with "
+                                   "--resume"), last
+        else:
+            assert last.startswith(f"distreward {command}: interrupted before the first checkpoint"), last
+        assert run.exists() == kept
+
+
+def test_common_options_may_stand_before_the_command(tmp_path, capsys):
+    """`distreward --threads 1 --no-progress stats ...` is `distreward stats --threads 1 --no-progress ...`; more
+    threads than cores runs with one warning line."""
+    from distreward.utils.threads import available_cores
+
+    out = tmp_path / "s.npz"
+    many = str(available_cores() + 1)
+    assert main(["--threads", many, "--no-progress", "--cache-dir", str(tmp_path / "cache"), "stats", "fmnist-test",
+                 "--features", "fmnist-eval", "--max-images", "20", "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert out.is_file() and f"warning: {many} threads on {available_cores()} available core(s)" in err
+    with pytest.raises(SystemExit):
+        main(["--debug", "sample", "--help"])
+    assert "--cache-dir" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_real_process(tmp_path):
+    """SIGINT to a real train-base run once it has a checkpoint: exit code 130, one line naming the step, no
+    traceback; the run directory keeps its checkpoint."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    env = {**os.environ, "DISTREWARD_THREADS": "1"}
+    argv = [sys.executable, "-m", "distreward.cli", "train-base", "--config", "fmnist_base_tiny", "--run-dir", str(run),
+            "train.total_kimg=20", "checkpoint_kimg=0.032", "--no-progress"]
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list(run.glob("checkpoints/*.pt")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "interrupted at step" in err.strip().splitlines()[-1] and "--resume" in err
+    assert list(run.glob("checkpoints/*.pt"))                   # the run directory and its checkpoint stay
