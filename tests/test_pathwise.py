@@ -17,7 +17,7 @@ set_threads()
 from distreward.metrics import frechet_distance_sqrtm, sqrtm_psd  # noqa: E402
 from distreward.metrics.variation import fd_covariance_gradient, fd_first_variation  # noqa: E402
 from distreward.rl import train  # noqa: E402
-from distreward.rl.pathwise import first_steps, last_steps  # noqa: E402
+from distreward.rl.pathwise import first_steps, last_steps, null_directions  # noqa: E402
 from distreward.sampling import sigma_schedule  # noqa: E402
 
 from test_grpo import StandInEvaluator  # noqa: E402
@@ -100,6 +100,15 @@ def test_gradients_reach_only_the_last_k_steps(k):
     assert float(model.theta.grad) == pytest.approx(expected, rel=1e-5)
     full = (h / (1 + h * theta)).sum() * x.detach().double().sum()
     assert k == T or abs(float(model.theta.grad) - float(full)) > 1e-3      # the earlier steps' share is cut
+
+
+def test_null_directions_are_the_batchs_own_with_random_signs():
+    d = torch.arange(1.0, 41.0).reshape(20, 2)
+    out = null_directions(d, torch.Generator().manual_seed(0))
+    matches = [(i, sign) for row in out for i in range(20) for sign in (1, -1) if torch.equal(row, sign * d[i])]
+    assert sorted(i for i, _ in matches) == list(range(20))                    # a permutation of the rows
+    assert {sign for _, sign in matches} == {1, -1}                            # both signs drawn
+    assert not torch.equal(out, d)
 
 
 def run(tmp_path, name, iterations=2, **overrides):

@@ -7,7 +7,8 @@ One iteration, top to bottom:
      the first T - K steps run without gradients, the state x_{T-K} is kept;
   2. reward r of the decoded samples against the reference set (logged, as the other trainers'), and each
      sample's first variation d_i = dFD/df_i of the reference set's FD against the real statistics, at its
-     features f_i (metrics.variation.fd_first_variation; under the null control the d_i go to other samples);
+     features f_i (metrics.variation.fd_first_variation; under the null control the d_i go to other samples, with
+     random signs);
   3. update: per minibatch the last K steps are re-run from x_{T-K} with gradients, decoded / clamped, passed
      through the reward's feature network, and the loss sum_i <stopgrad(d_i), f_i(theta)> (the first-order change
      of the FD; lower is better) is back-propagated; AdamW, grad-norm clip, EMA (rl.step.minibatch_steps);
@@ -31,7 +32,8 @@ from .context import Algorithm, RunContext, reward_record
 from .rollout import start_noise
 from .step import minibatch_steps, stat_sums
 
-__all__ = ["Pathwise", "pathwise_grid", "pathwise_loss", "first_variations", "first_steps", "last_steps", "pathwise_update"]
+__all__ = ["Pathwise", "pathwise_grid", "pathwise_loss", "null_directions", "first_variations", "first_steps",
+           "last_steps", "pathwise_update"]
 
 
 # --------------------------------------------------------------------------------------------- the equations
@@ -39,6 +41,14 @@ __all__ = ["Pathwise", "pathwise_grid", "pathwise_loss", "first_variations", "fi
 # Per-sample loss <stopgrad(d_i), f_i(theta)>: its gradient is the first-order change of FD when f_i moves.
 def pathwise_loss(features: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
     return (features * directions.detach()).sum(1)
+
+
+# The null control's directions: each sample gets another sample's d_i with a random sign, so the update keeps
+# the directions' sizes but carries no information on which way lowers the FD (the common mean term cancels too).
+def null_directions(directions: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    B = directions.shape[0]
+    signs = torch.randint(0, 2, (B, 1), generator=generator).to(directions) * 2 - 1
+    return directions[torch.randperm(B, generator=generator)] * signs
 
 
 def first_variations(reward, features: np.ndarray, labels: torch.Tensor) -> np.ndarray:
@@ -149,7 +159,7 @@ class Pathwise(Algorithm):
         A, zero_std = ctx.advantages(r, groups)
         directions = torch.from_numpy(first_variations(ctx.reward, np.asarray(gathered), labels)).float()
         if rl.null_control == "permute":
-            directions = directions[torch.randperm(directions.shape[0], generator=gen)]
+            directions = null_directions(directions, gen)
         watch = watch_fds(ctx.evaluator, images)
         t2 = time.perf_counter()
         # 3. the last K steps with gradients, through the decoder and the reward's feature network
