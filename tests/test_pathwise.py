@@ -17,7 +17,7 @@ set_threads()
 from distreward.metrics import frechet_distance_sqrtm, sqrtm_psd  # noqa: E402
 from distreward.metrics.variation import fd_covariance_gradient, fd_first_variation  # noqa: E402
 from distreward.rl import train  # noqa: E402
-from distreward.rl.pathwise import first_steps, last_steps, null_directions  # noqa: E402
+from distreward.rl.pathwise import first_steps, first_variations, last_steps, null_directions  # noqa: E402
 from distreward.sampling import sigma_schedule  # noqa: E402
 
 from test_grpo import StandInEvaluator  # noqa: E402
@@ -71,6 +71,29 @@ def test_covariance_gradient_vanishes_at_the_real_covariance():
 def test_first_variation_refuses_mismatched_dimensions():
     with pytest.raises(ValueError, match="share the feature dimension"):
         fd_first_variation(np.zeros((3, 4)), np.zeros(3), np.eye(3), np.zeros(3), np.eye(3), 10)
+
+
+def test_first_variations_use_each_samples_reference_set():
+    """The distribution reward's one set, or under reward.per_class the sample's class's set: d_i as the formula
+    gives it from that set's rows (mean, unbiased covariance) and its real statistics."""
+    from distreward.reward.reference import ReferenceSet
+    from distreward.reward.rewards import ClassDistributionReward, DistributionReward
+
+    rows, real_mu, real_sigma = gaussian_problem(30, 4, seed=5)
+    other, _, other_sigma = gaussian_problem(25, 4, seed=6)
+    f, labels = rows[:6] + 0.1, torch.tensor([0, 1, 1, 0, 1, 0])
+
+    def expected(ref_rows, mu_r, sigma_r, x):
+        return fd_first_variation(x, ref_rows.mean(0), np.cov(ref_rows, rowvar=False), mu_r, sqrtm_psd(sigma_r),
+                                  ref_rows.shape[0])
+
+    one = DistributionReward(torch.nn.Identity(), ReferenceSet(rows, real_mu, real_sigma))
+    np.testing.assert_allclose(first_variations(one, f, labels), expected(rows, real_mu, real_sigma, f), rtol=1e-9)
+    sets = {0: ReferenceSet(rows, real_mu, real_sigma), 1: ReferenceSet(other, -real_mu, other_sigma)}
+    per_class = first_variations(ClassDistributionReward(torch.nn.Identity(), sets), f, labels)
+    for c, (ref_rows, mu_r, sigma_r) in {0: (rows, real_mu, real_sigma), 1: (other, -real_mu, other_sigma)}.items():
+        idx = (labels == c).numpy()
+        np.testing.assert_allclose(per_class[idx], expected(ref_rows, mu_r, sigma_r, f[idx]), rtol=1e-9)
 
 
 class Gain(torch.nn.Module):
