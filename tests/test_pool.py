@@ -133,6 +133,9 @@ def test_finished_shards_are_kept_and_the_others_drawn_alone(tmp_path):
     assert kept == 2 and calls == [[1, 2, 0, 1]]
     assert torch.equal(again, full) and torch.equal(first, full)
     assert (os.stat(sh.path(0)).st_ino, os.stat(sh.path(0)).st_mtime_ns) == (stat0.st_ino, stat0.st_mtime_ns)
+    sh.path(2).write_bytes(b"damaged")                                   # a damaged file: drawn again
+    again, kept, calls = draw_counting(sh)
+    assert kept == 2 and calls == [[2, 0]] and torch.equal(again, full)
     other, kept, calls = draw_counting(shards(tmp_path / "b", key={"policy": "b"}))    # another policy: redrawn
     assert kept == 0 and len(calls) == 3 and torch.equal(other, full)
     assert not torch.equal(draw_counting(shards(tmp_path / "c", round_=2))[0], full)   # each round its own noise

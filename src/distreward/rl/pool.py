@@ -123,6 +123,16 @@ class PoolShards:
         gen = torch.Generator().manual_seed(shard_seed(self.seed, self.round, s))
         return torch.randn((len(self.rows(s)), *self.image_shape), generator=gen)
 
+    def finished(self, s: int) -> torch.Tensor | None:
+        """Shard s's samples when its file holds them under the current key (an unreadable file is drawn again)."""
+        if not cache_valid(self.path(s), self.shard_key(s)):
+            return None
+        try:
+            x = load_file(str(self.path(s)))["x0"]
+        except Exception:       # damaged or foreign: the shard is drawn again
+            return None
+        return x if x.shape == (len(self.rows(s)), *self.image_shape) else None
+
     def draw(self, sample, *, progress: bool = False) -> tuple[torch.Tensor, int]:
         """All shards (the finished ones read back, the others drawn by `sample(noise, labels)` and written);
         returns the pool (M, C, H, W) on the CPU and how many shards were kept."""
@@ -130,15 +140,15 @@ class PoolShards:
         self.dir.mkdir(parents=True, exist_ok=True)
         out, kept = [], 0
         for s in tqdm(range(n), desc=f"pool round {self.round + 1}", unit="shard", disable=not progress, leave=False):
-            path, key = self.path(s), self.shard_key(s)
-            if cache_valid(path, key):
-                out.append(load_file(str(path))["x0"])
+            x = self.finished(s)
+            if x is not None:
+                out.append(x)
                 kept += 1
                 continue
             r = self.rows(s)
             x = sample(self.noise(s), self.labels[r.start:r.stop]).cpu().contiguous()
-            atomic_save_safetensors(path, {"x0": x})
-            save_cache_key(path, key)
+            atomic_save_safetensors(self.path(s), {"x0": x})
+            save_cache_key(self.path(s), self.shard_key(s))
             out.append(x)
         return torch.cat(out), kept
 
