@@ -1,4 +1,4 @@
-"""The paper presets run end to end at a tiny size with random weights (`--dry-run`), and the preset plumbing of
+"""Every preset runs end to end at a tiny size with random weights (`--dry-run`), and the preset plumbing of
 distreward.build: generators from official checkpoints, decoding before clamping, feature networks and real
 statistics by name/file, the evaluator from eval.features."""
 
@@ -14,9 +14,11 @@ from omegaconf import OmegaConf
 from distreward.build import (apply_dry_run, build_evaluator, build_generator, feature_network, load_dry_run_config,
                               make_decoder, real_stats_for)
 from distreward.cli import main as cli_main
+from distreward.config import load_config, repo_path
 from distreward.metrics import GaussianStats
 from distreward.models import load_generator, read_generator_metadata
 from distreward.models.sit import SiT
+from distreward.schema import ConfigError, validate
 from distreward.sampling import velocity_model
 from distreward.utils.checkpoint import load_checkpoint
 from distreward.utils.threads import set_threads
@@ -58,6 +60,41 @@ def test_edm2_preset_dry_run_merge(tmp_path, monkeypatch):
     assert all(np.isfinite(fds)) and fds[0] != fds[1]                # the random inputs really differ
     merged = load_generator(run / "merged.safetensors")
     assert type(merged).__name__ == "Precond" and merged.img_channels == 4
+
+
+PRESETS = sorted(p.stem for p in repo_path("configs").glob("*.yaml"))
+FAST = ("fmnist_grpo_tiny", "fmnist_base_tiny")          # the others' dry runs: the same code, marked slow
+PAPER = ("sit_xl2_imagenet256", "edm2_xs_img512")         # run by the tests above
+LAST_FILE = {"finetune": "result.json", "merge": "result.json", "train-base": "model.safetensors"}
+
+
+def command_of(preset: str) -> str:
+    """The run command whose schema takes the preset."""
+    for command in ("finetune", "merge", "train-base"):
+        try:
+            validate(command, load_config(preset))
+            return command
+        except ConfigError:
+            pass
+    raise AssertionError(f"{preset}: no run command takes it")
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_has_a_dry_run_block_its_command_accepts(preset):
+    command = command_of(preset)
+    cfg = validate(command, load_dry_run_config(preset))
+    assert cfg.dry_run_of == preset and cfg.name == f"{preset}_dry_run"
+
+
+@pytest.mark.parametrize("preset", [pytest.param(p, marks=() if p in FAST else pytest.mark.slow)
+                                    for p in PRESETS if p not in PAPER])
+def test_every_preset_dry_runs(preset, tmp_path, monkeypatch):
+    """One iteration of tiny random networks, in seconds, from the preset's name alone."""
+    command = command_of(preset)
+    monkeypatch.chdir(tmp_path)
+    assert cli_main([command, "--config", preset, "--dry-run", "--no-progress"]) == 0
+    run = tmp_path / "runs" / f"{preset}_dry_run"
+    assert (run / LAST_FILE[command]).is_file() and OmegaConf.load(run / "config.yaml").dry_run_of == preset
 
 
 def test_dry_run_needs_a_block():
