@@ -1,5 +1,6 @@
-"""`distreward study` at tiny size: the arms (GRPO, permuted-reward null, distillation control) over seeds, the
-evidence protocol's rows, the summary over seeds, and the null control's rewards."""
+"""`distreward study` at tiny size: the arms (GRPO, permuted-reward null, distillation control; continued
+training, guidance distillation and the guided base) over seeds, the equal-wall-time budget, the evidence protocol's
+rows, the summary over seeds, and the null control's rewards."""
 
 from __future__ import annotations
 
