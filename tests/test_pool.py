@@ -30,6 +30,7 @@ from distreward.rl.pool import (PoolShards, gradient_pair_share, pool_groups, po
 from distreward.reward.reference import ReferenceSet  # noqa: E402
 from distreward.reward.rewards import ClassDistributionReward, DistributionReward, class_sets  # noqa: E402
 from distreward.schema import ConfigError, validate  # noqa: E402
+from distreward.utils.checkpoint import load_checkpoint  # noqa: E402
 
 from _spawn import kill_when  # noqa: E402
 from test_grpo import StandInEvaluator  # noqa: E402
@@ -242,29 +243,50 @@ def test_a_round_stopped_during_an_epoch_resumes_bit_identical(tmp_path, monkeyp
 
 CHILD = textwrap.dedent("""
     import sys, time
+    from pathlib import Path
     sys.path.insert(0, sys.argv[1])
     import distreward.rl.pool as P
     import test_pool as T
-    sample = P.Pool.sample
-    P.Pool.sample = lambda self, ctx, noise, labels: (time.sleep(float(sys.argv[3])), sample(self, ctx, noise, labels))[1]
+    slow, marker, sample, update, steps = float(sys.argv[4]), Path(sys.argv[5]), P.Pool.sample, P.nft_update, []
+    if sys.argv[3] == "pool":           # slow shards
+        P.Pool.sample = lambda self, ctx, noise, labels: (time.sleep(slow), sample(self, ctx, noise, labels))[1]
+    else:                               # slow optimizer steps; the marker once round 2's epochs run (8 steps a round)
+
+        def step(*_):
+            steps.append(1)
+            if len(steps) > 8:
+                marker.touch()
+            time.sleep(slow)
+
+        def slow_update(net, model, old_model, ema, optimizer, *args, **kw):
+            if not steps:
+                optimizer.register_step_pre_hook(step)
+            return update(net, model, old_model, ema, optimizer, *args, **kw)
+        P.nft_update = slow_update
     T.run(sys.argv[2])
 """)
 
 
 @pytest.mark.slow
-def test_sigkill_while_drawing_the_pool_resumes_bit_identical_with_its_finished_shards(tmp_path, monkeypatch):
+@pytest.mark.parametrize("phase", ["pool", "epoch"])
+def test_sigkill_in_a_round_resumes_bit_identical_with_its_finished_shards(tmp_path, monkeypatch, phase):
+    """Killed in round 2 while it draws its pool (after its first shard) or during one of its epochs."""
     full = run(tmp_path / "full")
-    cut = tmp_path / "cut"
+    cut, marker = tmp_path / "cut", tmp_path / "in_epoch"
     env = {**os.environ, "DISTREWARD_THREADS": str(torch.get_num_threads())}     # the same sums as this process
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(TESTS), str(cut), "0.5"], env=env,
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(TESTS), str(cut), phase, "0.5", str(marker)], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    first = cut / "pool" / "round_00001" / "shard_0000.safetensors.json"     # written after its shard
+    waits_for = marker if phase == "epoch" else cut / "pool" / "round_00001" / "shard_0000.safetensors.json"
     deadline = time.time() + 120
-    while not first.exists() and child.poll() is None and time.time() < deadline:
+    while not waits_for.exists() and child.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     kill_when(child, cut / "checkpoints" / "last.pt", "iteration", 1, 10)
+    assert load_checkpoint(cut / "checkpoints" / "last.pt")["iteration"] == 1    # killed inside round 2
     kept = shard_files(cut, 1)
-    assert "shard_0000.safetensors" in kept and len(kept) < 3, kept             # killed inside round 2's pool
+    if phase == "epoch":
+        assert len(kept) == 3
+    else:
+        assert "shard_0000.safetensors" in kept and len(kept) < 3, kept
     drawn, sample = [], pool_module.Pool.sample
     monkeypatch.setattr(pool_module.Pool, "sample",
                         lambda self, ctx, noise, labels: drawn.append(1) or sample(self, ctx, noise, labels))
