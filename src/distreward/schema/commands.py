@@ -11,85 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-import torch
-
 from .core import ABSENT, ConfigError, Options, Partial, fail, key, section, suggestion
-
-# Allowed values shared with the code that reads them (tests/test_config.py keeps them equal to the registries).
-ARCHS = ("unet", "sit", "edm2")                          # distreward.models.ARCHS
-VAE_CONVENTIONS = ("sit", "edm2")                        # distreward.models.vae.CONVENTIONS
-REWARD_MODES = ("fast", "exact", "linear")               # distreward.reward.reference.MODES
-REWARD_CREDITS = ("sample", "group")                     # distreward.reward.reference.CREDITS
-ODE_METHODS = ("euler", "heun")
-# The keys each reward of distreward.reward.build_reward takes (it refuses others).
-REWARD_KEYS: dict[str, frozenset[str]] = {
-    "distribution": frozenset({"name", "features", "weights", "mode", "credit", "scale", "eps", "quad_step",
-                               "batch_size", "real_stats", "init_features", "refresh_every", "per_class"}),
-    "classifier": frozenset({"name", "features", "weights", "batch_size"}),
-    "knn": frozenset({"name", "features", "weights", "k", "reduce", "batch_size", "real_features"}),
-}
-
-
-def check_device(value: str) -> str | None:
-    try:
-        torch.device(value)
-    except (RuntimeError, ValueError):
-        return "a torch device: cpu, cuda, cuda:N, mps"
-    return None
-
-
-check_device.doc = "a torch device: cpu, cuda, cuda:N"
-
-
-def check_window(value) -> str | None:
-    if isinstance(value, int):
-        return None if value >= 1 else ">= 1 (a length from step 0), or [start, end)"
-    if len(value) != 2 or not 0 <= value[0] < value[1]:
-        return "a length >= 1, or [start, end) with 0 <= start < end"
-    return None
-
-
-check_window.doc = "a length >= 1, or [start, end) with 0 <= start < end"
-
-
-def check_export_std(value: float) -> str | None:
-    return None if value == 0 or 0 < value < 0.28 else "0 (no export) or in (0, 0.28): the power-EMA profiles"
-
-
-check_export_std.doc = "0 or null (no export), or in (0, 0.28)"
-
-
-def nonempty(value: list) -> str | None:
-    return None if value else "at least one value"
-
-
-nonempty.doc = "at least one value"
-
-
-def name_key(default: str):
-    return key(default, "run name: the run directory is runs/<name> unless --run-dir is given")
-
-
-def seed_key():
-    return key(0, "seed of every random draw (torch generators, numpy, python)")
-
-
-def device_key():
-    return key("cpu", "torch device; under torchrun cuda becomes cuda:LOCAL_RANK", check=check_device)
-
-
-def dry_run_key():
-    return key(ABSENT, "`--dry-run` merges this block over the preset (tiny random networks, one iteration); it is "
-                       "checked as a partial config, and with the block applied")
-
-
-def dry_run_of_key():
-    return key(ABSENT, "set by --dry-run: the preset the dry run came from")
-
-
-def shape_key(default, what: str):
-    return key(default, what, gt=0, length=3, why="channels, height, width")
-
+from .keys import (ARCHS, ODE_METHODS, REWARD_CREDITS, REWARD_KEYS, REWARD_MODES, VAE_CONVENTIONS, check_window,
+                   device_key, dry_run_key, dry_run_of_key, name_key, seed_key, shape_key)
+from .train_base import TrainBase, check_train_base
 
 # ----------------------------------------------------------------------------------------------------------
 # Sections shared by the commands
@@ -553,74 +478,6 @@ def check_merge(cfg: dict) -> None:
     if s.get("schedule") == "edm" and s.get("sigma_min", 0.002) >= s.get("sigma_max", 80.0):
         fail("sampler.sigma_min", s.get("sigma_min", 0.002), f"< sampler.sigma_max = {s.get('sigma_max', 80.0)}")
     check_vae(cfg["model"])
-
-
-# ----------------------------------------------------------------------------------------------------------
-# train-base (flow matching with power-EMA snapshots, distreward.train.train_base; docs/training.md)
-
-@dataclass
-class Data:
-    images: str = key("fmnist-train", "training images: fmnist-train, fmnist-test, an .npz or an image folder")
-    limit: int = key(0, "use the first `limit` images (0: all)", ge=0)
-
-
-@dataclass
-class Network:
-    arch: str = key("unet", "network family", choices=ARCHS)
-    kwargs: dict = key({}, "network keywords (img_resolution, img_channels, num_classes default to the data's); "
-                           "free-form")
-
-
-@dataclass
-class Train:
-    total_kimg: float = key(256.0, "training length in thousands of images", gt=0)
-    batch: int = key(128, "batch size", ge=1)
-    lr: float = key(2e-3, "AdamW learning rate after the warm-up", ge=0)
-    lr_rampup_kimg: float = key(12.8, "linear warm-up length (kimg)", ge=0)
-    lr_decay_kimg: float = key(0.0, "0: constant after the warm-up; > 0: lr / sqrt(kimg / lr_decay_kimg)", ge=0)
-    betas: list[float] = key([0.9, 0.99], "AdamW betas", ge=0, lt=1, length=2)
-    eps: float = key(1e-8, "AdamW eps", gt=0)
-    weight_decay: float = key(0.0, "AdamW weight decay", ge=0)
-    grad_clip: Optional[float] = key(1.0, "gradient-norm clip (0 or null: none)", ge=0)
-    label_dropout: float = key(0.1, "share of labels replaced by the null label (classifier-free guidance)", ge=0,
-                               le=1)
-    sigma_sampling: str = key("logit_normal", "noise-level distribution", choices=("logit_normal", "uniform"))
-    logit_mean: float = key(0.0, "logit_normal: mean")
-    logit_std: float = key(1.0, "logit_normal: std", gt=0)
-    channels_last: bool = key(True, "memory format of the training network (faster CPU convolutions)")
-
-
-@dataclass
-class EMA:
-    stds: list[float] = key([0.050, 0.100], "the power-function EMA profiles tracked (sigma_rel)", gt=0, lt=0.28,
-                            check=nonempty, why="power-EMA profiles")
-    snapshot_kimg: float = key(25.6, "kimg between EMA snapshots (snapshots/)", gt=0)
-    export_std: Optional[float] = key(0.100, "model.safetensors: the post-hoc EMA at this std, at the end",
-                                      check=check_export_std)
-    export_method: str = key("continuous", "post-hoc EMA solve", choices=("continuous", "discrete"))
-
-
-@dataclass
-class TrainBase:
-    """`distreward train-base`: flow-matching training with power-function EMA snapshots (--device on the CLI)."""
-    name: str = name_key("base")
-    seed: int = seed_key()
-    data: Data = section(Data, "training data")
-    network: Network = section(Network, "the generator")
-    train: Train = section(Train, "optimisation")
-    ema: EMA = section(EMA, "power-function EMAs and post-hoc EMA export")
-    log_kimg: float = key(1.28, "kimg between log records", gt=0)
-    checkpoint_kimg: float = key(12.8, "kimg between training-state checkpoints", gt=0)
-    tensorboard: bool = key(True, "also log to TensorBoard (tb/)")
-    dry_run: Optional[Partial] = dry_run_key()
-    dry_run_of: Optional[str] = dry_run_of_key()
-
-
-def check_train_base(cfg: dict) -> None:
-    """Checks across keys of a train-base config (defaults merged)."""
-    limit, batch = cfg["data"]["limit"], cfg["train"]["batch"]
-    if 0 < limit < batch:
-        fail("train.batch", batch, f"<= data.limit = {limit}: a batch cannot exceed the dataset")
 
 
 # command -> (root section, checks across keys); the demo's GRPO runs are finetune configs.
