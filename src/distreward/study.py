@@ -119,6 +119,27 @@ def train_arm(cfg, arm: str, seed: int, folder: Path, *, overwrite: bool, evalua
     return folder / "model_ema.safetensors"
 
 
+def reference_result(c, arm: str, folder: Path) -> Path:
+    """The result.json of the fine-tune a wall-time-matched arm (in `folder`) is compared with: the config's trainer
+    at the same seed; refused when it has none."""
+    reference = folder.parent / str(c.rl.algorithm) / "result.json"
+    if not reference.is_file():
+        raise InputError(f"{reference}: missing; the {arm} arm runs at the wall time of the {c.rl.algorithm} arm of "
+                         f"the same seed: add {c.rl.algorithm} to the arms, or set pretrain.match_wall_time=false "
+                         "(rl.iterations as given)")
+    return reference
+
+
+def check_references(cfg, arms: Sequence[str], seeds: Sequence[int], root: Path, overwrite: bool) -> None:
+    """Before any work: every wall-time-matched arm without a recorded budget has its fine-tune among the arms or
+    already trained."""
+    if str(cfg.rl.algorithm) in arms or not bool(cfg.pretrain.match_wall_time):
+        return
+    for folder in (root / f"seed{s}" / a for s in seeds for a in arms if a in WALL_TIME_MATCHED):
+        if overwrite or not (folder / "budget.json").is_file():
+            reference_result(cfg, folder.name, folder)
+
+
 def wall_time_budget(c, arm: str, folder: Path, trainer: Callable, *, overwrite: bool, **kw) -> dict:
     """The iteration count of a wall-time-matched arm (config `c`, one seed): its budget.json when it has one,
     else PROBE_ITERATIONS iterations of the run itself timed against the training seconds logged by the config's
@@ -126,12 +147,7 @@ def wall_time_budget(c, arm: str, folder: Path, trainer: Callable, *, overwrite:
     path = folder / "budget.json"
     if path.is_file() and not overwrite:
         return json.loads(path.read_text())
-    reference = folder.parent / str(c.rl.algorithm) / "result.json"
-    if not reference.is_file():
-        raise InputError(f"{reference}: missing; the {arm} arm runs at the wall time of the {c.rl.algorithm} arm of "
-                         f"the same seed: add {c.rl.algorithm} to the arms, or set pretrain.match_wall_time=false "
-                         "(rl.iterations as given)")
-    seconds = training_seconds(json.loads(reference.read_text())["history"])
+    seconds = training_seconds(json.loads(reference_result(c, arm, folder).read_text())["history"])
     probe = copy.deepcopy(c)
     probe.rl.iterations = PROBE_ITERATIONS
     history = trainer(probe, folder, resume=not overwrite, overwrite=overwrite, **kw)["history"][:PROBE_ITERATIONS]
@@ -163,6 +179,7 @@ def run_study(config="fmnist_grpo", overrides=(), *, seeds: Sequence[int] = (0, 
     if not seeds:
         raise ValueError("a study needs at least one seed (--seeds 0 1 2)")
     root = Path(run_dir or f"runs/study_{cfg.name}")
+    check_references(cfg, arms, seeds, root, overwrite)
     root.mkdir(parents=True, exist_ok=True)
     evaluator = evaluator or Evaluator.for_fmnist(device=cfg.device)
     cache = eval_cache_for(eval_cache, evaluator)
