@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..demo import run_demo
-from . import new_output
+from . import new_output, print_summary
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,9 +30,5 @@ def run(args) -> int:
     for sname in ("converged", "training_free"):
         entry = metrics.get(sname)
         extra += [(f"{k} {entry['method']} {entry['steps']}", v) for k, v in (entry or {}).get("models", {}).items()]
-    for name, m in list(rows.items()) + extra:
-        figures = ", ".join(f"{k} {m[k]:.4g}" + (f" ± {m[k + '_err']:.2g}" if m.get(k + "_err") is not None else "")
-                            for k in ("fd_reward", "fd_eval", "precision", "recall", "density", "coverage")
-                            if m.get(k) is not None)
-        print(f"  {name:>24}: {figures}")
+    print_summary("demo", f"{args.run_dir}: report {args.run_dir}/report.md", list(rows.items()) + extra)
     return 0

@@ -17,13 +17,15 @@ from distreward.report import save_image_grid
 from distreward.sampling.generate import balanced_labels, sample_images
 from distreward.train.phema import list_snapshots, phema_coefficients, reconstruct, save_phema
 from distreward.utils.errors import OptionError
+from distreward.utils.progress import phase
 
-from . import count
+from . import count, print_summary
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snapshots", required=True, help="folder of snapshots (a train-base run dir or its snapshots/)")
-    p.add_argument("--std", type=float, action="append", default=[], help="target EMA std (sigma_rel); repeatable")
+    p.add_argument("--std", type=ema_std, action="append", default=[],
+                   help="target EMA std (sigma_rel, in (0, 0.28)); repeatable")
     p.add_argument("--step", type=count(0), default=None, help="reconstruct at this training step (default: latest snapshot)")
     p.add_argument("--method", choices=["continuous", "discrete"], default="continuous",
                    help="profile inner products: EDM2's closed form (default) or the exact per-step weights")
@@ -37,6 +39,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=["euler", "heun"], default="euler")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+
+
+def ema_std(text: str) -> float:
+    """An argparse type: a power-function EMA std, in (0, 0.28) (wider profiles have no gamma > 0)."""
+    try:
+        std = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < std < 0.28:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 0.28) (wider profiles are not power functions), got {std}")
+    return std
 
 
 def _out_path(out: str, std: float, several: bool) -> Path:
@@ -65,17 +78,16 @@ def run(args) -> int:
     outs = []
     for std in args.std:
         used, x = phema_coefficients(snaps, std, args.step, args.method)
-        print(f"std {std:.3f}: {len(used)} snapshots, coefficients in [{x.min():+.3f}, {x.max():+.3f}]")
+        phase(f"std {std:.3f}: {len(used)} snapshots, coefficients in [{x.min():+.3f}, {x.max():+.3f}]")
         if args.out:
             path = save_phema(_out_path(args.out, std, len(args.std) > 1), snaps, std, args.step, args.method)
-            outs.append(path)
-            print(f"  wrote {path}")
-    if args.grid:
-        _grid(args, snaps)
+            outs.append(str(path))
+    grid = _grid(args, snaps) if args.grid else None
+    print_summary("phema", ", ".join(outs + ([f"{grid} (rows: std {', '.join(f'{s:.3f}' for s in args.std)})"] if grid else [])))
     return 0
 
 
-def _grid(args, snaps) -> None:
+def _grid(args, snaps) -> Path:
     rows = []
     for std in args.std:
         sd, info = reconstruct(snaps, std, args.step, args.method)
@@ -85,5 +97,4 @@ def _grid(args, snaps) -> None:
         labels = balanced_labels(args.grid_n, int(info["kwargs"].get("num_classes", 0)))
         rows.append(sample_images(net, info["arch"], labels, args.grid_n, steps=args.steps, method=args.sampler,
                                   seed=args.seed, device=args.device))
-    path = save_image_grid(torch.cat(rows), args.grid, nrow=args.grid_n)
-    print(f"wrote {path} (rows: std {', '.join(f'{s:.3f}' for s in args.std)})")
+    return save_image_grid(torch.cat(rows), args.grid, nrow=args.grid_n)

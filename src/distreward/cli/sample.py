@@ -20,7 +20,7 @@ from distreward.sampling.generate import balanced_labels, sample_images
 from distreward.utils.errors import OptionError
 from distreward.utils.io import atomic_write_bytes
 
-from . import count
+from . import count, print_summary
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,5 +60,5 @@ def run(args) -> int:
         u8 = to_uint8_images(x).permute(0, 2, 3, 1).numpy()
         np.savez(buf, images=u8, labels=(labels if labels is not None else torch.full((args.num,), -1)).numpy())
         atomic_write_bytes(out, buf.getvalue())
-    print(f"wrote {out} ({args.num} images, {args.steps} {args.sampler} steps, cfg {args.cfg})")
+    print_summary("sample", f"{out}: {args.num} images, {args.steps} {args.sampler} steps, cfg {args.cfg}")
     return 0

@@ -22,7 +22,7 @@ from distreward.metrics import GaussianStats
 from distreward.utils.errors import InputFileError, OptionError
 from distreward.utils.io import atomic_write_bytes
 
-from . import count
+from . import count, print_summary
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,5 +64,5 @@ def run(args) -> int:
     feats = compute_features(net, images, batch_size=args.batch_size, progress=not args.no_progress, desc=f"features ({args.features})")
     stats = GaussianStats.from_features(feats)
     save_stats_npz(out, stats, str(args.features))
-    print(f"{args.data}: {stats.n} images, {args.features} d={stats.dim} -> {out}")
+    print_summary("stats", f"{out}: {args.data}, {stats.n} images, {args.features} d={stats.dim}")
     return 0

@@ -13,7 +13,7 @@ from distreward.features.fmnist import ROLES, save_classifier, train_feature_net
 from distreward.utils.errors import OptionError
 from distreward.utils.io import atomic_save_json
 
-from . import count
+from . import count, print_summary
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,8 +53,8 @@ def run(args) -> int:
         info = {"name": spec["name"], "dim": net.dim, **info}
         save_classifier(path, net.cpu(), spec["arch"], spec["kwargs"], info)
         summary[spec["name"]] = {"path": str(path), **info}
-        print(f"{spec['name']}: {spec['arch']} d={net.dim}, test accuracy {info['test_accuracy']:.4f} "
-              f"({info['train_seconds']:.0f} s) -> {path}")
+        print_summary("train-features", f"{path}: {spec['name']}, {spec['arch']} d={net.dim}, test accuracy "
+                      f"{info['test_accuracy']:.4f} ({info['train_seconds']:.0f} s)")
     out = Path(args.out)
     if out.suffix != ".safetensors" and out.resolve() != Path("weights").resolve():
         atomic_save_json(out / "train-features.json", summary)
