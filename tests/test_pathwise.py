@@ -161,6 +161,14 @@ def test_more_gradient_steps_give_a_different_update(tmp_path):
     assert one["history"][0]["r_mean"] == two["history"][0]["r_mean"]      # the same samples before the update
 
 
+def test_the_update_in_chunks_of_one_sample_equals_the_whole_minibatch(tmp_path):
+    whole, chunked = run(tmp_path, "whole", 1, rl__batch_size=8), run(tmp_path, "chunked", 1, rl__batch_size=1)
+    for a, b in zip(whole["net"].parameters(), chunked["net"].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for key in ("loss_pathwise", "grad_norm"):      # grad_norm: before the clip, so the gradient's scale too
+        assert chunked["history"][0][key] == pytest.approx(whole["history"][0][key], rel=1e-5)
+
+
 def test_k_beyond_the_sampler_and_a_sample_wise_reward_are_refused(tmp_path):
     with pytest.raises(ValueError, match="pathwise.k = 5 exceeds"):
         run(tmp_path, "k", 1, pathwise__k=5)

@@ -100,16 +100,19 @@ def pathwise_update(net, model, ema, optimizer, features_net, decode, x_start: t
                     directions: torch.Tensor, sigmas: torch.Tensor, method: str, rl,
                     generator: torch.Generator) -> dict:
     """Step 3: inner epochs x minibatches; per minibatch the last steps from `x_start` with gradients, decoded,
-    the reward's features, the loss B x mean_i <d_i, f_i> (the batch's sum, estimated by the minibatch).
-    Returns the logged means over the updates: loss_pathwise (mean <d_i, f_i>) and grad_norm."""
-    batch = labels.shape[0]
+    the reward's features, the loss B x mean_i <d_i, f_i> (the batch's sum, estimated by the minibatch),
+    back-propagated in chunks of rl.batch_size samples (memory). Returns the logged means over the updates:
+    loss_pathwise (mean <d_i, f_i>) and grad_norm."""
+    batch, chunk = labels.shape[0], int(rl.batch_size)
 
     def backward(mb, _):
-        rows = mb.idx.to(x_start.device)
-        x = last_steps(model, x_start[rows], labels[rows], sigmas, method)
-        loss = pathwise_loss(features_net(decode(x)).float(), directions[rows])
-        (loss.mean() * batch).backward()
-        return stat_sums(loss.sum())
+        acc = torch.zeros(1, dtype=torch.float64, device=x_start.device)
+        for rows in mb.idx.to(x_start.device).split(chunk):
+            x = last_steps(model, x_start[rows], labels[rows], sigmas, method)
+            loss = pathwise_loss(features_net(decode(x)).float(), directions[rows])
+            (loss.sum() * batch / mb.idx.numel()).backward()
+            acc += stat_sums(loss.sum())
+        return acc
 
     return minibatch_steps(net, ema, optimizer, rl, generator, batch=batch, rows=range(batch),
                            names=("loss_pathwise",), divisors=(1,), backward=backward)
