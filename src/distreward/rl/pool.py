@@ -229,6 +229,13 @@ class Pool(Algorithm):
         return torch.cat([ode_sample(self.old_model, noise[i:i + bs].to(device), labels[i:i + bs].to(device),
                                      self.sigmas.to(device), method).cpu() for i in range(0, noise.shape[0], bs)])
 
+    @torch.no_grad()
+    def images(self, ctx: RunContext, x0: torch.Tensor) -> torch.Tensor:
+        """The pool decoded (and clamped) in batches of rl.batch_size, on the CPU: a latent pool's images are never
+        all on the device at once."""
+        bs = int(ctx.rl.batch_size)
+        return torch.cat([ctx.weights.decode(x0[i:i + bs].to(ctx.device)).cpu() for i in range(0, x0.shape[0], bs)])
+
     def iteration(self, ctx: RunContext, it: int) -> dict:
         rl, weights, device = ctx.rl, ctx.weights, ctx.device
         # 1. the pool: v_old is the policy at the round's start
@@ -243,7 +250,7 @@ class Pool(Algorithm):
         t1 = time.perf_counter()
         # 2. rewards against the pool itself, advantages within the pool (or class), optimality weights
         groups = pool_groups(labels, str(rl.pool.credit))
-        r = score_against_pool(ctx.reward, weights.decode(x0.to(device)), labels, groups)
+        r = score_against_pool(ctx.reward, self.images(ctx, x0), labels, groups)
         if rl.null_control == "permute":
             r = null_permutation(r, ctx.generator)
         fd_ref = ctx.reward_fd()
