@@ -296,3 +296,17 @@ def test_sigkill_in_a_round_resumes_bit_identical_with_its_finished_shards(tmp_p
     records = [json.loads(line)["iteration"] for line in (cut / "metrics.jsonl").read_text().splitlines()
                if "eval/fd_reward" not in line]
     assert records == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------------------------- study
+
+def test_a_study_runs_pool_rounds_as_the_configs_trainer_and_its_null():
+    from distreward.config import load_config
+    from distreward.study import ARMS, arm_config, default_arms
+
+    cfg = validate("finetune", load_config("fmnist_pool_tiny"))
+    assert default_arms(cfg)[0] == "pool" and set(default_arms(cfg)) <= set(ARMS)
+    null = arm_config(cfg, "null", 3)
+    assert (null.rl.algorithm, null.rl.null_control, null.seed) == ("pool", "permute", 3)
+    assert arm_config(validate("finetune", load_config("fmnist_pool_tiny", ["rl.algorithm=nft"])), "pool",
+                      0).rl.algorithm == "pool"

@@ -5,6 +5,7 @@ Arms, each trained once per seed (cfg.seed = s) at the config's budget:
   grpo      the config with rl.algorithm=grpo (GRPO on SDE rollouts);
   nft       the config with rl.algorithm=nft (the forward-process trainer on ODE samples, rl/nft.py; independent
             starting noises);
+  pool      the config with rl.algorithm=pool (pool rounds, rl/pool.py: reward.reference_size = rl.pool.size);
   null      the config's own trainer with the rewards of every iteration permuted across the batch
             (rl.null_control=permute): the real rewards' scale and spread, no information about the samples;
   distill   the distillation control (rl.distill): the served grid's velocities regressed onto the base model's
@@ -51,7 +52,7 @@ from .utils.errors import InputError
 from .utils.progress import phase
 from .utils.lock import RunLock
 
-ARMS = ("grpo", "nft", "null", "distill", "sample", "pretrain", "guidance-distill", "guided")
+ARMS = ("grpo", "nft", "pool", "null", "distill", "sample", "pretrain", "guidance-distill", "guided")
 CONTROLS = ("null", "distill", "pretrain")
 REFERENCES = ("guided", "guidance-distill")
 TRAINERS: dict[str, Callable] = {"distill": distill, "pretrain": pretrain, "guidance-distill": guidance_distill}
@@ -65,7 +66,7 @@ def arm_config(cfg, arm: str, seed: int):
     """The config of one arm and seed (a copy)."""
     c = copy.deepcopy(cfg)
     c.seed = int(seed)
-    if arm in ("grpo", "nft"):
+    if arm in ("grpo", "nft", "pool"):
         c.rl.algorithm = arm
         c.rl.shared_noise = bool(c.rl.shared_noise) and arm == "grpo"   # ODE samples need their own noises
     elif arm == "null":
