@@ -236,6 +236,8 @@ def test_run_options_reach_the_trainer(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(cli_finetune, "finetune", fake_finetune)
     monkeypatch.setattr(cli_merge, "run_merge", fake_merge)
+    for module in (cli_finetune, cli_merge):              # the stand-ins write no run to report on
+        monkeypatch.setattr(module, "write_run_report", lambda run_dir: run_dir, raising=False)
     monkeypatch.chdir(tmp_path)
     assert main(["finetune", "rl.iterations=2", "--run-dir", "x", "seed=3", "--resume", "--allow-change",
                  "rl.iterations", "--allow-change", "eval.every", "--no-progress"]) == 0

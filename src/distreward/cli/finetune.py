@@ -27,6 +27,6 @@ def run(args) -> int:
     res = finetune(cfg, out, **run_options(args))
     if not is_main():
         return 0
-    print_summary("finetune", f"{out}: EMA model {out / 'model_ema.safetensors'}", [("final", res["final"] or {})])
-    print(f"finetune: report {write_run_report(out)}")
+    print_summary("finetune", f"{out}: EMA model {out / 'model_ema.safetensors'}, report {write_run_report(out)}",
+                  [("final", res["final"] or {})])
     return 0

@@ -40,6 +40,6 @@ def run(args) -> int:
     if not D.is_main():
         return 0
     rows = [(k, v) for k, v in res["baselines"].items()] + [("init", res["init"]), ("merged", res["merged"])]
-    print_summary("merge", f"{out}: coefficients {out / 'coefficients.json'}, model {res['model']}", rows)
-    print(f"merge: report {write_run_report(out)}")
+    print_summary("merge", f"{out}: coefficients {out / 'coefficients.json'}, model {res['model']}, report "
+                           f"{write_run_report(out)}", rows)
     return 0

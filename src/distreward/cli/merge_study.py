@@ -44,10 +44,11 @@ def run(args) -> int:
                              evidence=args.evidence, solvers=args.solvers, report_n=args.report_n,
                              converged_steps=args.converged_steps, progress=not args.no_progress,
                              eval_cache=None if args.no_eval_cache else "auto")
+    print(f"merge-study: {', '.join(result['rows'])} solver(s); figures held-out FD (fd_eval)")
     for sname, rows in result["rows"].items():
         print(f"  {sname}: " + ", ".join(f"{k} {v['fd_eval']:.4f}" for k, v in rows.items() if "/seed" not in k))
         for s, figs in result["summary"][sname].items():
             e = figs.get("fd_eval")
             if e:
-                print(f"    {s:>9}: {mean_std(e)} over {len(e['seeds'])} seeds")
+                print(f"  {sname} {s}: fd_eval {mean_std(e)} over {len(e['seeds'])} seeds")
     return 0

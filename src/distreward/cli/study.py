@@ -40,15 +40,15 @@ def run(args) -> int:
     result = run_study(args.config, args.overrides, seeds=args.seeds, arms=arms, run_dir=out,
                        overwrite=args.overwrite, progress=not args.no_progress,
                        eval_cache=None if args.no_eval_cache else "auto")
+    print(f"study: report {write_run_report(out or 'runs/study_' + result['config'])}")
     for sname in ("served", "converged"):
-        s = result["solvers"][sname]
-        base = result["rows"][sname]["base"]
-        print(f"  {sname} ({s['method']} {s['steps']}): base FD held-out {base['fd_eval']:.4f}")
-        if "guided" in result["rows"][sname]:
-            print(f"    {'guided':>8}: {result['rows'][sname]['guided']['fd_eval']:.4f} (the base with guidance)")
+        s, rows = result["solvers"][sname], result["rows"][sname]
+        where = f"{sname} {s['method']} {s['steps']}"
+        print(f"  {where} base: fd_eval {rows['base']['fd_eval']:.4f}")
+        if "guided" in rows:
+            print(f"  {where} guided: fd_eval {rows['guided']['fd_eval']:.4f} (the base with guidance)")
         for arm, figs in result["summary"][sname].items():
             e = figs.get("fd_eval")
             if e:
-                print(f"    {arm:>8}: {mean_std(e)} over {len(e['seeds'])} seeds")
-    print(f"study: report {write_run_report(out or 'runs/study_' + result['config'])}")
+                print(f"  {where} {arm}: fd_eval {mean_std(e)} over {len(e['seeds'])} seeds")
     return 0
