@@ -372,6 +372,7 @@ def test_common_options_may_stand_before_the_command(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--debug", "sample", "--help"])
     assert "--cache-dir" in capsys.readouterr().out
+    assert main(["--threads", "1"]) == 2 and "give a command" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -270,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         if command is None:
-            parser.parse_args(argv or ["--help"])
-            return 0
+            parser.parse_args(argv or ["--help"])       # --help, --version, or an unknown word: said there
+            raise UsageError(f"give a command ({', '.join(COMMANDS)})")
         # Only the named command's module is imported.
         module = importlib.import_module(f"distreward.cli.{COMMANDS[command][0]}")
         p = subparser(parser, command)
