@@ -131,6 +131,7 @@ def plot_fd_vs_nfe(rows: list[dict], path: str | os.PathLike, keys=("fd_reward",
     error) with a zero line instead of FD itself. Better model or better sampler: a model below the base at every
     NFE is a better model; one below it only at the served NFE is a better-fitted sampler."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -155,6 +156,10 @@ def plot_fd_vs_nfe(rows: list[dict], path: str | os.PathLike, keys=("fd_reward",
         if diff:
             ax.axhline(0.0, color="gray", linewidth=0.8)
         ax.set_xscale("log")
+        nfes = sorted({r["nfe"] for r in rows if r["method"] == "euler"}
+                      | {r["nfe"] for r in (converged or {}).values() if "nfe" in r})
+        ax.set_xticks(nfes, [str(v) for v in nfes])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("network calls per sample (NFE)")
         title = {"fd_reward": "reward features", "fd_eval": "held-out features"}.get(key, key)
         ax.set_ylabel(f"{key}(model) - {key}(base), same noise" if diff else key)
