@@ -119,6 +119,7 @@ def first_and_last(folder: Path) -> list[Path]:
 
 
 def finetune_report(run_dir: Path) -> list[str]:
+    """A fine-tuning run: its evaluations (metrics.jsonl, result.json), the curves, the first and last sample grid."""
     cfg, records = read_config(run_dir), read_jsonl(run_dir / "metrics.jsonl")
     result = read_json(run_dir / "result.json") or {}
     rl, ev = cfg.get("rl") or {}, cfg.get("eval") or {}
@@ -148,7 +149,7 @@ def finetune_report(run_dir: Path) -> list[str]:
     if train:
         lines += [f"Reward mean, first -> last iteration: {train[0]['r_mean']:.4g} -> {train[-1]['r_mean']:.4g}.", ""]
     grids = first_and_last(run_dir / "samples")
-    lines += ["## Samples", "", "The EMA model's evaluation samples (one class per column), first and last grid:", "",
+    lines += ["## Samples", "", "The EMA model's evaluation samples (the same noise and labels), first and last grid:", "",
               *image_links(run_dir, grids, "samples")] if grids else []
     return lines
 
@@ -173,6 +174,8 @@ def merged_grid(run_dir: Path, cfg: dict) -> Path | None:
 
 
 def merge_report(run_dir: Path) -> list[str]:
+    """A merge run: every baseline, the start and the merged model (result.json), the search curve, the
+    coefficients (coefficients.json) and a sample grid of the merged model."""
     cfg, records = read_config(run_dir), read_jsonl(run_dir / "metrics.jsonl")
     result = read_json(run_dir / "result.json") or {}
     coef = read_json(run_dir / "coefficients.json") or {}
@@ -211,6 +214,7 @@ def merge_report(run_dir: Path) -> list[str]:
 
 
 def study_report(run_dir: Path) -> list[str]:
+    """A study: study.md's tables, then every arm's and seed's FD curve and each arm's last sample grid."""
     study = read_json(run_dir / "study.json")
     lines = []
     md = run_dir / "study.md"
