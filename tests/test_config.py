@@ -101,6 +101,7 @@ def test_bad_config_is_refused_in_one_line(command, preset, overrides, message):
 # command of every shipped preset; a new preset must be added here
 PRESETS = {"fmnist_grpo": "finetune", "fmnist_grpo_fine": "finetune", "fmnist_nft": "finetune", "fmnist_grpo_sample": "finetune",
            "fmnist_grpo_tiny": "finetune", "fmnist_pool": "finetune", "fmnist_pool_tiny": "finetune",
+           "fmnist_pathwise": "finetune",
            "sit_xl2_imagenet256": "finetune", "fmnist_merge_ema": "merge", "fmnist_merge_grpo": "merge",
            "edm2_xs_img512": "merge", "fmnist_base": "train-base", "fmnist_base_tiny": "train-base"}
 
