@@ -8,6 +8,7 @@ import argparse
 from ..config import load_config
 from ..study import ARMS, default_arms, run_study
 from ..report import mean_std
+from ..schema import validate
 from ..runreport import write_run_report
 from . import new_output
 
@@ -34,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    arms = args.arms or default_arms(load_config(args.config, args.overrides), controls=args.controls,
+    cfg = validate("finetune", load_config(args.config, args.overrides))     # a bad key named before any work
+    arms = args.arms or default_arms(cfg, controls=args.controls,
                                      sample=args.sample, references=args.references)
     out = args.run_dir and new_output(args.run_dir)
     result = run_study(args.config, args.overrides, seeds=args.seeds, arms=arms, run_dir=out,
