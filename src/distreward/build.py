@@ -98,11 +98,7 @@ def build_generator(model_cfg, device="cpu", seed: int = 0) -> nn.Module:
     if kwargs is not None:
         torch.manual_seed(int(seed))
         kw = plain(kwargs)
-        try:
-            net = build_network(arch, kw)
-        except TypeError as e:          # a keyword the network does not take: the config's mistake
-            raise ConfigError(f"model.kwargs: {e}; give the {arch} network's own keywords") from None
-        net = randomise_zero_init(net, seed)
+        net = randomise_zero_init(build_network(arch, kw), seed)
         net.generator_meta = {"arch": arch, "kwargs": kw}
         return net.float().eval().to(device)
     if path is None:

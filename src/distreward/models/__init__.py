@@ -7,6 +7,7 @@ command can rebuild the network: `load_generator(path)` / `save_generator(path, 
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ..utils.errors import InputFileError, reading
+from ..utils.errors import InputError, InputFileError, reading
 from ..utils.io import atomic_save_safetensors
 
 GENERATOR_FIX = ("give a generator .safetensors written by distreward (train-base, phema, finetune, merge) or "
@@ -33,7 +34,12 @@ def build_network(arch: str, kwargs: dict) -> torch.nn.Module:
     if arch not in ARCHS:
         raise ValueError(f"unknown network architecture {arch!r}; known: {', '.join(sorted(ARCHS))}")
     mod, cls = ARCHS[arch].split(":")
-    return getattr(importlib.import_module(mod), cls)(**kwargs)
+    net_class = getattr(importlib.import_module(mod), cls)
+    try:
+        inspect.signature(net_class).bind(**kwargs)
+    except TypeError as e:          # a keyword the network does not take, or one it needs: the config's mistake
+        raise InputError(f"{arch} network keywords: {e}; fix model.kwargs / network.kwargs") from None
+    return net_class(**kwargs)
 
 
 def save_generator(path: str | os.PathLike, net: torch.nn.Module, arch: str, kwargs: dict, extra: dict | None = None,
