@@ -135,6 +135,11 @@ CASES += [
     ("merge-preset/train-base", _("train-base --config fmnist_merge_ema --run-dir {out}"), "is a merge preset"),
     ("no-dry-run-block/finetune", _("finetune --config {tmp}/nodry.yaml --dry-run --run-dir {out}"), "no 'dry_run' block"),
     ("allow-change-without-resume/merge", _("merge --allow-change rl.iterations --run-dir {out}"), "--allow-change"),
+    ("train-base-preset/study", _("study --config fmnist_base --run-dir {out}"), "is a train-base preset"),
+    ("network-keyword/train-base", _("train-base --config fmnist_base_tiny network.kwargs.bogus=1 --run-dir {out}"),
+     "unexpected keyword argument 'bogus'"),
+    ("network-keyword/finetune", _("finetune --config fmnist_grpo_tiny --dry-run model.kwargs.bogus=1 --run-dir {out}"),
+     "model.kwargs"),
 ]
 if not torch.cuda.is_available():
     CASES += [("no-cuda/sample", _(f"sample --model {BASE} --device cuda -o {{out}}/g.png"), "--device cuda"),
