@@ -12,7 +12,7 @@
 at each thread count of --layout-threads: the speed ratio NCHW time / NHWC time per interleaved pair of calls
 (10 Euler steps on --batch images; the order within a pair alternates, so load hits both alike), then the
 deviations on the evaluation protocol (--n class-balanced samples of seed 1234, Euler 10 and Heun 16): max |x_nhwc -
-x_nchw| over the samples and the relative change of FD on both Fashion-MNIST networks (runs/.cache real features),
+x_nchw| over the samples and the relative change of FD on both Fashion-MNIST networks (cached real features),
 against the tolerance of a default (1e-4 max abs, 1e-3 relative FD; docs/sampling.md "CPU speed").
 
 `--efficiency` (CPU): for each network, the GFLOP of one network call per image (torch.utils.flop_counter:
