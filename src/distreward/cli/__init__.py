@@ -75,6 +75,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_common_options(p: argparse.ArgumentParser, default=None) -> None:
+    """--threads, --cache-dir, --no-progress, --debug (`default`: SUPPRESS on the top-level parser, for --help)."""
     p.add_argument("--threads", type=int, default=default,
                    help="torch and BLAS threads (default: $DISTREWARD_THREADS, else all cores)")
     p.add_argument("--cache-dir", default=default, metavar="DIR",
@@ -124,7 +125,6 @@ def count(minimum: int = 1):
         if n < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {n}")
         return n
-    parse.__name__ = "count"
     return parse
 
 
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0] if argv and argv[0] in COMMANDS else None
     debug = "--debug" in argv or os.environ.get("DISTREWARD_DEBUG", "") not in ("", "0")
     where = f"distreward {command}" if command else "distreward"
-    saved = progress_mod.settings()
+    saved, cache = progress_mod.settings(), []
     _NEW_OUTPUTS.clear()
     RUN_DIR.clear()
     try:
@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(f"{stray[0]!r} is neither an option nor a key=value override (e.g. rl.iterations=10)")
             args.overrides = overrides
         warn_threads(where, set_threads(args.threads))
-        set_cache_root(args.cache_dir)
+        if args.cache_dir is not None:
+            cache.append(set_cache_root(args.cache_dir))
         if getattr(args, "device", None) is not None:
             check_device(args.device)
         progress_mod.configure(enabled=not args.no_progress)
@@ -313,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         progress_mod.configure(**saved)
-        set_cache_root(None)
+        if cache:
+            set_cache_root(cache[0])
         _NEW_OUTPUTS.clear()
 
 
