@@ -1,6 +1,8 @@
 """The image-level evaluator and the `stats` / `evaluate` commands, end to end on small Fashion-MNIST subsets."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from distreward.cli import main
 from distreward.data import load_fmnist, to_uint8_images
 from distreward.evaluation import Evaluator, perturb_images
 from distreward.metrics import GaussianStats, frechet_distance
+from distreward.utils.cache import cache_root, set_cache_root
 
 SMALL = dict(max_real=2000, kid_subsets=10, kid_subset_size=500)
 
@@ -187,3 +190,24 @@ def test_stats_default_file_is_keyed_by_the_number_of_images(tmp_path, monkeypat
     files = sorted((tmp_path / "runs" / "stats").glob("*.npz"))
     assert [f.name for f in files] == ["fmnist-test-fmnist-eval-40.npz", "fmnist-test-fmnist-eval-60.npz"]
     assert [int(np.load(f)["n"]) for f in files] == [40, 60]
+
+
+def test_the_cache_folder_is_one_per_user(tmp_path, monkeypatch):
+    """--cache-dir (set_cache_root), else $DISTREWARD_CACHE, else $XDG_CACHE_HOME/distreward, else
+    ~/.cache/distreward: never the folder a command runs in; the evaluator's default is that folder."""
+    assert cache_root() == Path(os.environ["DISTREWARD_CACHE"])            # the suite's own (tests/conftest.py)
+    assert not str(cache_root()).startswith(str(Path.home() / ".cache"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DISTREWARD_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "distreward"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_root() == tmp_path / "home" / ".cache" / "distreward"
+    old = set_cache_root(tmp_path / "chosen")
+    try:
+        assert cache_root() == tmp_path / "chosen"
+        assert Evaluator(None, ref_stats={"fmnist-eval": GaussianStats.from_features(np.eye(3, 128))},
+                         feature_nets=["fmnist-eval"]).cache_dir == tmp_path / "chosen"
+    finally:
+        set_cache_root(old)
