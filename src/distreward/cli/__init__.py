@@ -45,7 +45,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-base": ("train_base", "flow-matching training of a base generator with power-function EMA snapshots"),
     "phema": ("phema", "post-hoc EMA reconstruction from snapshots to any EMA length"),
     "sample": ("sample", "draw images from a generator with an ODE/SDE sampler"),
-    "finetune": ("finetune", "RL fine-tuning (GRPO or the forward-process trainer, rl.algorithm) with a "
+    "finetune": ("finetune", "RL fine-tuning (rl.algorithm: grpo, nft, pool, pathwise) with a "
                              "distribution-wise (or sample-wise) reward"),
     "merge": ("merge", "RL over merging coefficients of checkpoints / EMA snapshots"),
     "demo": ("demo", "the main job on the embedded default (Fashion-MNIST): fine-tune, evaluate, report"),

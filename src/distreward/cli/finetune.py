@@ -1,5 +1,5 @@
-"""`distreward finetune --config PRESET [key=value ...]`: RL fine-tuning, GRPO or the forward-process trainer by
-rl.algorithm (thin over distreward.rl.finetune)."""
+"""`distreward finetune --config PRESET [key=value ...]`: RL fine-tuning with the trainer that
+rl.algorithm names (grpo, nft, pool, pathwise) (thin over distreward.rl.finetune)."""
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ import torch
 
 from ..sampling import check_sigmas, ode_step, sigma_schedule, sigma_vector
 from ..sampling.steps import as_column
+from ..schema import ConfigError
 from .context import Algorithm, RunContext
 from .rollout import iteration_steps, start_noise
 from .step import minibatch_steps, stat_sums
@@ -74,7 +75,7 @@ def teacher_trajectory(model, noise: torch.Tensor, labels: torch.Tensor | None, 
     `sigmas`, which starts at sigma = 1) at the served grid points: [0] the noise, [-1] the converged sample.
     The batch is integrated in chunks of `batch_size`."""
     if method not in ("euler", "heun"):
-        raise ValueError(f"distill.teacher_method must be 'euler' or 'heun', got {method!r}")
+        raise ConfigError(f"distill.teacher_method must be 'euler' or 'heun', got {method!r}")
     fine = teacher_grid(sigmas, m).tolist()
     if fine[0] != 1.0:
         raise ValueError(f"the served grid must start at sigma = 1 (the noise), got {fine[0]}; use sigma_schedule")

@@ -28,6 +28,7 @@ import torch
 from ..metrics.variation import fd_first_variation
 from ..reward.rewards import ClassDistributionReward, DistributionReward
 from ..sampling import check_sigmas, ode_sample, ode_step, sigma_schedule
+from ..schema import ConfigError
 from .context import Algorithm, RunContext, reward_record
 from .rollout import start_noise
 from .step import minibatch_steps, stat_sums
@@ -76,7 +77,7 @@ def pathwise_grid(cfg) -> tuple[str, torch.Tensor, int]:
     steps = int(cfg.eval.steps if pw.steps is None else pw.steps)
     k = int(pw.k)
     if k > steps:
-        raise ValueError(f"pathwise.k = {k} exceeds the sampler's {steps} steps; use pathwise.k <= {steps}")
+        raise ConfigError(f"pathwise.k = {k} exceeds the sampler's {steps} steps; use pathwise.k <= {steps}")
     return str(pw.method), sigma_schedule(steps, shift=float(cfg.rl.shift)), k
 
 
@@ -130,10 +131,10 @@ class Pathwise(Algorithm):
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)
         if not isinstance(ctx.reward, (DistributionReward, ClassDistributionReward)):
-            raise ValueError(f"the pathwise trainer needs the distribution-wise reward (its FD's first variation), "
+            raise ConfigError(f"the pathwise trainer needs the distribution-wise reward (its FD's first variation), "
                              f"got {type(ctx.reward).__name__}; use reward.name=distribution")
         if ctx.weights.codec is not None:
-            raise ValueError("the pathwise trainer back-propagates through the decoder, but the latent model's VAE "
+            raise ConfigError("the pathwise trainer back-propagates through the decoder, but the latent model's VAE "
                              "decodes without gradients; use a pixel-space model")
         self.method, sigmas, self.k = pathwise_grid(ctx.cfg)
         T = sigmas.numel() - 1

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..sampling.generate import generate
+from ..schema import ConfigError
 from .parallel import rollout_rows
 from .settings import window
 
@@ -114,24 +115,24 @@ def trained_steps(T: int, mode: str, *, fraction: float = 0.5, window: int | lis
     drawn per iteration (the update's cost is proportional to the number of trained steps, so a batch can be larger
     for the same time). The last step (to sigma = 0) is never trained."""
     if T < 2:
-        raise ValueError(f"GRPO needs at least 2 sampler steps (the last one is never trained), got T={T}")
+        raise ConfigError(f"GRPO needs at least 2 sampler steps (the last one is never trained), got T={T}")
     last = T - 1
     if mode == "fraction":
         if not 0 < fraction <= 1:
-            raise ValueError(f"rl.train_steps.fraction must be in (0, 1], got {fraction}")
+            raise ConfigError(f"rl.train_steps.fraction must be in (0, 1], got {fraction}")
         k = max(1, min(last, round(fraction * last)))
         return sorted(torch.randperm(last, generator=generator)[:k].tolist())
     if mode == "window":
         start, end = (0, int(window)) if isinstance(window, int) else (int(window[0]), int(window[1]))
         end = min(end, last)
         if not 0 <= start < end:
-            raise ValueError(f"rl.train_steps.window {window} selects no step among 0..{last - 1} "
+            raise ConfigError(f"rl.train_steps.window {window} selects no step among 0..{last - 1} "
                              f"(T={T}, the last step is never trained); use e.g. window={min(5, last)}")
         steps = list(range(start, end))
         if count is None or int(count) >= len(steps):
             return steps
         if int(count) < 1:
-            raise ValueError(f"rl.train_steps.count must be >= 1 (or null for the whole window), got {count}")
+            raise ConfigError(f"rl.train_steps.count must be >= 1 (or null for the whole window), got {count}")
         pick = torch.randperm(len(steps), generator=generator)[:int(count)]
         return sorted(steps[i] for i in pick.tolist())
-    raise ValueError(f"rl.train_steps.mode must be 'fraction' or 'window', got {mode!r}")
+    raise ConfigError(f"rl.train_steps.mode must be 'fraction' or 'window', got {mode!r}")

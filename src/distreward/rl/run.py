@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from ..config import find_file
+from ..schema import ConfigError
 from ..utils import dist as D
 from ..utils.io import RunDir, atomic_save_json
 from ..utils.progress import progress as tqdm
@@ -90,7 +91,7 @@ def guidance_distill(cfg, run_dir, **kw) -> dict:
 def check_single_process(world: int) -> None:
     """A trainer without a multi-process split: refuse a torchrun launch before any work."""
     if int(world) > 1:
-        raise ValueError(f"this trainer runs in one process, but it was launched among {world} processes "
+        raise ConfigError(f"this trainer runs in one process, but it was launched among {world} processes "
                          "(torchrun, WORLD_SIZE > 1); run it without torchrun")
 
 
@@ -100,7 +101,7 @@ def train(name: str, cfg, run_dir, *, resume: bool = False, overwrite: bool = Fa
     """Run the registered trainer `name` in `run_dir`: the config checked in full before any work, the run
     directory prepared (locked, resume checks), the loop, the final files; see `finetune`."""
     if name not in ALGORITHMS:
-        raise ValueError(f"unknown trainer {name!r}; use one of {', '.join(ALGORITHMS)}")
+        raise ConfigError(f"unknown trainer {name!r}; use one of {', '.join(ALGORITHMS)}")
     algorithm = ALGORITHMS[name]
     check_reward(reward)
     cfg = resolve(cfg, own_reward=reward is not None or not algorithm.uses_reward)

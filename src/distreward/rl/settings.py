@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import ListConfig
 
-from ..schema import defaults, validate
+from ..schema import ConfigError, defaults, validate
 
 # Defaults under every preset (configs/fmnist_grpo*.yaml override them), derived from the schema.
 DEFAULTS: dict[str, Any] = defaults("finetune")
@@ -29,7 +29,7 @@ def check_world(cfg, world: int) -> None:
     """What depends on the number of processes: the P groups are split over them."""
     P = int(cfg.rl.labels_per_iter)
     if P < world:
-        raise ValueError(f"rl.labels_per_iter (P = {P} groups) is split over the {world} processes: "
+        raise ConfigError(f"rl.labels_per_iter (P = {P} groups) is split over the {world} processes: "
                          f"use P >= {world} or fewer processes")
 
 

@@ -23,6 +23,7 @@ from ..features import compute_features
 from ..reward import build_reward
 from ..sampling import ode_sample, sigma_schedule
 from ..sampling.generate import balanced_labels
+from ..schema import ConfigError
 from ..utils import dist as D
 from ..utils.io import atomic_write_bytes
 from ..utils.cache import cache_valid, save_cache_key
@@ -171,7 +172,7 @@ def class_statistics(evaluator, name: str) -> dict:
     labels = list(getattr(evaluator, "labels", None) or [])
     stats = evaluator.real_class_stats[labels.index(name)] if name in labels else None
     if stats is None:
-        raise ValueError(f"reward.per_class needs per-class real statistics of the {name!r} features: the evaluator "
+        raise ConfigError(f"reward.per_class needs per-class real statistics of the {name!r} features: the evaluator "
                          "has none (build it with the real images' class labels, as Evaluator.for_fmnist does), or "
                          "set reward.per_class=false")
     return stats
