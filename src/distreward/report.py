@@ -83,7 +83,7 @@ def plot_fd_curves(curves: dict[str, list[dict]], path: str | os.PathLike, keys=
     if reference:
         ax = axes[0][-1]
         for name, recs in reference.items():
-            ax.plot([r["iteration"] for r in recs], [r["fd_ref"] for r in recs], label=name)
+            ax.plot([r["iteration"] for r in recs], [r["fd_ref"] for r in recs], marker=".", label=name)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("fd_ref")
         ax.set_title("FD of the reward's reference set (reward features)")
@@ -100,7 +100,10 @@ def plot_fd_curves(curves: dict[str, list[dict]], path: str | os.PathLike, keys=
         ax.set_ylabel(key)
         ax.set_title({"fd_reward": "FD, reward features", "fd_eval": "FD, held-out features"}.get(key, key))
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, f"no evaluation reports {key}", ha="center", va="center", transform=ax.transAxes)
     return save_figure(fig, path)
 
 
