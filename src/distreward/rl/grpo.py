@@ -56,9 +56,9 @@ def grpo_update(net, model, ref_model, ema, optimizer, ro: Rollouts, steps: list
 
     def backward(mb, _):
         acc = torch.zeros(len(LOGGED) + n_steps, dtype=torch.float64, device=ro.xs.device)
+        if mb.mine.numel() == 0:
+            return acc
         for k, j in enumerate(steps):
-            if mb.mine.numel() == 0:
-                continue
             loss_pg, kl, rho, log_rho = step_terms(model, ref_model, ro, j, mb.local, rl.noise_level, eps)
             ((loss_pg.mean() + beta * kl.mean()) * mb.share / n_steps).backward()
             r, lr_ = rho.detach(), log_rho.detach()

@@ -89,11 +89,11 @@ def nft_update(net, model, old_model, ema, optimizer, x0: torch.Tensor, labels: 
     def backward(mb, draws):
         sigma, eps = draws
         acc = torch.zeros(2, dtype=torch.float64, device=x0.device)
+        if mb.mine.numel() == 0:
+            return acc
         local_idx = mb.local.to(x0.device)
+        x, lab, wk = x0[local_idx], labels[local_idx], w[local_idx].to(x0.device)
         for k in range(K):
-            if mb.mine.numel() == 0:
-                continue
-            x, lab, wk = x0[local_idx], labels[local_idx], w[local_idx].to(x0.device)
             s, e = sigma[mb.mine, k].to(x0.device), eps[mb.mine, k].to(x0.device)
             xt, target = flow_interpolate(x, e, s), flow_target(x, e)
             with torch.no_grad():
