@@ -20,11 +20,12 @@ each invocation `utils.provenance`, the input files' hashes `utils.hashing`, the
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from omegaconf import OmegaConf
