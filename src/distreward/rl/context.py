@@ -107,9 +107,12 @@ class RunContext:
         """Rewards r of the whole batch from this rank's samples (permuted under the null control) and the gathered
         rows to push (None for a reward without state)."""
         r, gathered = parallel.score(self.reward, images, labels, groups)
-        if self.rl.null_control == "permute":
-            r = null_permutation(r, self.generator)
-        return r, gathered
+        return self.null_control(r), gathered
+
+    def null_control(self, r: torch.Tensor) -> torch.Tensor:
+        """The batch's rewards `r` as the update sees them: permuted under rl.null_control = permute, else as
+        they are."""
+        return null_permutation(r, self.generator) if self.rl.null_control == "permute" else r
 
     def advantages(self, r: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A of the global batch (rl.adv_std, rl.adv_clip) and, per sample, whether its group's rewards were equal."""

@@ -40,7 +40,7 @@ from ..utils.cache import cache_valid, save_cache_key
 from ..utils.io import atomic_save_safetensors
 from ..utils.progress import phase
 from ..utils.progress import progress as tqdm
-from .context import Algorithm, RunContext, null_permutation, reward_record
+from .context import Algorithm, RunContext, reward_record
 from .nft import nft_update, optimality_weights
 
 __all__ = ["GradientPairs", "Pool", "PoolShards", "gradient_pair_share", "pool_groups", "pool_signal_share",
@@ -250,9 +250,7 @@ class Pool(Algorithm):
         t1 = time.perf_counter()
         # 2. rewards against the pool itself, advantages within the pool (or class), optimality weights
         groups = pool_groups(labels, str(rl.pool.credit))
-        r = score_against_pool(ctx.reward, self.images(ctx, x0), labels, groups)
-        if rl.null_control == "permute":
-            r = null_permutation(r, ctx.generator)
+        r = ctx.null_control(score_against_pool(ctx.reward, self.images(ctx, x0), labels, groups))
         fd_ref = ctx.reward_fd()
         A, zero_std = ctx.advantages(r, groups)
         w = optimality_weights(A)
