@@ -170,7 +170,8 @@ class ClassDistributionReward(Reward):
         self.mode, self.credit, self.scale, self.batch_size = mode, credit, float(scale), int(batch_size)
         self.scored = ScoredBatchFeatures(feature_net, self.batch_size)
 
-    def _by_class(self, labels) -> dict[int, np.ndarray]:
+    def by_class(self, labels) -> dict[int, np.ndarray]:
+        """The rows of each class present in `labels` (every class must have a reference set)."""
         if labels is None:
             raise ValueError("the per-class distribution reward needs the samples' class labels")
         lab = _numpy(labels).astype(np.int64)
@@ -185,13 +186,13 @@ class ClassDistributionReward(Reward):
     def score_features(self, features, labels=None, groups=None) -> torch.Tensor:
         r = np.zeros(features.shape[0])
         g = _numpy(groups)
-        for c, idx in self._by_class(labels).items():
+        for c, idx in self.by_class(labels).items():
             r[idx] = self.sets[c].rewards(features[idx], groups=None if g is None else g[idx], mode=self.mode,
                                           credit=self.credit)
         return torch.from_numpy(r * self.scale).float()
 
     def push_features(self, features: np.ndarray, labels=None) -> None:
-        for c, idx in self._by_class(labels).items():
+        for c, idx in self.by_class(labels).items():
             self.sets[c].push(features[idx])
         self.scored.forget()
 

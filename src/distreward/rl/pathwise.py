@@ -56,15 +56,12 @@ def first_variations(reward, features: np.ndarray, labels: torch.Tensor) -> np.n
     """d_i = dFD/df_i (B, d) float64 of each sample as a member of its reference set (the class's set under
     reward.per_class) against the real statistics."""
     if isinstance(reward, DistributionReward):
-        sets, rows = {None: reward.ref}, {None: np.arange(features.shape[0])}
+        sets = {None: (reward.ref, np.arange(features.shape[0]))}
     else:
-        lab = labels.cpu().numpy()
-        sets = {c: reward.sets[c] for c in np.unique(lab).tolist()}
-        rows = {c: np.flatnonzero(lab == c) for c in sets}
+        sets = {c: (reward.sets[c], rows) for c, rows in reward.by_class(labels).items()}
     out = np.zeros_like(features, dtype=np.float64)
-    for c, ref in sets.items():
-        out[rows[c]] = fd_first_variation(features[rows[c]], ref.mu, ref.sigma, ref.real_mu, ref.real_sigma_half,
-                                          ref.n)
+    for ref, rows in sets.values():
+        out[rows] = fd_first_variation(features[rows], ref.mu, ref.sigma, ref.real_mu, ref.real_sigma_half, ref.n)
     return out
 
 
