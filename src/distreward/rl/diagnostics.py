@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..utils.configdiff import flatten
+
 
 def signal_share(grads: list[torch.Tensor]) -> dict:
     """rho = mean_{k<l} g_k . g_l / mean_k |g_k|^2 (unbiased for |mu|^2 / E|g|^2 over independent batches), with
@@ -104,20 +106,12 @@ def jackknife_errors(x: torch.Tensor, estimate=variance_components) -> dict:
     I = x.shape[0]
     if I < 3:
         raise ValueError(f"jackknife_errors: {I} batches; pass at least 3 (one is left out at a time)")
-    leave_one = [flat(estimate(torch.cat([x[:i], x[i + 1:]]))) for i in range(I)]
+    leave_one = [flatten(estimate(torch.cat([x[:i], x[i + 1:]]))) for i in range(I)]
     errors = {}
     for k in leave_one[0]:
         v = np.array([np.nan if d[k] is None else d[k] for d in leave_one], dtype=np.float64)
         errors[k] = float(np.sqrt((I - 1) / I * np.sum((v - v.mean()) ** 2)))
     return errors
-
-
-def flat(d: dict, prefix: str = "") -> dict:
-    """A nested dict of numbers as one level, keys joined by '.'."""
-    out = {}
-    for k, v in d.items():
-        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def decomposition_report(x: torch.Tensor, batch: int) -> dict:
