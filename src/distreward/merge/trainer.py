@@ -69,11 +69,13 @@ class MergeRL:
     (`candidates.SetReward`). Every searcher's candidates go through the same `step`: the same projection,
     samples, reward and push rule."""
 
-    def __init__(self, cfg, ckpts: CheckpointSet, init_mean, *, sample_fn, feature_fn, real_mu, real_sigma,
-                 device="cpu", sample_key: dict | None = None):
+    def __init__(self, cfg, ckpts: CheckpointSet, init_mean, *, sample_fn=None, feature_fn=None, real_mu, real_sigma,
+                 device="cpu", sample_key: dict | None = None, sampler: CandidateSampler | None = None):
+        """`sampler`: a CandidateSampler of these ckpts to search with (its live network is reused); else one is
+        built from sample_fn, feature_fn, device and sample_key."""
         self.cfg, self.ckpts = cfg, ckpts
-        self.sampler = CandidateSampler(cfg, ckpts, sample_fn=sample_fn, feature_fn=feature_fn, device=device,
-                                        sample_key=sample_key)
+        self.sampler = sampler if sampler is not None else CandidateSampler(
+            cfg, ckpts, sample_fn=sample_fn, feature_fn=feature_fn, device=device, sample_key=sample_key)
         self.rows = coefficient_rows(cfg, ckpts)
         self.searcher = make_searcher(cfg, np.tile(np.asarray(init_mean, np.float64).reshape(-1), self.rows))
         self.scorer = SetReward(real_mu, real_sigma)
@@ -189,14 +191,13 @@ def merge_run(cfg, run: RunDir, device: str, *, resume: bool, ckpts: CheckpointS
                         real_stats=real_stats, evaluator=evaluator)
     evaluator = parts.evaluator
     add_inputs(run, weight_files(evaluator, getattr(parts.feature_fn, "network", None)), main=main)
-    sampling = dict(sample_fn=parts.sample_fn, feature_fn=parts.feature_fn, device=device,
-                    sample_key=parts.sample_key)
+    sampler = CandidateSampler(cfg, ckpts, sample_fn=parts.sample_fn, feature_fn=parts.feature_fn, device=device,
+                               sample_key=parts.sample_key)    # one live network: the baselines', then the search's
 
     base_w = baseline_weights(ckpts, cfg)
-    probe = CandidateSampler(cfg, ckpts, **sampling)
-    results = evaluate_baselines(probe, base_w, evaluator, cfg, run, resume, progress, eval_cache)
+    results = evaluate_baselines(sampler, base_w, evaluator, cfg, run, resume, progress, eval_cache)
     init = initial_mean(cfg.merge.init, ckpts, base_w, results)
-    rl = MergeRL(cfg, ckpts, init, real_mu=parts.real_stats[0], real_sigma=parts.real_stats[1], **sampling)
+    rl = MergeRL(cfg, ckpts, init, real_mu=parts.real_stats[0], real_sigma=parts.real_stats[1], sampler=sampler)
     train(rl, run, resume, progress)
 
     w, searcher = rl.mean_weights(), rl.searcher.name
