@@ -28,7 +28,6 @@ import math
 import shutil
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file
@@ -42,6 +41,7 @@ from ..utils.progress import phase
 from ..utils.progress import progress as tqdm
 from .context import Algorithm, RunContext, reward_record
 from .nft import nft_update, optimality_weights
+from .step import step_settings
 
 __all__ = ["GradientPairs", "Pool", "PoolShards", "gradient_pair_share", "pool_groups", "pool_signal_share",
            "round_settings", "score_against_pool", "shard_seed"]
@@ -73,12 +73,11 @@ def pool_groups(labels: torch.Tensor, credit: str) -> torch.Tensor:
     return labels.clone() if credit == "class" else torch.zeros_like(labels)
 
 
-def round_settings(rl) -> SimpleNamespace:
+def round_settings(rl):
     """What rl.step.minibatch_steps reads, for a round: rl.pool.epochs passes in minibatches of rl.pool.minibatch."""
     pool = rl.pool
     n_mb = max(1, math.ceil(int(pool.size) / int(pool.minibatch)))
-    return SimpleNamespace(inner_epochs=int(pool.epochs), minibatches=n_mb, grad_clip=float(rl.grad_clip),
-                           ema_decay=float(rl.ema_decay))
+    return step_settings(rl, inner_epochs=int(pool.epochs), minibatches=n_mb)
 
 
 def score_against_pool(reward, images: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:

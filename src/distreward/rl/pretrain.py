@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import time
-from types import SimpleNamespace
 
 import torch
 
@@ -30,7 +29,7 @@ from ..schema import defaults
 from ..train.flow import drop_labels, flow_interpolate, flow_loss, flow_target, sample_sigma
 from ..utils.errors import InputError
 from .context import Algorithm, RunContext
-from .step import minibatch_steps, stat_sums
+from .step import minibatch_steps, stat_sums, step_settings
 
 __all__ = ["GuidanceDistill", "Pretrain", "draw_batch", "noise_settings", "training_images"]
 
@@ -89,8 +88,7 @@ class Pretrain(Algorithm):
                                                    int(cfg.model.num_classes))
         self.noise, self.null_label = noise_settings(), int(cfg.model.num_classes)
         self.model = velocity_model(weights.net, weights.arch)
-        self.update = SimpleNamespace(inner_epochs=1, minibatches=int(cfg.pretrain.steps),
-                                      grad_clip=float(cfg.rl.grad_clip), ema_decay=float(cfg.rl.ema_decay))
+        self.update = step_settings(cfg.rl, inner_epochs=1, minibatches=int(cfg.pretrain.steps))
         for group in ctx.optimizer.param_groups:
             group["lr"] = float(cfg.pretrain.lr)
 

@@ -10,6 +10,7 @@ tensors, summed over ranks and read back once per update call (no host sync per 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from ..utils import dist as D
 from .parallel import all_reduce_grads_
 
-__all__ = ["Minibatch", "ema_update", "minibatch_steps"]
+__all__ = ["Minibatch", "ema_update", "minibatch_steps", "step_settings"]
 
 
 @torch.no_grad()
@@ -27,6 +28,13 @@ def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None
         pe.lerp_(p.detach(), 1.0 - decay)
     for be, b in zip(ema.buffers(), net.buffers()):
         be.copy_(b)
+
+
+def step_settings(rl, *, inner_epochs: int, minibatches: int) -> SimpleNamespace:
+    """What `minibatch_steps` reads, for a trainer that sets its own passes and minibatch count: those, with rl's
+    grad-norm clip and EMA decay."""
+    return SimpleNamespace(inner_epochs=int(inner_epochs), minibatches=int(minibatches),
+                           grad_clip=float(rl.grad_clip), ema_decay=float(rl.ema_decay))
 
 
 @dataclass(frozen=True)
