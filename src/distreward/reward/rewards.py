@@ -307,10 +307,6 @@ def _real_mu_sigma(real_stats):
                     f"got {type(real_stats).__name__}")
 
 
-# The keys of each reward: the schema's table (distreward.schema.REWARD_KEYS, docs/configs.md).
-_KEYS = REWARD_KEYS
-
-
 def build_reward(cfg, device="cpu", *, feature_net=None, real_stats=None, init_features=None,
                  real_features=None, class_stats=None, init_labels=None) -> Reward:
     """A reward from a config dict (keys in docs/reward.md), e.g. {"name": "distribution", "mode": "fast"}.
@@ -323,13 +319,14 @@ def build_reward(cfg, device="cpu", *, feature_net=None, real_stats=None, init_f
     if hasattr(cfg, "_metadata"):  # an OmegaConf node
         cfg = OmegaConf.to_container(cfg, resolve=True)
     if not isinstance(cfg, Mapping) or "name" not in cfg:
-        raise ValueError(f"a reward config is a dict with a 'name' ({', '.join(_KEYS)}), got {cfg!r}")
+        raise ValueError(f"a reward config is a dict with a 'name' ({', '.join(REWARD_KEYS)}), got {cfg!r}")
     name = str(cfg["name"])
-    if name not in _KEYS:
-        raise ValueError(f"unknown reward {name!r}: use one of {', '.join(_KEYS)}")
-    unknown = set(cfg) - _KEYS[name]
+    if name not in REWARD_KEYS:
+        raise ValueError(f"unknown reward {name!r}: use one of {', '.join(REWARD_KEYS)}")
+    unknown = set(cfg) - REWARD_KEYS[name]
     if unknown:
-        raise ValueError(f"unknown keys {sorted(unknown)} for the {name!r} reward; allowed: {sorted(_KEYS[name])}")
+        raise ValueError(f"unknown keys {sorted(unknown)} for the {name!r} reward; "
+                         f"allowed: {sorted(REWARD_KEYS[name])}")
     batch_size = int(cfg.get("batch_size", 500))
     if feature_net is None:
         feature_net = get_feature_network(cfg.get("features", "fmnist-reward"), weights=cfg.get("weights"), device=device)

@@ -157,7 +157,7 @@ class Pathwise(Algorithm):
         t1 = time.perf_counter()
         # 2. rewards (logged) and each sample's first variation of the reference set's FD
         r, gathered = ctx.score(images, labels, groups)
-        A, zero_std = ctx.advantages(r, groups)
+        _, zero_std = ctx.advantages(r, groups)
         directions = torch.from_numpy(first_variations(ctx.reward, np.asarray(gathered), labels)).float()
         if rl.null_control == "permute":
             directions = null_directions(directions, gen)
