@@ -28,13 +28,15 @@ import time
 import torch
 
 from ..sampling import ode_sample, sigma_schedule
+from ..schema import ConfigError
 from ..train.flow import flow_interpolate, flow_loss, flow_target
 from .context import Algorithm, RunContext, reward_record
 from .rollout import start_noise
 from .settings import nft_rollout_grid
 from .step import ema_update, minibatch_steps, stat_sums
 
-__all__ = ["NFT", "optimality_weights", "implicit_velocities", "nft_loss", "nft_update", "ode_rollouts"]
+__all__ = ["NFT", "optimality_weights", "implicit_velocities", "nft_loss", "nft_update", "ode_rollouts",
+           "stratified_levels", "antithetic_pairs", "loss_draws"]
 
 
 # --------------------------------------------------------------------------------------------- the equations
@@ -57,6 +59,36 @@ def nft_loss(v_theta: torch.Tensor, v_old: torch.Tensor, target: torch.Tensor, w
     return w * flow_loss(v_pos, target) + (1.0 - w) * flow_loss(v_neg, target)
 
 
+# --------------------------------------------------------------------------------------------- the loss's draws
+
+# Stratified noise levels: sigma_k = (k + u_k) / K for u (..., K) ~ U(0, 1), one level in each of the K strata
+# [k/K, (k+1)/K); a level drawn from a uniformly chosen stratum is U(0, 1), so the loss stays unbiased.
+def stratified_levels(u: torch.Tensor) -> torch.Tensor:
+    return (torch.arange(u.shape[-1], dtype=u.dtype, device=u.device) + u) / u.shape[-1]
+
+
+# Antithetic pairs: levels 2j and 2j + 1 share sigma_j, with noises eps_j and -eps_j (the gradient's part that is
+# odd in eps cancels within a pair). sigma (B, J), eps (B, J, ...) -> (B, 2J), (B, 2J, ...).
+def antithetic_pairs(sigma: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return sigma.repeat_interleave(2, dim=1), torch.stack([eps, -eps], dim=2).flatten(1, 2)
+
+
+def loss_draws(batch: int, K: int, shape, generator: torch.Generator, *, sigma_draw: str = "iid",
+               antithetic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward-process loss's K noise levels (batch, K) and noises (batch, K, *shape) per sample
+    (nft.sigma_draw, nft.antithetic). One uniform and one normal draw, in that order, of K levels (K / 2 when
+    antithetic), so each setting consumes `generator` the same way every time; iid without pairs is
+    torch.rand((batch, K)), torch.randn((batch, K, *shape))."""
+    if antithetic and K % 2:
+        raise ConfigError(f"nft.timesteps: {K} is not allowed (nft.antithetic pairs the noise levels; use an even "
+                          f"nft.timesteps such as {K + 1}, or nft.antithetic=false)")
+    n = K // 2 if antithetic else K
+    u = torch.rand((batch, n), generator=generator)
+    eps = torch.randn((batch, n, *shape), generator=generator)
+    sigma = stratified_levels(u) if sigma_draw == "stratified" else u
+    return antithetic_pairs(sigma, eps) if antithetic else (sigma, eps)
+
+
 # --------------------------------------------------------------------------------------------- rollouts
 
 @torch.no_grad()
@@ -74,7 +106,7 @@ def ode_rollouts(model, noise: torch.Tensor, labels: torch.Tensor, sigmas: torch
 def nft_update(net, model, old_model, ema, optimizer, x0: torch.Tensor, labels: torch.Tensor, w: torch.Tensor,
                rl, nft, generator: torch.Generator, *, rows: range, batch: int) -> dict:
     """Step 4: inner epochs x minibatches of the NFT loss at nft.timesteps forward-process noise levels per sample
-    (gradients accumulated over them), `step.minibatch_steps`.
+    (gradients accumulated over them; drawn by `loss_draws` once per epoch), `step.minibatch_steps`.
 
     Every rank draws the global batch's permutation, noise levels and noise from `generator` and back-propagates its
     `rows`' share of each minibatch mean (gradients summed over ranks), so the update does not depend on the split.
@@ -82,9 +114,8 @@ def nft_update(net, model, old_model, ema, optimizer, x0: torch.Tensor, labels: 
     K, beta = int(nft.timesteps), float(nft.beta)
 
     def epoch_draws():
-        sigma = torch.rand((batch, K), generator=generator)
-        eps = torch.randn((batch, K, *x0.shape[1:]), generator=generator)
-        return sigma, eps
+        return loss_draws(batch, K, x0.shape[1:], generator, sigma_draw=str(nft.sigma_draw),
+                          antithetic=bool(nft.antithetic))
 
     def backward(mb, draws):
         sigma, eps = draws

@@ -286,6 +286,11 @@ class Nft:
     steps: Optional[int] = key(None, "ODE steps of the rollouts (null: eval.steps, the served sampler's)", ge=1)
     beta: float = key(1.0, "strength of the implicit policies v+- = v_old +- beta (v_theta - v_old)", gt=0)
     timesteps: int = key(2, "forward-process noise levels (sigma ~ U(0, 1)) per sample and update", ge=1)
+    sigma_draw: str = key("iid", "how a sample's noise levels are drawn: iid U(0, 1), or stratified (one level in "
+                                 "each of the equal strata of (0, 1); still U(0, 1) in marginal)",
+                          choices=("iid", "stratified"))
+    antithetic: bool = key(False, "noise levels in pairs sharing sigma with noises eps and -eps (nft.timesteps "
+                                  "even; stratified: nft.timesteps / 2 strata)")
     old_decay: float = key(0.0, "eta: v_old <- eta v_old + (1 - eta) v_theta after each iteration (0: on-policy)",
                            ge=0, lt=1)
 
@@ -324,6 +329,10 @@ def check_finetune(cfg: dict) -> None:
              "sharing one starting noise holds G identical samples and no reward spread; use rl.shared_noise=false")
     if rl["algorithm"] == "pool" and reward.get("name") == "distribution":
         check_pool(rl["pool"], reward)
+    nft = cfg["nft"]
+    if nft["antithetic"] and nft["timesteps"] % 2:
+        fail("nft.timesteps", nft["timesteps"], f"nft.antithetic pairs the noise levels; use an even nft.timesteps "
+             f"such as {nft['timesteps'] + 1}, or nft.antithetic=false")
     ts = rl["train_steps"]
     if rl["noise_steps"] == "window" and ts["mode"] != "window":
         fail("rl.noise_steps", "window", "needs rl.train_steps.mode=window: the stochastic steps must be known "
