@@ -223,15 +223,16 @@ def advantages(S, r, groups):
 
 def loss_draw(S, batch: int):
     """The loss's own randomness for one gradient: GRPO's trained steps, or the forward-process loss's noise
-    levels (B, K) and noises."""
+    levels (B, K) and noises (nft.sigma_draw, nft.antithetic)."""
+    from distreward.rl.nft import loss_draws
     from distreward.rl.rollout import trained_steps
 
     rl, gen = S.rl, S.pol.generator
     if S.algorithm == "grpo":
         return trained_steps(S.T, str(rl.train_steps.mode), fraction=float(rl.train_steps.fraction),
                              window=rl.train_steps.window, generator=gen, count=rl.train_steps.get("count"))
-    K = int(S.nft.timesteps)
-    return torch.rand((batch, K), generator=gen), torch.randn((batch, K, *S.shape), generator=gen)
+    return loss_draws(batch, int(S.nft.timesteps), S.shape, gen, sigma_draw=str(S.nft.sigma_draw),
+                      antithetic=bool(S.nft.antithetic))
 
 
 def gradient(S, sample, labels, A, draw) -> torch.Tensor:
