@@ -6,9 +6,10 @@ One iteration, top to bottom:
      own noise: no SDE and no log-probs;
   2. reward r of the decoded samples (the distribution-wise reward against the same reference set as GRPO's);
   3. optimality weights w = 0.5 + 0.5 clip(A, -1, 1) in [0, 1], A the group-relative advantages of r;
-  4. update on the forward (noising) process: sigma ~ U(0, 1), x_sigma = (1 - sigma) x_0 + sigma eps, target
-     v = eps - x_0, implicit policies v+ = (1 - beta) v_old + beta v_theta and v- = (1 + beta) v_old - beta v_theta,
-     loss w |v+ - v|^2 + (1 - w) |v- - v|^2; AdamW, grad-norm clip, EMA;
+  4. update on the forward (noising) process: sigma ~ U(0, 1) (iid or stratified, eps in antithetic pairs or not:
+     `loss_draws`), x_sigma = (1 - sigma) x_0 + sigma eps, target v = eps - x_0, implicit policies
+     v+ = (1 - beta) v_old + beta v_theta and v- = (1 + beta) v_old - beta v_theta, loss
+     w |v+ - v|^2 + (1 - w) |v- - v|^2; AdamW, grad-norm clip, EMA;
   5. push: the samples enter the reference set (they are the policy's own ODE samples); v_old <- the policy
      (nft.old_decay: eta v_old + (1 - eta) v_theta);
 the frame (rl/run.py) then logs, evaluates the EMA weights and checkpoints, as for GRPO. On policy
