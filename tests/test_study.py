@@ -182,3 +182,16 @@ def test_equal_wall_time_iterations():
     assert matched_iterations(30.0, probe) == 20
     assert matched_iterations(31.0, probe) == 21
     assert matched_iterations(1.0, probe) == 2
+
+
+@pytest.mark.parametrize("arm", ["grpo", "nft", "pathwise"])
+def test_a_trainer_arm_runs_that_trainer_on_the_configs_budget(arm):
+    from distreward.config import load_config
+    from distreward.rl.settings import resolve
+    from distreward.study import arm_config
+
+    cfg = resolve(load_config("fmnist_grpo", []))
+    c = arm_config(cfg, arm, seed=3)
+    assert c.rl.algorithm == arm and c.seed == 3 and c.rl.iterations == cfg.rl.iterations
+    assert c.rl.shared_noise == (bool(cfg.rl.shared_noise) and arm == "grpo")
+    assert cfg.seed != 3 and cfg.rl.algorithm == "grpo"      # the study's config is left as it was

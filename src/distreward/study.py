@@ -6,6 +6,8 @@ Arms, each trained once per seed (cfg.seed = s) at the config's budget:
   nft       the config with rl.algorithm=nft (the forward-process trainer on ODE samples, rl/nft.py; independent
             starting noises);
   pool      the config with rl.algorithm=pool (pool rounds, rl/pool.py: reward.reference_size = rl.pool.size);
+  pathwise  the config with rl.algorithm=pathwise (the reward's first variation back-propagated through the
+            feature network and the sampler's last steps, rl/pathwise.py);
   null      the config's own trainer with the rewards of every iteration permuted across the batch
             (rl.null_control=permute): the real rewards' scale and spread, no information about the samples;
   distill   the distillation control (rl.distill): the served grid's velocities regressed onto the base model's
@@ -52,7 +54,7 @@ from .utils.errors import InputError
 from .utils.progress import phase
 from .utils.lock import RunLock
 
-ARMS = ("grpo", "nft", "pool", "null", "distill", "sample", "pretrain", "guidance-distill", "guided")
+ARMS = ("grpo", "nft", "pool", "pathwise", "null", "distill", "sample", "pretrain", "guidance-distill", "guided")
 CONTROLS = ("null", "distill", "pretrain")
 REFERENCES = ("guided", "guidance-distill")
 TRAINERS: dict[str, Callable] = {"distill": distill, "pretrain": pretrain, "guidance-distill": guidance_distill}
@@ -66,7 +68,7 @@ def arm_config(cfg, arm: str, seed: int):
     """The config of one arm and seed (a copy)."""
     c = copy.deepcopy(cfg)
     c.seed = int(seed)
-    if arm in ("grpo", "nft", "pool"):
+    if arm in ("grpo", "nft", "pool", "pathwise"):
         c.rl.algorithm = arm
         c.rl.shared_noise = bool(c.rl.shared_noise) and arm == "grpo"   # ODE samples need their own noises
     elif arm == "null":
