@@ -181,3 +181,21 @@ def test_k_beyond_the_sampler_and_a_sample_wise_reward_are_refused(tmp_path):
     with pytest.raises(ValueError, match="needs the distribution-wise reward"):
         train("pathwise", frame_cfg("pathwise", 1), tmp_path / "c", net=make_net(),
               reward=ClassifierLogProbReward(Logits()), evaluator=StandInEvaluator(), progress=False)
+
+
+@pytest.mark.parametrize("method,steps,served", [("heun", 5, 4), ("euler", None, 4)])
+def test_the_reference_set_is_drawn_with_the_samples_ode(method, steps, served):
+    """The reference set's initial rows are samples of the trainer's own sampler (pathwise.method, pathwise.steps
+    or the served step count), noise-free whatever rl.reference says: the first variations compare like with like."""
+    from omegaconf import OmegaConf
+
+    from distreward.rl.settings import resolve
+    from distreward.rl.setup import ReferenceSampler
+    from distreward.schema import validate
+
+    raw = frame_cfg("pathwise", 1, reference="rollout")
+    raw["pathwise"] = {"k": 1, "method": method, "steps": steps}
+    raw["eval"]["steps"] = served
+    cfg = resolve(OmegaConf.create(validate("finetune", raw)))
+    sampler = ReferenceSampler.of_run(cfg, 6)
+    assert (sampler.method, sampler.steps, sampler.noise_levels) == (method, steps or served, 0.0)

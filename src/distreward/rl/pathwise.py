@@ -31,6 +31,7 @@ from ..sampling import check_sigmas, ode_sample, ode_step, sigma_schedule
 from ..schema import ConfigError
 from .context import Algorithm, RunContext, reward_record
 from .rollout import start_noise
+from .settings import pathwise_sample_grid
 from .step import minibatch_steps, stat_sums
 
 __all__ = ["Pathwise", "pathwise_grid", "pathwise_loss", "null_directions", "first_variations", "first_steps",
@@ -68,14 +69,13 @@ def first_variations(reward, features: np.ndarray, labels: torch.Tensor) -> np.n
 # --------------------------------------------------------------------------------------------- sampling
 
 def pathwise_grid(cfg) -> tuple[str, torch.Tensor, int]:
-    """(method, sigmas, K): the ODE of the samples (pathwise.method; pathwise.steps, or eval.steps when null) and
-    the number of its last steps that keep gradients."""
-    pw = cfg.pathwise
-    steps = int(cfg.eval.steps if pw.steps is None else pw.steps)
-    k = int(pw.k)
+    """(method, sigmas, K): the ODE of the samples (settings.pathwise_sample_grid) and the number of its last steps
+    that keep gradients."""
+    method, steps = pathwise_sample_grid(cfg)
+    k = int(cfg.pathwise.k)
     if k > steps:
         raise ConfigError(f"pathwise.k = {k} exceeds the sampler's {steps} steps; use pathwise.k <= {steps}")
-    return str(pw.method), sigma_schedule(steps, shift=float(cfg.rl.shift)), k
+    return method, sigma_schedule(steps, shift=float(cfg.rl.shift)), k
 
 
 def last_steps(model, x: torch.Tensor, labels: torch.Tensor, sigmas: torch.Tensor, method: str) -> torch.Tensor:

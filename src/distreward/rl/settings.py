@@ -47,8 +47,19 @@ def guidance_scale(model_cfg) -> float:
 def nft_rollout_grid(cfg) -> tuple[str, int]:
     """The forward-process trainer's rollout ODE (method, steps): nft.method with nft.steps, or with the served
     sampler's step count (eval.steps) when nft.steps is null."""
-    steps = cfg.nft.steps
-    return str(cfg.nft.method), int(cfg.eval.steps if steps is None else steps)
+    return ode_grid(cfg.nft, cfg)
+
+
+def pathwise_sample_grid(cfg) -> tuple[str, int]:
+    """The pathwise trainer's sampler (method, steps): pathwise.method with pathwise.steps, or eval.steps when
+    null."""
+    return ode_grid(cfg.pathwise, cfg)
+
+
+def ode_grid(section, cfg) -> tuple[str, int]:
+    """(section.method, section.steps), the served sampler's step count (eval.steps) where section.steps is null."""
+    steps = section.steps
+    return str(section.method), int(cfg.eval.steps if steps is None else steps)
 
 
 # The sample-wise baseline's reward (METHOD.md section 6): the reward network's classifier log-probability of the

@@ -31,7 +31,7 @@ from ..utils.configdiff import plain_config
 from ..utils.progress import progress as tqdm
 from .parallel import rollout_rows
 from .rollout import reference_noise_levels
-from .settings import guidance_scale, nft_rollout_grid
+from .settings import guidance_scale, nft_rollout_grid, pathwise_sample_grid
 
 REFERENCE_CACHE = "base_reference_features.npy"
 
@@ -67,12 +67,13 @@ class ReferenceSampler:
     @classmethod
     def of_run(cls, cfg, n: int) -> "ReferenceSampler":
         """The sampler of a finetune run's config: GRPO's rollouts or Euler ODE (rl.reference decides the noise
-        levels), or the forward-process trainer's rollout ODE (rl.algorithm = nft)."""
+        levels), or the ODE of the forward-process or the pathwise trainer's samples (rl.algorithm = nft, pathwise)."""
         rl, model = cfg.rl, cfg.model
         levels = reference_noise_levels(rl)
         steps, method = int(rl.steps), "euler"
-        if rl.algorithm == "nft":
-            (method, steps), levels = nft_rollout_grid(cfg), 0.0
+        if rl.algorithm in ("nft", "pathwise"):      # the trainer's own ODE samples
+            grid = nft_rollout_grid if rl.algorithm == "nft" else pathwise_sample_grid
+            (method, steps), levels = grid(cfg), 0.0
         extra = {"cfg_scale": guidance_scale(model), "vae": plain_config({"v": model.get("vae")})["v"]}
         return cls(n=int(n), seed=int(cfg.seed), steps=steps, shift=float(rl.shift),
                    noise_levels=tuple(levels) if isinstance(levels, list) else float(levels),
