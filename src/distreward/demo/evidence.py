@@ -14,10 +14,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..build import eval_plan
-from ..evaluation import Evaluator
 from ..evaluation.generator import heun_for_nfe
 from ..evaluation.protocol import (SOLVERS, Protocol, combined_figures, evaluate_models, find_converged_steps,
-                                   paired_difference, relative_gain, split_figures)
+                                   paired_difference, relative_gain)
 from ..models import load_generator
 from ..utils.configdiff import plain_config
 from ..utils.hashing import hash_inputs
@@ -42,15 +41,6 @@ def model_files(ctx: DemoContext) -> dict[str, Path]:
             if name in ctx.results and (ctx.run_dir / rel).is_file()}
 
 
-def test_evaluator(ctx: DemoContext):
-    """Fashion-MNIST test as the reference (the same feature networks), when the evaluator is the Fashion-MNIST
-    one and evidence.test_split is on; else None."""
-    on = bool((ctx.cfg.get("evidence") or {}).get("test_split", True))
-    if not on or getattr(ctx.evaluator, "split", None) != "train":
-        return None
-    return Evaluator.for_fmnist(device=ctx.cfg.device, split="test")
-
-
 def evidence_key(ctx: DemoContext) -> dict:
     """What the evidence stage depends on: the evaluation settings, the evidence section, the models' content."""
     return {**evaluation_key(ctx), "evidence": plain_config(ctx.cfg.get("evidence") or {}),
@@ -68,9 +58,7 @@ def stage_evidence(ctx: DemoContext) -> dict:
     solvers = proto.solvers(search["steps"])
     models = {"base": ctx.base_net, **{name: load_generator(p).eval() for name, p in model_files(ctx).items()}}
     plan = proto.report_plan(base_plan, ctx.evaluator)
-    split = test_evaluator(ctx)
-    figures = combined_figures(classifier_figures(ctx),
-                               split and split_figures(split, "_test", proto.uncertainty, proto.report_seed))
+    figures = combined_figures(classifier_figures(ctx), proto.test_figures(ctx.evaluator, ctx.cfg.device))
     print(f"[demo] evidence: {len(models)} models x {len(solvers)} solvers ({', '.join(f'{k}: {s.method} {s.steps}' for k, s in solvers.items())}), "
           f"n = {proto.n}, report seed {proto.report_seed}")
     trained = {k: solvers[k] for k in ("served", "converged")}

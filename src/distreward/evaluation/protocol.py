@@ -21,10 +21,11 @@ from ..config import plain
 from ..sampling.generate import SamplerSpec
 from ..schema import validate
 from .cache import EvalCache, ImageFigures
-from .evaluator import evaluator_key
+from .evaluator import Evaluator, evaluator_key
 from .generator import EvalPlan, converged_steps, evaluate_generator, evidence_metrics, heun_for_nfe, net_keys, nfe
 
 SOLVERS = ("served", "converged", "training_free")
+TEST_SUFFIX = "_test"       # the keys of the FDs against Fashion-MNIST test: fd_reward_test, fd_eval_test
 ROW_KEYS = ("fd_reward", "fd_reward_err", "fd_eval", "fd_eval_err", "fd_reward_boot", "fd_eval_boot",
             "precision", "recall", "density", "coverage",
             "kid", "n",
@@ -46,6 +47,7 @@ class Protocol:
     search_max: int
     curve_n: int
     curve_nfe: tuple
+    test_split: bool = True
 
     @classmethod
     def of(cls, evidence: Mapping | None, served: SamplerSpec, n: int) -> "Protocol":
@@ -55,7 +57,7 @@ class Protocol:
         return cls(served=served, validation_seed=e["validation_seed"], report_seed=e["report_seed"],
                    n=int(e["n"] or n), uncertainty=e["uncertainty"], converged_steps=e["converged_steps"],
                    search_n=e["search_n"], search_start=e["search_start"], search_max=e["search_max"],
-                   curve_n=e["curve_n"], curve_nfe=tuple(e["curve_nfe"]))
+                   curve_n=e["curve_n"], curve_nfe=tuple(e["curve_nfe"]), test_split=bool(e["test_split"]))
 
     def report_plan(self, plan: EvalPlan, evaluator) -> EvalPlan:
         """`plan` on the report seed with the protocol's n and bootstrap resamples, and per-class FD when the
@@ -68,6 +70,13 @@ class Protocol:
         protocol's bootstrap resamples, FD on the finite set, no per-class figures."""
         return replace(plan, n=int(n or self.search_n), seed=self.validation_seed, uncertainty=self.uncertainty,
                        fd_infinity=False, per_class=False)
+
+    def test_figures(self, evaluator, device="cpu") -> ImageFigures | None:
+        """FD of the report's images against Fashion-MNIST test (keys fd_reward_test, fd_eval_test and their
+        _err; `split_figures`), when the evaluator is the Fashion-MNIST train one and test_split is on; else
+        None."""
+        split = test_evaluator(evaluator, self.test_split, device)
+        return None if split is None else split_figures(split, TEST_SUFFIX, self.uncertainty, self.report_seed)
 
     def solvers(self, converged_steps: int) -> dict[str, SamplerSpec]:
         """The three solvers: served, Heun at `converged_steps`, Heun at the served NFE."""
@@ -93,6 +102,14 @@ def find_converged_steps(net, evaluator, plan: EvalPlan, protocol: Protocol, *, 
                                    protocol.search_max, arch=arch, device=device, progress=progress, cache=cache)
     return {"steps": int(steps) if steps is not None else int(protocol.search_max), "searched": True,
             "trace": trace}
+
+
+def test_evaluator(evaluator, on: bool = True, device="cpu"):
+    """Fashion-MNIST test as a second reference (the same feature networks), when `evaluator` is the Fashion-MNIST
+    train one and `on` (evidence.test_split); else None."""
+    if not on or getattr(evaluator, "split", None) != "train":
+        return None
+    return Evaluator.for_fmnist(device=device, split="test")
 
 
 def split_figures(evaluator, suffix: str, uncertainty: int, seed: int) -> ImageFigures:
