@@ -55,10 +55,28 @@ def test_study_runs_every_arm_and_seed_and_summarizes(tiny):
             assert s[arm]["fd_eval"]["seeds"] == vals
             assert min(vals) < s[arm]["fd_eval"]["mean"] < max(vals) and s[arm]["fd_eval"]["std"] > 0
         assert not (separation(s, "grpo", "null") and separation(s, "null", "grpo"))   # never both ways
+        # every row but the base's carries its paired change vs the base
+        for name, r in rows.items():
+            if name != "base":
+                g, se = r["gain"]["fd_eval"]
+                assert g == pytest.approx(r["fd_eval"] / rows["base"]["fd_eval"] - 1) and se > 0
+                assert r["gain"]["fd_eval_test"] is None     # the tiny evaluator is not Fashion-MNIST's
+        assert "gain" not in rows["base"] and "fd_eval_test" not in rows["base"]
+    target = res["target"]
+    assert target["arm"] == "grpo" and target["solver"] == "converged" and target["met"] is False
+    met = {c["criterion"]: c["met"] for c in target["criteria"]}
+    assert met["n >= 2000 on the report seed"] is False and met["at least 3 training seeds"] is False
+    assert met["every seed below every pretrain seed (held-out FD)"] is None
+    assert met["held-out FD against Fashion-MNIST test below the base's"] is None
+    assert met["every seed below every null seed (held-out FD)"] == separation(res["summary"]["converged"],
+                                                                              "grpo", "null")
     root = tmp_path / "study"
     assert json.loads((root / "study.json").read_text())["rows"] == json.loads(json.dumps(res["rows"]))
     md = (root / "study.md").read_text()
     assert "| distill |" in md and "| null/seed1 |" in md and "Training-free control" in md
+    assert "## Target: grpo at the converged solver" in md and "held-out vs base (paired)" in md
+    g, se = res["rows"]["served"]["null/seed1"]["gain"]["fd_eval"]
+    assert f"| {100 * g:+.1f}% ± {100 * se:.1f}% |" in md
     assert (root / "study.png").stat().st_size > 1000
     cfg = (root / "seed1" / "null" / "config.yaml").read_text()
     assert "null_control: permute" in cfg and "seed: 1" in cfg
@@ -195,3 +213,136 @@ def test_a_trainer_arm_runs_that_trainer_on_the_configs_budget(arm):
     assert c.rl.algorithm == arm and c.seed == 3 and c.rl.iterations == cfg.rl.iterations
     assert c.rl.shared_noise == (bool(cfg.rl.shared_noise) and arm == "grpo")
     assert cfg.seed != 3 and cfg.rl.algorithm == "grpo"      # the study's config is left as it was
+
+
+def test_paired_gains_of_hand_made_rows():
+    """The change of FD vs the base on the same noise and labels, with the std of the replicate-by-replicate
+    differences over the base's FD as its standard error."""
+    from distreward.study import paired_gains
+    from distreward.studyreport import gain_text
+
+    base = {"fd_eval": 0.2, "fd_eval_err": 0.01, "fd_eval_boot": [0.19, 0.21, 0.2], "fd_reward": 4.0,
+            "fd_reward_err": 0.2, "fd_reward_boot": [3.8, 4.2, 4.0], "fd_eval_test": 0.25, "fd_eval_test_err": 0.01,
+            "n": 3}
+    model = {"fd_eval": 0.15, "fd_eval_err": 0.01, "fd_eval_boot": [0.14, 0.17, 0.15], "fd_reward": 3.0,
+             "fd_reward_err": 0.1, "fd_reward_boot": [2.9, 3.0, 3.1], "fd_eval_test": 0.2, "fd_eval_test_err": 0.01,
+             "n": 3}
+    guided = {"fd_eval": 0.18, "fd_eval_err": 0.01, "fd_eval_boot": [0.17, 0.19, 0.18], "n": 3}
+    g = paired_gains({"base": base, "grpo/seed0": model, "guided": guided})
+    assert set(g) == {"grpo/seed0", "guided"}
+    # differences -0.05, -0.04, -0.05: std (ddof 1) sqrt(1/3) / 100; over the base's 0.2
+    assert g["grpo/seed0"]["fd_eval"] == pytest.approx([-0.25, (1 / 3) ** 0.5 / 100 / 0.2])
+    # differences -0.9, -1.2, -0.9: std sqrt(0.03); over the base's 4.0
+    assert g["grpo/seed0"]["fd_reward"] == pytest.approx([-0.25, 0.03 ** 0.5 / 4])
+    assert g["grpo/seed0"]["fd_eval_test"] == pytest.approx(0.2 / 0.25 - 1)
+    # a constant shift on every replicate: the shared noise cancels, no paired error left
+    assert g["guided"]["fd_eval"] == pytest.approx([-0.1, 0.0], abs=1e-12)
+    assert g["guided"]["fd_reward"] is None and g["guided"]["fd_eval_test"] is None
+    assert paired_gains({"grpo/seed0": model}) == {}
+    assert gain_text(g["grpo/seed0"]["fd_eval"]) == "-25.0% ± 2.9%" and gain_text(None) == "–"
+
+
+def target_inputs():
+    """Converged-solver rows and summary of a study whose grpo arm meets every criterion of the target."""
+    gains = [[-0.2, 0.02], [-0.25, 0.03], [-0.18, 0.05]]      # mean -21%; g + 2 se: -16%, -19%, -8%
+    rows = {"base": {"fd_eval": 0.2, "fd_reward": 3.0, "recall": 0.8, "fd_eval_test": 0.25},
+            "guided": {"fd_eval": 0.17, "recall": 0.79},
+            **{f"grpo/seed{s}": {"gain": {"fd_eval": g}} for s, g in enumerate(gains)}}
+    summary = {"grpo": {"fd_eval": {"mean": 0.158, "seeds": [0.16, 0.15, 0.164]}, "recall": {"mean": 0.8},
+                        "fd_reward": {"mean": 2.5}, "fd_eval_test": {"mean": 0.2}},
+               "null": {"fd_eval": {"seeds": [0.2, 0.3, 0.25]}}, "distill": {"fd_eval": {"seeds": [0.17, 0.18]}},
+               "pretrain": {"fd_eval": {"seeds": [0.165, 0.2, 0.21]}}}
+    return rows, summary
+
+
+CRITERIA = ("mean over seeds", "two paired", "training seeds", "null seed", "distill seed", "pretrain seed",
+            "recall", "reward-feature", "Fashion-MNIST test", "n >=")
+
+
+def edit_target(rows, summary, change):
+    """One change to the hand-made study (what test_the_target_says_yes_no_or_not_measured varies)."""
+    if change == "worse mean":
+        for s in range(3):
+            rows[f"grpo/seed{s}"]["gain"]["fd_eval"] = [-0.1, 0.01]
+    elif change == "noisy seed":
+        rows["grpo/seed2"]["gain"]["fd_eval"] = [-0.18, 0.1]
+    elif change == "seed without replicates":
+        rows["grpo/seed1"]["gain"]["fd_eval"] = None
+    elif change == "two seeds":
+        del rows["grpo/seed2"]
+    elif change == "a null seed below":
+        summary["null"]["fd_eval"]["seeds"][0] = 0.15
+    elif change == "no pretrain arm":
+        del summary["pretrain"]
+    elif change == "no guided row":
+        del rows["guided"]
+    elif change == "lower recall":
+        summary["grpo"]["recall"]["mean"] = 0.78
+    elif change == "no test split":
+        del rows["base"]["fd_eval_test"], summary["grpo"]["fd_eval_test"]
+    elif change == "reward FD above":
+        summary["grpo"]["fd_reward"]["mean"] = 3.1
+
+
+@pytest.mark.parametrize("change, n, expected", [
+    (None, 2000, {}),
+    (None, 1999, {"n >=": False}),
+    ("worse mean", 2000, {"mean over seeds": False}),          # -10% on every seed, each well beyond 2 se
+    ("noisy seed", 2000, {"two paired": False}),               # -18% + 2 x 10% > 0
+    ("seed without replicates", 2000, {"mean over seeds": None, "two paired": None}),
+    ("two seeds", 2000, {"training seeds": False}),
+    ("a null seed below", 2000, {"null seed": False}),
+    ("no pretrain arm", 2000, {"pretrain seed": None}),
+    ("no guided row", 2000, {"recall": None}),
+    ("lower recall", 2000, {"recall": False}),
+    ("no test split", 2000, {"Fashion-MNIST test": None}),
+    ("reward FD above", 2000, {"reward-feature": False})])
+def test_the_target_says_yes_no_or_not_measured(change, n, expected):
+    from distreward.study import target_check
+    from distreward.studyreport import target_lines
+
+    rows, summary = target_inputs()
+    edit_target(rows, summary, change)
+    t = target_check(rows, summary, "grpo", [0, 1, 2], n)
+    assert [c["criterion"] for c in t["criteria"]] == [c["criterion"] for c in
+                                                       target_check(*target_inputs(), "grpo", [0, 1, 2], 2000)["criteria"]]
+    met = {}
+    for c in t["criteria"]:
+        key = [k for k in CRITERIA if k in c["criterion"]]
+        assert len(key) == 1, c["criterion"]
+        met[key[0]] = c["met"]
+    assert met == {k: expected.get(k, True) for k in CRITERIA}
+    assert t["met"] == (False if False in expected.values() else None if expected else True)
+    assert t["arm"] == "grpo" and t["solver"] == "converged"
+    md = "\n".join(target_lines(t, {"method": "heun", "steps": 16}))
+    answer = {True: "yes", False: "no", None: "not measured"}
+    assert md.startswith(f"## Target: grpo at the converged solver (heun 16 steps), no guidance: {answer[t['met']]}")
+    assert all(f": **{answer[c['met']]}** (" in line for c, line in zip(t["criteria"], md.splitlines()[2:]))
+
+
+def test_the_target_of_an_arm_the_study_lacks_is_not_measured():
+    from distreward.study import target_check
+
+    rows, summary = target_inputs()
+    t = target_check({"base": rows["base"]}, {}, "nft", [0, 1, 2], 2000)
+    assert [c["met"] for c in t["criteria"]][:-1] == [None] * 9 and t["criteria"][-1]["met"] is True
+    assert t["met"] is None
+
+
+def test_the_test_split_figures_need_the_fmnist_train_evaluator(tiny, monkeypatch):
+    """evidence.test_split gives FD against Fashion-MNIST test (keys fd_*_test) only for the Fashion-MNIST
+    train evaluator."""
+    from distreward.evaluation import protocol
+    from distreward.sampling.generate import SamplerSpec
+
+    _, ev, _ = tiny
+    proto = protocol.Protocol.of({"uncertainty": 4}, SamplerSpec(), 20)
+    assert proto.test_split and proto.test_figures(ev) is None           # not the Fashion-MNIST evaluator
+    monkeypatch.setattr(protocol.Evaluator, "for_fmnist", classmethod(lambda cls, device, split: ev))
+    ev.split = "train"
+    assert protocol.Protocol.of({"test_split": False}, SamplerSpec(), 20).test_figures(ev) is None
+    images = (0.5 * torch.randn((20, 1, 32, 32), generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    figs = proto.test_figures(ev).fn(images)
+    plain = ev.evaluate(images)
+    assert set(figs) == {f"{k}_test{e}" for k in ("fd_reward", "fd_eval") for e in ("", "_err")}
+    assert figs["fd_eval_test"] == pytest.approx(plain["fd_eval"]) and figs["fd_reward_test_err"] > 0

@@ -22,8 +22,11 @@ A wall-time-matched arm first runs PROBE_ITERATIONS iterations, measures its sec
 rl.iterations to the fine-tune's logged training seconds over that rate (recorded in its budget.json, reused on
 every later run) and resumes to it: the probe's iterations are the run's first.
 Then the base and every arm's EMA model are evaluated on the report seed with the served sampler and the
-converged solver (and the base with the training-free solver at the served NFE); study.json holds every row,
-study.md the table (mean ± std over seeds, per-seed rows) and study.png the picture.
+converged solver (and the base with the training-free solver at the served NFE), also against Fashion-MNIST test
+when the evaluator is the Fashion-MNIST one (evidence.test_split); every row but the base's carries its paired
+change vs the base (`paired_gains`), and the config's trainer is checked against the target at the converged
+solver (`target_check`). study.json holds all of it; studyreport.py writes study.md (the tables: mean ± std over
+seeds, per-seed rows; the Target section) and study.png (the picture).
 
     from distreward.study import run_study
     run_study("fmnist_grpo", seeds=[0, 1, 2], arms=["grpo", "nft", "null", "distill", "pretrain", "guided"])
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import json
+import operator
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -44,12 +48,13 @@ from omegaconf import OmegaConf
 from .build import eval_plan, load_base
 from .config import load_config
 from .evaluation import Evaluator, eval_cache_for
-from .evaluation.protocol import Protocol, evaluate_models, find_converged_steps
+from .evaluation.protocol import Protocol, evaluate_models, find_converged_steps, relative_gain
 from .models import load_generator
-from .report import mean_std, save_figure, seed_summary, with_error
+from .report import seed_summary
 from .rl import distill, finetune, guidance_distill, pretrain
 from .rl.settings import resolve, with_sample_reward
-from .utils.io import atomic_save_json, atomic_write_bytes
+from .studyreport import write_study_report
+from .utils.io import atomic_save_json
 from .utils.errors import InputError
 from .utils.progress import phase
 from .utils.lock import RunLock
@@ -61,7 +66,14 @@ TRAINERS: dict[str, Callable] = {"distill": distill, "pretrain": pretrain, "guid
 WALL_TIME_MATCHED = ("pretrain", "guidance-distill")
 UNTRAINED = ("guided",)
 PROBE_ITERATIONS = 3        # iterations a wall-time-matched arm runs to measure its rate
-FIGURES = ("fd_eval", "fd_reward", "recall", "coverage", "fd_eval_class_worst")
+FIGURES = ("fd_eval", "fd_reward", "recall", "coverage", "fd_eval_class_worst", "fd_eval_test", "fd_reward_test")
+GAIN_KEYS = ("fd_eval", "fd_reward")     # the FDs whose change vs the base carries a paired standard error
+# The target of a fine-tuned model (docs/rl.md "Studies and controls"), at the converged solver without guidance:
+TARGET_SOLVER = "converged"
+TARGET_GAIN = -0.15     # held-out FD change vs the base, mean over the training seeds: at most -15%
+TARGET_N = 2000         # samples of each report-seed evaluation: at least 2,000
+TARGET_SEEDS = 3        # training seeds of the config's trainer: at least 3
+TARGET_CONTROLS = ("null", "distill", "pretrain")   # every seed below every seed of each of these arms
 
 
 def arm_config(cfg, arm: str, seed: int):
@@ -167,6 +179,84 @@ def separation(summary: dict, a: str, b: str, key: str = "fd_eval") -> bool | No
     return None if not va or not vb else max(va) < min(vb)
 
 
+def separations(summary: dict, arm: str, arms: Sequence[str]) -> dict:
+    """{control: `separation` of `arm` from it} for every control among `arms` (empty without `arm`)."""
+    return {c: separation(summary, arm, c) for c in CONTROLS if c in arms and c != arm} if arm in arms else {}
+
+
+def paired_gains(rows: dict, base: str = "base") -> dict:
+    """{model: {"fd_eval": [g, se], "fd_reward": [g, se], "fd_eval_test": g}} of one solver's rows: each model's
+    relative change of FD vs the base on the same noise and labels with its paired standard error
+    (`relative_gain`; None where a value or error is missing); the test split's change without an error (its FDs
+    carry no replicates)."""
+    ref = rows.get(base)
+    if ref is None:
+        return {}
+    out = {}
+    for m, r in rows.items():
+        if m != base:
+            g = {k: relative_gain(r, ref, k) for k in (*GAIN_KEYS, "fd_eval_test")}
+            out[m] = {**{k: None if g[k] is None else list(g[k]) for k in GAIN_KEYS},
+                      "fd_eval_test": None if g["fd_eval_test"] is None else g["fd_eval_test"][0]}
+    return out
+
+
+def criterion(name: str, met: bool | None, detail: str) -> dict:
+    """One line of the target: met is None when what it needs was not measured."""
+    return {"criterion": name, "met": met, "detail": detail}
+
+
+def compared(name: str, entry: dict | None, ref: dict | None, key: str, ref_name: str, holds: Callable) -> dict:
+    """The criterion `holds(mean over seeds, reference row's value)` of figure `key`."""
+    mine, theirs = (entry or {}).get("mean"), (ref or {}).get(key)
+    if mine is None or theirs is None:
+        return criterion(name, None, f"no {key} in the {'arm' if mine is None else ref_name + ' row'}")
+    return criterion(name, bool(holds(mine, theirs)), f"mean {mine:.4g} vs {ref_name} {theirs:.4g}")
+
+
+def gain_criteria(gains: list) -> list[dict]:
+    """The target's paired-gain lines from the seeds' [g, se] of held-out FD (None: a seed without one)."""
+    mean_name = f"held-out FD {-TARGET_GAIN:.0%} or more below the base's (paired; mean over seeds)"
+    se_name = "every seed's held-out change beyond two paired standard errors (g + 2 se < 0)"
+    if not gains:
+        return [criterion(mean_name, None, "no seed of the arm"), criterion(se_name, None, "no seed of the arm")]
+    shown = ", ".join("–" if p is None else f"{p[0]:+.1%} ± {p[1]:.1%}" for p in gains)
+    if any(p is None for p in gains):
+        missing = "a seed without a paired change: " + shown
+        return [criterion(mean_name, None, missing), criterion(se_name, None, missing)]
+    mean = float(np.mean([g for g, _ in gains]))
+    return [criterion(mean_name, mean <= TARGET_GAIN, f"mean {mean:+.1%}; seeds {shown}"),
+            criterion(se_name, all(g + 2 * se < 0 for g, se in gains),
+                      "g + 2 se: " + ", ".join(f"{g + 2 * se:+.1%}" for g, se in gains))]
+
+
+def target_check(rows: dict, summary: dict, arm: str, seeds: Sequence[int], n: int) -> dict:
+    """The target of `arm` (the config's trainer) from one solver's rows (with their `gain`s) and summary: one
+    criterion per line, each met (True), missed (False) or not measured (None: its arm or row is missing); met
+    overall only when every line is."""
+    trained = [rows[f"{arm}/seed{s}"] for s in seeds if f"{arm}/seed{s}" in rows]
+    mine = summary.get(arm, {})
+    lines = [*gain_criteria([(r.get("gain") or {}).get("fd_eval") for r in trained]),
+             criterion(f"at least {TARGET_SEEDS} training seeds", len(trained) >= TARGET_SEEDS if trained else None,
+                       f"{len(trained)} seed(s)")]
+    for control in TARGET_CONTROLS:
+        sep = separation(summary, arm, control)
+        detail = (f"no {control} arm" if sep is None else
+                  f"{arm} worst {max(mine['fd_eval']['seeds']):.4g}, {control} best "
+                  f"{min(summary[control]['fd_eval']['seeds']):.4g}")
+        lines.append(criterion(f"every seed below every {control} seed (held-out FD)", sep, detail))
+    lines += [compared("recall not below the guided base's", mine.get("recall"), rows.get("guided"), "recall",
+                       "guided", operator.ge),
+              compared("reward-feature FD below the base's", mine.get("fd_reward"), rows.get("base"), "fd_reward",
+                       "base", operator.lt),
+              compared("held-out FD against Fashion-MNIST test below the base's", mine.get("fd_eval_test"),
+                       rows.get("base"), "fd_eval_test", "base", operator.lt),
+              criterion(f"n >= {TARGET_N} on the report seed", int(n) >= TARGET_N, f"n = {int(n)}")]
+    met = [c["met"] for c in lines]
+    return {"arm": arm, "solver": TARGET_SOLVER, "criteria": lines,
+            "met": False if False in met else (True if all(met) else None)}
+
+
 def run_study(config="fmnist_grpo", overrides=(), *, seeds: Sequence[int] = (0, 1, 2),
               arms: Sequence[str] | None = None, run_dir=None, overwrite: bool = False,
               progress: bool = True, evaluator=None, eval_cache="auto") -> dict:
@@ -199,26 +289,32 @@ def run_study(config="fmnist_grpo", overrides=(), *, seeds: Sequence[int] = (0, 
         report = proto.report_plan(plan, evaluator)
         models = {"base": base, **{name: load_generator(p).eval() for name, p in files.items()}}
         phase(f"study: evaluating {len(models)} models on the report seed {proto.report_seed} (n = {proto.n})")
+        figures = proto.test_figures(evaluator, cfg.device)
         table = evaluate_models(models, evaluator, report, {k: solvers[k] for k in ("served", "converged")},
-                                device=cfg.device, progress=progress, cache=cache)
+                                device=cfg.device, progress=progress, cache=cache, figures=figures)
         if "guided" in arms:
             guided = {k: replace(solvers[k], cfg_scale=float(cfg.guidance.scale), null_label=int(cfg.model.num_classes))
                       for k in ("served", "converged")}
             for k, rows in evaluate_models({"guided": base}, evaluator, report, guided, device=cfg.device,
-                                           progress=progress, cache=cache).items():
+                                           progress=progress, cache=cache, figures=figures).items():
                 table[k].update(rows)
         table["training_free"] = evaluate_models({"base": base}, evaluator, report,
                                                  {"training_free": solvers["training_free"]}, device=cfg.device,
-                                                 progress=progress, cache=cache)["training_free"]
-        result = {"config": cfg.name, "algorithm": str(cfg.rl.algorithm), "seeds": list(seeds), "arms": list(arms),
+                                                 progress=progress, cache=cache, figures=figures)["training_free"]
+        for sname in ("served", "converged"):
+            for name, gain in paired_gains(table[sname]).items():
+                table[sname][name]["gain"] = gain
+        summary = {k: seed_summary(table[k], trained_arms(arms), seeds, FIGURES) for k in ("served", "converged")}
+        own = str(cfg.rl.algorithm)
+        result = {"config": cfg.name, "algorithm": own, "seeds": list(seeds), "arms": list(arms),
                   "n": proto.n,
                   "report_seed": proto.report_seed, "validation_seed": proto.validation_seed,
                   "converged_search": search, "err": "one bootstrap standard error",
                   "solvers": {k: {"method": s.method, "steps": int(s.steps), "nfe": table[k]["base"]["nfe"]}
                               for k, s in solvers.items()},
-                  "rows": table, "budgets": budgets(root, arms, seeds),
-                  "summary": {k: seed_summary(table[k], trained_arms(arms), seeds, FIGURES)
-                              for k in ("served", "converged")},
+                  "rows": table, "budgets": budgets(root, arms, seeds), "summary": summary,
+                  "separation": {k: separations(summary[k], own, arms) for k in ("served", "converged")},
+                  "target": target_check(table[TARGET_SOLVER], summary[TARGET_SOLVER], own, seeds, proto.n),
                   "seconds": round(time.perf_counter() - t0, 1)}
         atomic_save_json(root / "study.json", result)
         write_study_report(root, result)
@@ -230,86 +326,3 @@ def budgets(root: Path, arms: Sequence[str], seeds: Sequence[int]) -> dict:
     """{"<arm>/seed<s>": budget.json} of the wall-time-matched arms."""
     paths = {f"{a}/seed{s}": root / f"seed{s}" / a / "budget.json" for s in seeds for a in arms}
     return {k: json.loads(p.read_text()) for k, p in paths.items() if p.is_file()}
-
-
-def write_study_report(root: Path, result: dict) -> Path:
-    """study.md (tables) and study.png (held-out FD per arm and seed, at both solvers)."""
-    arms, seeds = result["arms"], result["seeds"]
-    lines = [f"# Study of `{result['config']}`: {', '.join(arms)} over seeds {', '.join(map(str, seeds))}", "",
-             f"Report seed {result['report_seed']}, n = {result['n']} (every model on the same noise and labels); "
-             f"converged solver: {result['solvers']['converged']['method']} {result['solvers']['converged']['steps']} "
-             f"steps (validation seed {result['validation_seed']}). Mean ± std over seeds; per-seed FD ± one "
-             f"bootstrap standard error below. Wall time {result['seconds'] / 60:.1f} min.", ""]
-    for sname in ("served", "converged"):
-        s = result["solvers"][sname]
-        lines += [f"## {sname}: {s['method']} {s['steps']} steps ({s['nfe']} NFE)", "",
-                  "| arm | FD held-out | FD reward features | recall | coverage | worst-class FD (held-out) |",
-                  "|---|---|---|---|---|---|",
-                  *[single_row(name, result["rows"][sname][name]) for name in ("base", "guided")
-                    if name in result["rows"][sname]]]
-        summ = result["summary"][sname]
-        for arm in trained_arms(arms):
-            a = summ.get(arm, {})
-            lines.append(f"| {arm} | {mean_std(a.get('fd_eval'))} | {mean_std(a.get('fd_reward'), '{:.3f}')} | "
-                         f"{mean_std(a.get('recall'), '{:.3f}')} | {mean_std(a.get('coverage'), '{:.3f}')} | "
-                         f"{mean_std(a.get('fd_eval_class_worst'))} |")
-        own = result.get("algorithm", "grpo")
-        for control in (c for c in CONTROLS if own in arms and c in arms):
-            sep = separation(summ, own, control)
-            lines += ["", f"Every {own} seed below every {control} seed (held-out FD): {'yes' if sep else 'no'}."]
-        lines += ["", "| model | FD held-out | FD reward features | recall |", "|---|---|---|---|"]
-        for name, r in result["rows"][sname].items():
-            lines.append(f"| {name} | {with_error(r.get('fd_eval'), r.get('fd_eval_err'), '{:.4f}')} | "
-                         f"{with_error(r.get('fd_reward'), r.get('fd_reward_err'))} | {r.get('recall', float('nan')):.3f} |")
-        lines.append("")
-    tf = result["rows"]["training_free"]["base"]
-    lines += [f"Training-free control: the base with {result['solvers']['training_free']['method']} "
-              f"{result['solvers']['training_free']['steps']} steps ({tf['nfe']} NFE): FD held-out "
-              f"{with_error(tf.get('fd_eval'), tf.get('fd_eval_err'), '{:.4f}')}, reward features "
-              f"{with_error(tf.get('fd_reward'), tf.get('fd_reward_err'))}.", ""]
-    for name, b in result.get("budgets", {}).items():
-        lines.append(f"Equal wall time: {name} ran {b['iterations']} iterations at {b['seconds_per_iteration']:.3g} s "
-                     f"each (measured on its first {b['probe_iterations']}) for the {b['reference_seconds']:.1f} s "
-                     f"{b['reference']} trained.")
-    lines += ["", "![study](study.png)", ""]
-    plot_study(result, root / "study.png")
-    return atomic_write_bytes(root / "study.md", "\n".join(lines).encode())
-
-
-def single_row(name: str, r: dict) -> str:
-    """A table row of one model (the base, the guided base): its figures with their errors, not over seeds."""
-    return (f"| {name} | {with_error(r.get('fd_eval'), r.get('fd_eval_err'), '{:.4f}')} | "
-            f"{with_error(r.get('fd_reward'), r.get('fd_reward_err'))} | {r.get('recall', float('nan')):.3f} | "
-            f"{r.get('coverage') or float('nan'):.3f} | {r.get('fd_eval_class_worst', float('nan')):.4f} |")
-
-
-def plot_study(result: dict, path: Path) -> Path:
-    """Held-out FD of every arm's seeds (dots) and their mean ± std, at the served and the converged solver; the
-    base as a line with its ± one-standard-error band, the guided base as a dotted line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    arms, seeds = trained_arms(result["arms"]), result["seeds"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False)
-    for ax, sname in zip(axes[0], ("served", "converged")):
-        rows = result["rows"][sname]
-        base = rows["base"]
-        ax.axhline(base["fd_eval"], color="gray", linestyle="--", label="base")
-        if base.get("fd_eval_err"):
-            ax.axhspan(base["fd_eval"] - base["fd_eval_err"], base["fd_eval"] + base["fd_eval_err"], color="gray", alpha=0.15)
-        if "guided" in rows:
-            ax.axhline(rows["guided"]["fd_eval"], color="black", linestyle=":", label="guided")
-        for i, arm in enumerate(arms):
-            vals = [rows[f"{arm}/seed{s}"]["fd_eval"] for s in seeds if f"{arm}/seed{s}" in rows]
-            ax.scatter([i] * len(vals), vals, color=f"C{i}", alpha=0.7)
-            if len(vals) > 1:
-                ax.errorbar([i + 0.15], [np.mean(vals)], yerr=[np.std(vals, ddof=1)], fmt="s", color=f"C{i}")
-        ax.set_xticks(range(len(arms)), arms)
-        s = result["solvers"][sname]
-        ax.set_title(f"{sname}: {s['method']} {s['steps']} steps ({s['nfe']} NFE)")
-        ax.set_ylabel("FD, held-out features")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    return save_figure(fig, path)
