@@ -94,12 +94,15 @@ def loss_draws(batch: int, K: int, shape, generator: torch.Generator, *, sigma_d
 
 @torch.no_grad()
 def ode_rollouts(model, noise: torch.Tensor, labels: torch.Tensor, sigmas: torch.Tensor, method: str, rows: range,
-                 device, batch_size: int) -> torch.Tensor:
-    """ODE samples x_0 of this rank's `rows` of the global batch (noise and labels are the whole batch's)."""
-    x, lab = noise[rows.start:rows.stop].to(device), labels[rows.start:rows.stop].to(device)
-    out = [ode_sample(model, x[i:i + batch_size], lab[i:i + batch_size], sigmas.to(device), method)
-           for i in range(0, x.shape[0], batch_size)]
-    return torch.cat(out) if out else x.float()
+                 device, batch_size: int, *, to_cpu: bool = False) -> torch.Tensor:
+    """ODE samples x_0 of this rank's `rows` of the global batch (noise and labels are the whole batch's), in
+    batches of `batch_size` moved to `device` one at a time; `to_cpu` brings each batch's samples back to the CPU,
+    so a pool larger than the device's memory is never all on it."""
+    out_device = "cpu" if to_cpu else device
+    x, lab = noise[rows.start:rows.stop], labels[rows.start:rows.stop]
+    out = [ode_sample(model, x[i:i + batch_size].to(device), lab[i:i + batch_size].to(device), sigmas.to(device),
+                      method).to(out_device) for i in range(0, x.shape[0], batch_size)]
+    return torch.cat(out) if out else x.to(out_device).float()
 
 
 # --------------------------------------------------------------------------------------------- the update

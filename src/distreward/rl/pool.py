@@ -33,14 +33,14 @@ import torch
 from safetensors.torch import load_file
 
 from ..evaluation import network_hash
-from ..sampling import ode_sample, sigma_schedule
+from ..sampling import sigma_schedule
 from ..sampling.generate import balanced_labels
 from ..utils.cache import cache_valid, save_cache_key
 from ..utils.io import atomic_save_safetensors
 from ..utils.progress import phase
 from ..utils.progress import progress as tqdm
 from .context import Algorithm, RunContext, reward_record
-from .nft import nft_update, optimality_weights
+from .nft import nft_update, ode_rollouts, optimality_weights
 from .step import step_settings
 
 __all__ = ["GradientPairs", "Pool", "PoolShards", "gradient_pair_share", "pool_groups", "pool_signal_share",
@@ -224,9 +224,8 @@ class Pool(Algorithm):
     @torch.no_grad()
     def sample(self, ctx: RunContext, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """ODE samples x_0 of v_old (latents for a latent model) from `noise`, in batches of rl.batch_size."""
-        bs, device, method = int(ctx.rl.batch_size), ctx.device, str(ctx.rl.pool.method)
-        return torch.cat([ode_sample(self.old_model, noise[i:i + bs].to(device), labels[i:i + bs].to(device),
-                                     self.sigmas.to(device), method).cpu() for i in range(0, noise.shape[0], bs)])
+        return ode_rollouts(self.old_model, noise, labels, self.sigmas, str(ctx.rl.pool.method),
+                            range(noise.shape[0]), ctx.device, int(ctx.rl.batch_size), to_cpu=True)
 
     @torch.no_grad()
     def images(self, ctx: RunContext, x0: torch.Tensor) -> torch.Tensor:
