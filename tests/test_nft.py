@@ -19,7 +19,7 @@ set_threads()   # $DISTREWARD_THREADS (1 in the project's test runs)
 
 from distreward.models import read_generator_metadata
 from distreward.rl import finetune
-from distreward.rl.nft import implicit_velocities, nft_loss, optimality_weights
+from distreward.rl.nft import implicit_velocities, nft_loss, ode_rollouts, optimality_weights
 from distreward.rl.settings import resolve
 from distreward.rl.setup import ReferenceSampler, reference_features
 from distreward.sampling import ode_sample, sigma_schedule
@@ -178,6 +178,20 @@ def test_reference_set_is_drawn_with_the_rollouts_ode():
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     x = ode_sample(net, noise, labels, sigma_schedule(3), "heun").clamp(-1, 1)
     np.testing.assert_allclose(feats, feats_net(x).double().detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_rollouts_of_a_ranks_rows_in_batches_are_those_rows_of_one_ode_call():
+    """Rows 2..7 in batches of 4 (the last one short) equal the same rows of one ODE call over the whole batch;
+    to_cpu returns them on the CPU."""
+    net, gen = make_net(), torch.Generator().manual_seed(3)
+    noise, labels, sigmas = torch.randn((9, *SHAPE), generator=gen), torch.arange(9) % 3, sigma_schedule(3)
+    with torch.no_grad():
+        whole = ode_sample(net, noise, labels, sigmas, "heun")
+    for to_cpu in (False, True):
+        x = ode_rollouts(net, noise, labels, sigmas, "heun", range(2, 8), "cpu", 4, to_cpu=to_cpu)
+        assert x.shape == (6, *SHAPE) and x.device.type == "cpu"
+        torch.testing.assert_close(x, whole[2:8], rtol=1e-5, atol=1e-6)
+    assert ode_rollouts(net, noise, labels, sigmas, "heun", range(4, 4), "cpu", 4).shape == (0, *SHAPE)
 
 
 def test_model_files_name_the_trainer(tmp_path):
