@@ -171,6 +171,18 @@ def test_choices_match_the_code_they_feed():
     assert tuple(REWARD_MODES) == tuple(MODES) and tuple(REWARD_CREDITS) == tuple(CREDITS)
 
 
+def test_ema_std_limit_matches_the_power_ema():
+    """The schema's EMA std bound is the power EMA's; a std at the bound fails in both places."""
+    from distreward.schema.keys import EMA_STD_MAX, check_export_std
+    from distreward.train.ema import MAX_SIGMA_REL, sigma_rel_to_gamma
+
+    assert EMA_STD_MAX == MAX_SIGMA_REL
+    assert check_export_std(MAX_SIGMA_REL) is not None and check_export_std(0.999 * MAX_SIGMA_REL) is None
+    sigma_rel_to_gamma(0.999 * MAX_SIGMA_REL)
+    with pytest.raises(ValueError, match=r"\(0, 0\.28\)"):
+        sigma_rel_to_gamma(MAX_SIGMA_REL)
+
+
 def test_trainers_refuse_a_bad_config_before_any_work(tmp_path):
     from distreward.merge import run_merge
     from distreward.rl import finetune

@@ -15,6 +15,7 @@ import torch
 from distreward.models import build_network
 from distreward.report import save_image_grid
 from distreward.sampling.generate import balanced_labels, sample_images
+from distreward.train.ema import MAX_SIGMA_REL
 from distreward.train.phema import list_snapshots, phema_coefficients, reconstruct, save_phema
 from distreward.utils.errors import OptionError
 from distreward.utils.progress import phase
@@ -25,7 +26,7 @@ from . import count, print_summary
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snapshots", required=True, help="folder of snapshots (a train-base run dir or its snapshots/)")
     p.add_argument("--std", type=ema_std, action="append", default=[],
-                   help="target EMA std (sigma_rel, in (0, 0.28)); repeatable")
+                   help=f"target EMA std (sigma_rel, in (0, {MAX_SIGMA_REL})); repeatable")
     p.add_argument("--step", type=count(0), default=None, help="reconstruct at this training step (default: latest snapshot)")
     p.add_argument("--method", choices=["continuous", "discrete"], default="continuous",
                    help="profile inner products: EDM2's closed form (default) or the exact per-step weights")
@@ -42,13 +43,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def ema_std(text: str) -> float:
-    """An argparse type: a power-function EMA std, in (0, 0.28) (wider profiles have no gamma > 0)."""
+    """An argparse type: a power-function EMA std, in (0, MAX_SIGMA_REL) (wider profiles have no gamma > 0)."""
     try:
         std = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < std < 0.28:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 0.28) (wider profiles are not power functions), got {std}")
+    if not 0 < std < MAX_SIGMA_REL:
+        raise argparse.ArgumentTypeError(f"must lie in (0, {MAX_SIGMA_REL}) (wider profiles are not power functions), "
+                                         f"got {std}")
     return std
 
 

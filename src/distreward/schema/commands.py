@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from .core import ABSENT, ConfigError, Options, Partial, fail, key, section, suggestion
-from .keys import (ARCHS, ODE_METHODS, REWARD_CREDITS, REWARD_KEYS, REWARD_MODES, VAE_CONVENTIONS, check_window,
-                   device_key, dry_run_key, dry_run_of_key, name_key, seed_key, shape_key)
+from .keys import (ARCHS, EMA_STD_MAX, ODE_METHODS, REWARD_CREDITS, REWARD_KEYS, REWARD_MODES, VAE_CONVENTIONS,
+                   check_window, device_key, dry_run_key, dry_run_of_key, name_key, seed_key, shape_key)
 from .train_base import TrainBase, check_train_base
 
 # ----------------------------------------------------------------------------------------------------------
@@ -438,7 +438,7 @@ class MergeModel:
 @dataclass
 class Baselines:
     ema_grid: list[float] = key([0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25], "post-hoc EMA lengths evaluated as "
-                                "baselines (snapshot inputs)", gt=0, lt=0.28, why="power-EMA profiles")
+                                "baselines (snapshot inputs)", gt=0, lt=EMA_STD_MAX, why="power-EMA profiles")
     greedy_soup: bool = key(False, "the greedy soup baseline (each input evaluated alone as one@<i>, then added to "
                                    "the soup in order while it lowers fd_reward)")
 

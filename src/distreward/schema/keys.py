@@ -12,6 +12,7 @@ VAE_CONVENTIONS = ("sit", "edm2")                        # distreward.models.vae
 REWARD_MODES = ("fast", "exact", "linear")               # distreward.reward.reference.MODES
 REWARD_CREDITS = ("sample", "group")                     # distreward.reward.reference.CREDITS
 ODE_METHODS = ("euler", "heun")
+EMA_STD_MAX = 0.28                                       # distreward.train.ema.MAX_SIGMA_REL
 # The keys each reward of distreward.reward.build_reward takes (it refuses others).
 REWARD_KEYS: dict[str, frozenset[str]] = {
     "distribution": frozenset({"name", "features", "weights", "mode", "credit", "scale", "eps", "quad_step",
@@ -44,10 +45,11 @@ check_window.doc = "a length >= 1, or [start, end) with 0 <= start < end"
 
 
 def check_export_std(value: float) -> str | None:
-    return None if value == 0 or 0 < value < 0.28 else "0 (no export) or in (0, 0.28): the power-EMA profiles"
+    return None if value == 0 or 0 < value < EMA_STD_MAX else \
+        f"0 (no export) or in (0, {EMA_STD_MAX}): the power-EMA profiles"
 
 
-check_export_std.doc = "0 or null (no export), or in (0, 0.28)"
+check_export_std.doc = f"0 or null (no export), or in (0, {EMA_STD_MAX})"
 
 
 def nonempty(value: list) -> str | None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .core import Partial, fail, key, section
-from .keys import ARCHS, check_export_std, dry_run_key, dry_run_of_key, name_key, nonempty, seed_key
+from .keys import ARCHS, EMA_STD_MAX, check_export_std, dry_run_key, dry_run_of_key, name_key, nonempty, seed_key
 
 
 @dataclass
@@ -44,7 +44,7 @@ class Train:
 
 @dataclass
 class EMA:
-    stds: list[float] = key([0.050, 0.100], "the power-function EMA profiles tracked (sigma_rel)", gt=0, lt=0.28,
+    stds: list[float] = key([0.050, 0.100], "the power-function EMA profiles tracked (sigma_rel)", gt=0, lt=EMA_STD_MAX,
                             check=nonempty, why="power-EMA profiles")
     snapshot_kimg: float = key(25.6, "kimg between EMA snapshots (snapshots/)", gt=0)
     export_std: Optional[float] = key(0.100, "model.safetensors: the post-hoc EMA at this std, at the end",

@@ -16,6 +16,9 @@ import copy
 import numpy as np
 import torch
 
+# The widest EMA std (sigma_rel) allowed: power profiles reach sqrt(1/12) ~ 0.289 only as gamma -> 0.
+MAX_SIGMA_REL = 0.28
+
 
 # sigma_rel(gamma)^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)): the relative variance of the power profile.
 def gamma_to_sigma_rel(gamma):
@@ -28,9 +31,9 @@ def sigma_rel_to_gamma(sigma_rel):
     s = np.asarray(sigma_rel, dtype=np.float64)
     out = np.empty(s.shape, dtype=np.float64)
     for i, si in np.ndenumerate(s):
-        if not 0 < si < 0.28:
-            raise ValueError(f"EMA std (sigma_rel) must lie in (0, 0.28): wider profiles are not power functions "
-                             f"with gamma > 0; got {si}")
+        if not 0 < si < MAX_SIGMA_REL:
+            raise ValueError(f"EMA std (sigma_rel) must lie in (0, {MAX_SIGMA_REL}): wider profiles are not power "
+                             f"functions with gamma > 0; got {si}")
         c = si ** -2
         roots = np.roots([1.0, 7.0, 16.0 - c, 12.0 - c])
         out[i] = roots[np.abs(roots.imag) < 1e-9].real.max()
