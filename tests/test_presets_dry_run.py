@@ -143,8 +143,9 @@ def test_features_and_real_statistics_by_name_and_file(tmp_path):
     st.save(tmp_path / "ref.npz")
     back = real_stats_for("random", tmp_path / "ref.npz", 5)
     np.testing.assert_allclose(back.mu, st.mu)
-    with pytest.raises(ValueError, match="dimension 5.*7-d"):
+    with pytest.raises(ValueError, match="dimension 5.*7-d.*distreward stats DATA --features inception"):
         real_stats_for("inception", tmp_path / "ref.npz", 7)
+    assert real_stats_for("inception", tmp_path / "ref.npz", None).dim == 5      # a feature function of unknown dim
     with pytest.raises(ValueError, match="no real statistics"):
         real_stats_for("inception", None, 2048)
     cfg = OmegaConf.create({"eval": {"features": ["random"], "real_stats": {"random": str(tmp_path / "ref.npz")}}})

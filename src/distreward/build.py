@@ -216,17 +216,18 @@ def random_stats(dim: int, seed: int = 0):
     return GaussianStats.from_mu_sigma(rng.normal(size=dim) * 0.1, a @ a.T + 0.05 * np.eye(dim), n=1000)
 
 
-def real_stats_for(name: str, path, dim: int, seed: int = 0):
-    """The real side of a feature space: from a .npz/.pkl file, or random for the `random` network."""
+def real_stats_for(name: str, path, dim: int | None, seed: int = 0):
+    """The real side of a feature space: from a .npz/.pkl file (its dimension checked against `dim` unless None), or
+    random for the `random` network."""
     if path is None:
         if str(name) == "random":
             return random_stats(dim, seed)
         raise ConfigError(f"no real statistics for feature network {name!r}: set the path to a .npz (mu, sigma) or "
                          "an EDM2 .pkl (reward.real_stats / eval.real_stats)")
     st = load_reference(find_file(path), PKL_METRIC.get(str(name), "fid"))
-    if st.dim != dim:
+    if dim is not None and st.dim != dim:
         raise InputFileError(f"{path}: statistics of dimension {st.dim}, but {name!r} gives {dim}-d features; "
-                         "use the statistics of that network")
+                             f"use the statistics of that network ('distreward stats DATA --features {name} -o X.npz')")
     return st
 
 

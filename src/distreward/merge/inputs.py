@@ -26,21 +26,20 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..build import PKL_METRIC, build_codec, build_evaluator, build_generator, feature_network, jsonable, random_stats
+from ..build import build_codec, build_evaluator, build_generator, feature_network, jsonable, real_stats_for
 from ..config import find_file, get, plain
 from ..schema import ConfigError
 from ..data import load_fmnist
 from ..evaluation import Evaluator, images_hash, network_hash
 from ..features import compute_features
 from ..metrics import GaussianStats
-from ..metrics.reference import load_reference
 from ..models import GENERATOR_FIX, save_generator
 from ..models.edm2 import load_pkl
 from ..sampling import edm_flow_sigmas, sigma_schedule, velocity_model
 from ..sampling.generate import generate
 from ..train.phema import Snapshot, list_snapshots as list_phema, phema_coefficients
 from ..utils import dist as D
-from ..utils.errors import InputFileError, reading
+from ..utils.errors import reading
 from ..utils.progress import phase
 from ..utils.cache import cache_valid, save_cache_key
 from ..utils.hashing import file_sha256
@@ -182,15 +181,8 @@ def real_statistics(cfg, feature_fn, cache: Path | None = None) -> tuple[np.ndar
     random network, else computed on Fashion-MNIST train (`cache`: a file reused only when its key, `<cache>.json`,
     names the same feature network and images)."""
     path, name, dim = cfg.reward.real_stats, str(cfg.reward.features), getattr(feature_fn, "dim", None)
-    if path:
-        st = load_reference(find_file(path), PKL_METRIC.get(name, "fid"))
-        if dim is not None and st.dim != dim:
-            raise InputFileError(f"{path}: statistics of dimension {st.dim}, but {name!r} gives {dim}-d features; make "
-                             f"them with 'distreward stats fmnist-train --features {name} -o X.npz' "
-                             "(reward.real_stats)")
-        return st.mu, st.sigma
-    if name == "random":
-        st = random_stats(int(dim))
+    if path or name == "random":
+        st = real_stats_for(name, path or None, dim)
         return st.mu, st.sigma
     images, _ = load_fmnist("train")
     net = getattr(feature_fn, "network", None)      # a feature function of unknown weights is never cached
