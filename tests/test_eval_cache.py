@@ -302,6 +302,20 @@ def test_merge_baselines_are_reused_by_a_second_run(tmp_path):
     assert not (tmp_path / "own").exists()
 
 
+def test_merge_evaluation_key_names_the_candidate_samplers_code(monkeypatch):
+    """The cached merge evaluations depend on merge/candidates.py (shared noise, the merged samples) and on
+    merge/inputs.py (the sampler): an edit of either invalidates them."""
+    from types import SimpleNamespace
+    from omegaconf import OmegaConf
+    from distreward.merge import baselines
+
+    monkeypatch.setattr(baselines, "eval_key", lambda *args, **kw: kw["code"])
+    sampler = SimpleNamespace(net=nn.Linear(2, 2), ckpts=SimpleNamespace(arch="unet"), device="cpu", sample_key="k")
+    cfg = OmegaConf.create({"eval": {"n": 4, "seed": 0}, "model": {"num_classes": 2, "image_shape": [1, 8, 8]}})
+    code = baselines.merge_eval_key(sampler, None, cfg)
+    assert {"merge/candidates.py", "merge/inputs.py", "sampling", "evaluation"} <= set(code)
+
+
 @pytest.mark.slow
 def test_demo_with_the_cache_writes_the_same_numbers_and_reuses_base_evaluations(tmp_path, monkeypatch):
     from distreward import demo

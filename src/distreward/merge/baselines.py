@@ -54,7 +54,7 @@ def merge_eval_key(sampler: CandidateSampler, evaluator, cfg) -> dict | None:
                 "num_classes": int(cfg.model.num_classes), "image_shape": list(cfg.model.image_shape),
                 "sampler": sampler.sample_key}
     return eval_key(sampler.net, evaluator, sampling, arch=str(sampler.ckpts.arch), device=sampler.device,
-                    code=CODE_PARTS + ("merge/inputs.py",))
+                    code=CODE_PARTS + ("merge/inputs.py", "merge/candidates.py"))
 
 
 def baseline_weights(ckpts: CheckpointSet, cfg) -> dict[str, np.ndarray]:
