@@ -191,6 +191,22 @@ def test_a_wall_time_matched_arm_needs_the_fine_tune(tiny):
                   progress=False, evaluator=ev, eval_cache=None)
 
 
+def test_without_a_run_dir_the_study_writes_under_its_default_run_dir(tiny, monkeypatch):
+    """run_study's folder without run_dir is default_run_dir of the config (the CLI reports from it)."""
+    from distreward.config import load_config
+    from distreward.study import default_run_dir, run_study
+    from distreward.utils.errors import InputError
+
+    tmp_path, ev, overrides = tiny
+    monkeypatch.chdir(tmp_path)
+    root = default_run_dir(load_config("fmnist_grpo", overrides + ["name=mine"]))
+    assert root.name == "study_mine"
+    with pytest.raises(InputError, match=str(root / "seed0" / "grpo" / "result.json")):
+        run_study("fmnist_grpo", overrides + ["name=mine"], seeds=[0], arms=["pretrain"], progress=False,
+                  evaluator=ev, eval_cache=None)
+    assert not root.exists()
+
+
 def test_equal_wall_time_iterations():
     """The fine-tune's logged training seconds over the probe's seconds per iteration; never below the probe."""
     from distreward.study import matched_iterations, training_seconds

@@ -257,6 +257,11 @@ def target_check(rows: dict, summary: dict, arm: str, seeds: Sequence[int], n: i
             "met": False if False in met else (True if all(met) else None)}
 
 
+def default_run_dir(cfg) -> Path:
+    """Where a study of `cfg` writes without --run-dir: runs/study_<config name>."""
+    return Path(f"runs/study_{cfg.name}")
+
+
 def run_study(config="fmnist_grpo", overrides=(), *, seeds: Sequence[int] = (0, 1, 2),
               arms: Sequence[str] | None = None, run_dir=None, overwrite: bool = False,
               progress: bool = True, evaluator=None, eval_cache="auto") -> dict:
@@ -271,7 +276,7 @@ def run_study(config="fmnist_grpo", overrides=(), *, seeds: Sequence[int] = (0, 
         raise ValueError(f"unknown study arm(s) {bad or arms}; choose from {', '.join(ARMS)}")
     if not seeds:
         raise ValueError("a study needs at least one seed (--seeds 0 1 2)")
-    root = Path(run_dir or f"runs/study_{cfg.name}")
+    root = Path(run_dir or default_run_dir(cfg))
     check_references(cfg, arms, seeds, root, overwrite)
     root.mkdir(parents=True, exist_ok=True)
     evaluator = evaluator or Evaluator.for_fmnist(device=cfg.device)

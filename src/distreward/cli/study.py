@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import load_config
-from ..study import ARMS, default_arms, run_study
+from ..study import ARMS, default_arms, default_run_dir, run_study
 from ..report import mean_std
 from ..schema import validate
 from ..runreport import write_run_report
@@ -42,7 +42,7 @@ def run(args) -> int:
     result = run_study(args.config, args.overrides, seeds=args.seeds, arms=arms, run_dir=out,
                        overwrite=args.overwrite, progress=not args.no_progress,
                        eval_cache=None if args.no_eval_cache else "auto")
-    print(f"study: report {write_run_report(out or 'runs/study_' + result['config'])}")
+    print(f"study: report {write_run_report(out or default_run_dir(cfg))}")
     for sname in ("served", "converged"):
         s, rows = result["solvers"][sname], result["rows"][sname]
         where = f"{sname} {s['method']} {s['steps']}"
