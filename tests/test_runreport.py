@@ -60,6 +60,13 @@ def test_merge_report_has_every_baseline_the_merged_model_and_its_samples(tmp_pa
     assert all((run / rel).stat().st_size > 200 for rel in links(md))
 
 
+def test_coefficients_read_one_line_per_block_group():
+    from distreward.runreport import coefficient_lines
+
+    assert coefficient_lines([0.25, 0.75]) == ["0.250, 0.750"]
+    assert coefficient_lines([[0.1, 0.9], (0.5, 0.5)]) == ["group 0: 0.100, 0.900", "group 1: 0.500, 0.500"]
+
+
 def test_a_directory_without_run_files_is_refused_with_the_fix(tmp_path):
     from distreward.runreport import write_run_report
 

@@ -173,6 +173,14 @@ def merged_grid(run_dir: Path, cfg: dict) -> Path | None:
     return save_image_grid(images, run_dir / "samples_merged.png", nrow=int(model.get("num_classes") or 0) or None)
 
 
+def coefficient_lines(w) -> list[str]:
+    """Merged coefficients as text: one line for one coefficient per input, else one per block group
+    ("group 0: ...")."""
+    rows = w if w and isinstance(w[0], (list, tuple)) else [w]
+    return [("group " + str(i) + ": " if len(rows) > 1 else "") + ", ".join(f"{v:.3f}" for v in r)
+            for i, r in enumerate(rows)]
+
+
 def merge_report(run_dir: Path) -> list[str]:
     """A merge run: every baseline, the start and the merged model (result.json), the search curve, the
     coefficients (coefficients.json) and a sample grid of the merged model."""
@@ -203,9 +211,7 @@ def merge_report(run_dir: Path) -> list[str]:
                   "![the search](search_curve.png)", ""]
     w = coef.get("weights")
     if w is not None:
-        rows_w = w if w and isinstance(w[0], list) else [w]
-        lines += ["## Coefficients", "", *[("group " + str(i) + ": " if len(rows_w) > 1 else "")
-                                           + ", ".join(f"{v:.3f}" for v in r) for i, r in enumerate(rows_w)], ""]
+        lines += ["## Coefficients", "", *coefficient_lines(w), ""]
     grid = merged_grid(run_dir, cfg)
     if grid is not None:
         lines += ["## Samples", "", f"The merged model, {GRID} samples, one class per column:", "",
@@ -254,4 +260,4 @@ def write_run_report(run_dir, kind: str | None = None) -> Path:
     return atomic_write_bytes(run_dir / "report.md", "\n".join(lines).encode())
 
 
-__all__ = ["run_kind", "write_run_report"]
+__all__ = ["coefficient_lines", "run_kind", "write_run_report"]

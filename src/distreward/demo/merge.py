@@ -21,6 +21,7 @@ from ..config import find_file, load_config
 from ..evaluation.protocol import relative_gain
 from ..merge import resolve, run_merge
 from ..merge.inputs import distinct_inputs
+from ..runreport import coefficient_lines
 from ..utils.configdiff import plain_config
 from ..utils.hashing import hash_inputs
 from .report import verdict
@@ -145,13 +146,6 @@ def stage_merge_rl(ctx: DemoContext) -> dict:
     return summary(res, "last")
 
 
-def coefficients_text(w) -> str:
-    """The merged coefficients: one list per input, or one per block group ("group 0: ...; group 1: ...")."""
-    if w and isinstance(w[0], (list, tuple)):
-        return "; ".join(f"group {i}: " + ", ".join(f"{v:.3f}" for v in row) for i, row in enumerate(w))
-    return ", ".join(f"{v:.3f}" for v in w)
-
-
 def search_text(cfg) -> str:
     """How a merging stage's config searches: the coefficient space, the starting point, the sampler, the images."""
     space = ("one row of coefficients per block group" if cfg.merge.get("space") == "blocks"
@@ -194,7 +188,7 @@ def section(name: str, title: str, what: str,
         lines.append(f"| **RL-merged** | **{m:.4g}** | {result.get('fd_reward', float('nan')):.4g} |")
         lines += ["", f"RL merging {word} the baseline `{result['baseline']}` on held-out FD "
                       f"({m:.4g} vs {b:.4g}, {100 * (m - b) / b:+.1f}%). "
-                      f"Coefficients: {coefficients_text(result['weights'])}."]
+                      f"Coefficients: {'; '.join(coefficient_lines(result['weights']))}."]
         gain = evidence_gain(name, ctx)
         return "\n".join(lines + (["", gain] if gain else []))
     return render
