@@ -95,6 +95,19 @@ def test_a_reward_outside_the_interface_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_finetune_checks_the_config_once_and_runs_the_trainer_it_names(tmp_path, monkeypatch):
+    import distreward.rl.run as frame
+    from distreward.rl import finetune
+
+    checks, runs, resolve = [], [], frame.resolve
+    monkeypatch.setattr(frame, "resolve", lambda cfg, **kw: checks.append(kw) or resolve(cfg, **kw))
+    monkeypatch.setattr(frame, "run_checked", lambda algorithm, cfg, run_dir, **kw: runs.append((algorithm, cfg)))
+    finetune(frame_cfg("nft", 1), tmp_path / "run", reward=make_reward(), progress=False)
+    assert checks == [{"own_reward": True}]
+    (algorithm, cfg), = runs
+    assert algorithm is ALGORITHMS["nft"] and cfg.rl.algorithm == "nft" and cfg.rl.lr == 3e-3
+
+
 def test_the_shared_update_is_the_plain_minibatch_loop():
     """step.minibatch_steps against the loop written out: one permutation per epoch from the run's generator,
     per minibatch zero_grad, backward, grad-norm clip, AdamW step, EMA; the logged means over the updates."""

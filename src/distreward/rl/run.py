@@ -62,9 +62,10 @@ def finetune(cfg, run_dir, *, resume: bool = False, overwrite: bool = False, all
     (`utils.rundir.prepare_run`, docs/runs.md). `initial_eval`: the base model's evaluation when the caller
     already has it (it is the EMA model's at iteration 0).
     """
-    name = resolve(cfg, own_reward=reward is not None).rl.algorithm
-    return train(name, cfg, run_dir, resume=resume, overwrite=overwrite, allow_changes=allow_changes, net=net,
-                 reward=reward, evaluator=evaluator, progress=progress, initial_eval=initial_eval)
+    cfg = resolve(cfg, own_reward=reward is not None)
+    return run_checked(ALGORITHMS[str(cfg.rl.algorithm)], cfg, run_dir, resume=resume, overwrite=overwrite,
+                       allow_changes=allow_changes, net=net, reward=reward, evaluator=evaluator, progress=progress,
+                       initial_eval=initial_eval)
 
 
 def distill(cfg, run_dir, *, resume: bool = False, overwrite: bool = False, allow_changes: Sequence[str] = (),
@@ -103,8 +104,17 @@ def train(name: str, cfg, run_dir, *, resume: bool = False, overwrite: bool = Fa
     if name not in ALGORITHMS:
         raise ConfigError(f"unknown trainer {name!r}; use one of {', '.join(ALGORITHMS)}")
     algorithm = ALGORITHMS[name]
-    check_reward(reward)
     cfg = resolve(cfg, own_reward=reward is not None or not algorithm.uses_reward)
+    return run_checked(algorithm, cfg, run_dir, resume=resume, overwrite=overwrite, allow_changes=allow_changes,
+                       net=net, reward=reward, evaluator=evaluator, progress=progress, initial_eval=initial_eval)
+
+
+def run_checked(algorithm: type[Algorithm], cfg, run_dir, *, resume: bool, overwrite: bool,
+                allow_changes: Sequence[str], net: torch.nn.Module | None, reward, evaluator, progress: bool,
+                initial_eval: dict | None) -> dict:
+    """Run `algorithm` with `cfg` as `resolve` returned it (checked once, by the caller): the processes, the run
+    directory prepared (locked, resume checks), the loop, the final files."""
+    check_reward(reward)
     if algorithm.one_process:
         check_single_process(D.launched_world_size())
         device = torch.device(str(cfg.device))
