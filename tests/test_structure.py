@@ -118,8 +118,7 @@ def test_merge_does_not_depend_on_rl():
 # --------------------------------------------------------------------------------------------- the RL frame
 
 RL = SRC / "rl"
-PG_EQUATIONS = ("group_advantages", "ppo_clip_loss", "gaussian_kl", "kl_estimate", "approx_kl", "clip_masks",
-                "clip_fractions", "clip_binds")
+PG_EQUATIONS = ("group_advantages", "ppo_clip_loss", "gaussian_kl", "kl_estimate", "clip_masks", "clip_binds")
 REWARD_INTERFACE = {"features", "score_features", "push_features", "keeps_state"}
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["group_advantages", "reward_scale", "group_spread", "ppo_clip_loss", "gaussian_kl", "kl_estimate",
-           "approx_kl", "clip_masks", "clip_fractions", "clip_binds"]
+           "clip_masks", "clip_binds"]
 
 
 def group_advantages(r: torch.Tensor, groups: torch.Tensor, *, std: str = "group", eps: float = 1e-6,
@@ -78,20 +78,9 @@ def kl_estimate(log_rho: torch.Tensor) -> torch.Tensor:
     return torch.expm1(log_rho) - log_rho
 
 
-def approx_kl(log_rho: torch.Tensor) -> torch.Tensor:
-    """Estimate of KL(p_old || p_theta) from samples of p_old: E[(rho - 1) - log rho] (non-negative, unbiased)."""
-    return kl_estimate(log_rho).mean()
-
-
 def clip_masks(rho: torch.Tensor, clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Where the ratio lies above 1 + eps and below 1 - eps (the clipped objective is flat on that side)."""
     return rho > 1 + clip_eps, rho < 1 - clip_eps
-
-
-def clip_fractions(rho: torch.Tensor, clip_eps: float) -> tuple[float, float]:
-    """Share of ratios above 1+eps and below 1-eps."""
-    hi, lo = clip_masks(rho, clip_eps)
-    return float(hi.float().mean()), float(lo.float().mean())
 
 
 def clip_binds(rho: torch.Tensor, adv: torch.Tensor, clip_eps: float) -> torch.Tensor:
