@@ -31,7 +31,7 @@ from ..sampling import check_sigmas, ode_sample, ode_step, sigma_schedule
 from ..schema import ConfigError
 from .context import Algorithm, RunContext, reward_record
 from .rollout import start_noise
-from .settings import pathwise_sample_grid
+from .settings import ode_grid
 from .step import minibatch_steps, stat_sums
 
 __all__ = ["Pathwise", "pathwise_grid", "pathwise_loss", "null_directions", "first_variations", "first_steps",
@@ -69,9 +69,9 @@ def first_variations(reward, features: np.ndarray, labels: torch.Tensor) -> np.n
 # --------------------------------------------------------------------------------------------- sampling
 
 def pathwise_grid(cfg) -> tuple[str, torch.Tensor, int]:
-    """(method, sigmas, K): the ODE of the samples (settings.pathwise_sample_grid) and the number of its last steps
-    that keep gradients."""
-    method, steps = pathwise_sample_grid(cfg)
+    """(method, sigmas, K): the ODE of the samples (pathwise.method, pathwise.steps; `settings.ode_grid`) and the
+    number of its last steps that keep gradients."""
+    method, steps = ode_grid(cfg.pathwise, cfg)
     k = int(cfg.pathwise.k)
     if k > steps:
         raise ConfigError(f"pathwise.k = {k} exceeds the sampler's {steps} steps; use pathwise.k <= {steps}")

@@ -50,14 +50,9 @@ def nft_rollout_grid(cfg) -> tuple[str, int]:
     return ode_grid(cfg.nft, cfg)
 
 
-def pathwise_sample_grid(cfg) -> tuple[str, int]:
-    """The pathwise trainer's sampler (method, steps): pathwise.method with pathwise.steps, or eval.steps when
-    null."""
-    return ode_grid(cfg.pathwise, cfg)
-
-
 def ode_grid(section, cfg) -> tuple[str, int]:
-    """(section.method, section.steps), the served sampler's step count (eval.steps) where section.steps is null."""
+    """(section.method, section.steps) of a trainer's own ODE (its config section: nft, pathwise), the served
+    sampler's step count (eval.steps) where section.steps is null."""
     steps = section.steps
     return str(section.method), int(cfg.eval.steps if steps is None else steps)
 

@@ -31,7 +31,7 @@ from ..utils.configdiff import plain_config
 from ..utils.progress import progress as tqdm
 from .parallel import rollout_rows
 from .rollout import reference_noise_levels
-from .settings import guidance_scale, nft_rollout_grid, pathwise_sample_grid
+from .settings import guidance_scale, ode_grid
 
 REFERENCE_CACHE = "base_reference_features.npy"
 
@@ -71,9 +71,8 @@ class ReferenceSampler:
         rl, model = cfg.rl, cfg.model
         levels = reference_noise_levels(rl)
         steps, method = int(rl.steps), "euler"
-        if rl.algorithm in ("nft", "pathwise"):      # the trainer's own ODE samples
-            grid = nft_rollout_grid if rl.algorithm == "nft" else pathwise_sample_grid
-            (method, steps), levels = grid(cfg), 0.0
+        if rl.algorithm in ("nft", "pathwise"):      # the trainer's own ODE samples (its config section)
+            (method, steps), levels = ode_grid(cfg[rl.algorithm], cfg), 0.0
         extra = {"cfg_scale": guidance_scale(model), "vae": plain_config({"v": model.get("vae")})["v"]}
         return cls(n=int(n), seed=int(cfg.seed), steps=steps, shift=float(rl.shift),
                    noise_levels=tuple(levels) if isinstance(levels, list) else float(levels),
