@@ -235,7 +235,7 @@ def test_paired_gains_of_hand_made_rows():
     """The change of FD vs the base on the same noise and labels, with the std of the replicate-by-replicate
     differences over the base's FD as its standard error."""
     from distreward.study import paired_gains
-    from distreward.studyreport import gain_text
+    from distreward.report import change_with_error
 
     base = {"fd_eval": 0.2, "fd_eval_err": 0.01, "fd_eval_boot": [0.19, 0.21, 0.2], "fd_reward": 4.0,
             "fd_reward_err": 0.2, "fd_reward_boot": [3.8, 4.2, 4.0], "fd_eval_test": 0.25, "fd_eval_test_err": 0.01,
@@ -255,7 +255,7 @@ def test_paired_gains_of_hand_made_rows():
     assert g["guided"]["fd_eval"] == pytest.approx([-0.1, 0.0], abs=1e-12)
     assert g["guided"]["fd_reward"] is None and g["guided"]["fd_eval_test"] is None
     assert paired_gains({"grpo/seed0": model}) == {}
-    assert gain_text(g["grpo/seed0"]["fd_eval"]) == "-25.0% ± 2.9%" and gain_text(None) == "–"
+    assert change_with_error(g["grpo/seed0"]["fd_eval"]) == "-25.0% ± 2.9%" and change_with_error(None) == "–"
 
 
 def target_inputs():

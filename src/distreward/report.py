@@ -194,6 +194,14 @@ def mean_std(entry: dict | None, fmt: str = "{:.4f}") -> str:
     return fmt.format(entry["mean"]) + (f" ± {fmt.format(entry['std'])}" if entry.get("std") is not None else "")
 
 
+def change_with_error(change) -> str:
+    """'-31.2% ± 3.1%' of a (relative change, its standard error) pair ('–' without one)."""
+    if not change:
+        return "–"
+    g, se = change
+    return f"{g:+.1%} ± {se:.1%}"
+
+
 def with_error(value, err, fmt: str = "{:.3f}") -> str:
     """'3.056 ± 0.081' (the value alone without an error, '–' without a value)."""
     if value is None:

@@ -50,7 +50,7 @@ from .config import load_config
 from .evaluation import Evaluator, eval_cache_for
 from .evaluation.protocol import Protocol, evaluate_models, find_converged_steps, relative_gain
 from .models import load_generator
-from .report import seed_summary
+from .report import change_with_error, seed_summary
 from .rl import distill, finetune, guidance_distill, pretrain
 from .rl.settings import resolve, with_sample_reward
 from .studyreport import write_study_report
@@ -220,7 +220,7 @@ def gain_criteria(gains: list) -> list[dict]:
     se_name = "every seed's held-out change beyond two paired standard errors (g + 2 se < 0)"
     if not gains:
         return [criterion(mean_name, None, "no seed of the arm"), criterion(se_name, None, "no seed of the arm")]
-    shown = ", ".join("–" if p is None else f"{p[0]:+.1%} ± {p[1]:.1%}" for p in gains)
+    shown = ", ".join(change_with_error(p) for p in gains)
     if any(p is None for p in gains):
         missing = "a seed without a paired change: " + shown
         return [criterion(mean_name, None, missing), criterion(se_name, None, missing)]

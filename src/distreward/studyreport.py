@@ -8,18 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import mean_std, save_figure, with_error
+from .report import change_with_error, mean_std, save_figure, with_error
 from .utils.io import atomic_write_bytes
 
 ANSWERS = {True: "yes", False: "no", None: "not measured"}
-
-
-def gain_text(gain) -> str:
-    """'-31.2% ± 3.1%' of a [relative change, standard error] pair ('–' without one)."""
-    if not gain:
-        return "–"
-    g, se = gain
-    return f"{100 * g:+.1f}% ± {100 * se:.1f}%"
 
 
 def target_lines(target: dict, solver: dict) -> list[str]:
@@ -66,7 +58,7 @@ def write_study_report(root: Path, result: dict) -> Path:
                   "|---|---|---|---|---|"]
         for name, r in result["rows"][sname].items():
             lines.append(f"| {name} | {with_error(r.get('fd_eval'), r.get('fd_eval_err'), '{:.4f}')} | "
-                         f"{gain_text((r.get('gain') or {}).get('fd_eval'))} | "
+                         f"{change_with_error((r.get('gain') or {}).get('fd_eval'))} | "
                          f"{with_error(r.get('fd_reward'), r.get('fd_reward_err'))} | {r.get('recall', float('nan')):.3f} |")
         lines.append("")
     tf = result["rows"]["training_free"]["base"]

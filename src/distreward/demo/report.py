@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..evaluation.protocol import SOLVERS, relative_gain
-from ..report import metrics_table, plot_fd_curves, plot_fd_vs_nfe, with_error
+from ..report import change_with_error, metrics_table, plot_fd_curves, plot_fd_vs_nfe, with_error
 from ..utils.io import atomic_save_json, atomic_write_bytes
 from .evidence import paired_rows
 from .grpo import change_summary
@@ -108,7 +108,7 @@ def verdict(change: tuple[float, float] | None) -> str:
         return "–"
     d, e = change
     word = "within noise" if abs(d) <= 2 * e else ("better" if d < 0 else "worse")
-    return f"{d:+.1%} ± {e:.1%} ({word})"
+    return f"{change_with_error(change)} ({word})"
 
 
 def evidence_findings(ev: dict) -> list[str]:
