@@ -156,13 +156,27 @@ def main() -> None:
 
     print(f"\nreport seed {args.report_seed}, n = {args.n}, Heun {args.heun}; {args.threads} thread(s)")
     print(f"{'model':>8} {'std':>6} {'FD reward':>15} {'FD held-out':>17} {'held-out test':>17} {'recall':>7} "
-          f"{'d held-out vs prev':>22}")
+          f"{'d reward vs prev':>18} {'d held-out vs prev':>22}")
     for k, r in results["report"].items():
         vp = r.get("vs_previous")
+        dr = f"{vp['d_fd_reward']:+.3f} ± {vp['d_fd_reward_err']:.3f}" if vp else "-"
         d = f"{vp['d_fd_eval']:+.4f} ± {vp['d_fd_eval_err']:.4f}" if vp else "-"
         print(f"{k:>8} {str(r['std']):>6} {r['fd_reward_train']:>7.3f} ± {r['fd_reward_train_err']:.3f} "
               f"{r['fd_eval_train']:>8.4f} ± {r['fd_eval_train_err']:.4f} {r['fd_eval_test']:>8.4f} ± "
-              f"{r['fd_eval_test_err']:.4f} {r.get('recall', float('nan')):>7.3f} {d:>22}")
+              f"{r['fd_eval_test_err']:.4f} {r.get('recall', float('nan')):>7.3f} {dr:>18} {d:>22}")
+    steps_done = [k for k in results["report"] if k != "base" and "vs_previous" in results["report"][k]]
+    flat = [k for k in steps_done if not still_improving(results["report"][k]["vs_previous"])]
+    if flat:
+        print(f"plateau: step {flat[0]} lowers neither FD beyond two paired standard errors of step "
+              f"{results['report'][flat[0]]['vs_previous']['step']}: ship step "
+              f"{results['report'][flat[0]]['vs_previous']['step']}")
+    elif steps_done:
+        print(f"no plateau yet: step {steps_done[-1]} still lowers FD beyond two paired standard errors")
+
+
+def still_improving(d: dict, z: float = 2.0) -> bool:
+    """Whether a point lowers FD on either feature network beyond z paired standard errors of the previous one."""
+    return any(d[f"d_fd_{n}"] + z * d[f"d_fd_{n}_err"] < 0 for n in ("reward", "eval"))
 
 
 if __name__ == "__main__":

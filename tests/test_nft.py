@@ -194,7 +194,8 @@ def test_rollouts_of_a_ranks_rows_in_batches_are_those_rows_of_one_ode_call():
     assert ode_rollouts(net, noise, labels, sigmas, "heun", range(4, 4), "cpu", 4).shape == (0, *SHAPE)
 
 
-def test_model_files_name_the_trainer(tmp_path):
+def test_model_files_name_the_trainer_the_config_and_the_command(tmp_path, monkeypatch):
+    """The final model files carry the trainer, the resolved config and the command line that started the run."""
     from distreward.models import build_network, save_generator
 
     kwargs = {"img_resolution": 8, "img_channels": 1, "num_classes": 3, "model_channels": 4, "channel_mult": [1],
@@ -203,9 +204,15 @@ def test_model_files_name_the_trainer(tmp_path):
     path = save_generator(tmp_path / "base.safetensors", build_network("unet", kwargs), "unet", kwargs)
     cfg = nft_cfg(1, every=0)
     cfg["model"]["path"] = str(path)
+    monkeypatch.setattr("sys.argv", ["/venv/bin/distreward", "finetune", "--config", "x y", "rl.lr=1e-5"])
     finetune(cfg, tmp_path / "run", reward=make_reward(), evaluator=make_evaluator(False), progress=False)
     for name in ("model_ema.safetensors", "model.safetensors", "checkpoints/ema_00001.safetensors"):
         assert read_generator_metadata(tmp_path / "run" / name)["extra"]["rl"] == "nft", name
+    for name in ("model_ema.safetensors", "model.safetensors"):
+        extra = read_generator_metadata(tmp_path / "run" / name)["extra"]
+        assert extra["command"] == "distreward finetune --config 'x y' rl.lr=1e-5"
+        assert extra["config"]["name"] == cfg["name"] and extra["config"]["model"]["path"] == str(path)
+        assert extra["config"]["rl"]["algorithm"] == "nft"
 
 
 # --------------------------------------------------------------------------------------------- two processes

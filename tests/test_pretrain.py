@@ -113,3 +113,15 @@ def test_images_unlike_the_policy_are_refused(tmp_path, name):
     wrong_labels = write_images(tmp_path / "labels.npz", N_IMAGES, SHAPE, CLASSES + 2)
     with pytest.raises(InputError, match=r"labels 0..4 are outside 0..2"):
         run(name, cfg(wrong_labels, 1), tmp_path / "b")
+
+
+@pytest.mark.parametrize("ema_decay, expected", [(0.75, 0.75), (None, 0.5)])
+def test_pretrain_ema_has_its_own_decay(tmp_path, ema_decay, expected):
+    """One optimizer step: theta_ema = d theta_base + (1 - d) theta_1, with d = pretrain.ema_decay (null: rl's)."""
+    data = write_images(tmp_path / "data.npz", N_IMAGES, SHAPE, CLASSES)
+    out = run("pretrain", cfg(data, 1, ema_decay=ema_decay), tmp_path / "r")
+    base = make_net().state_dict()
+    for name, p in out["net"].named_parameters():
+        want = expected * base[name] + (1 - expected) * p.detach()
+        torch.testing.assert_close(out["ema"].state_dict()[name], want, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(p.detach(), base[n]) for n, p in out["net"].named_parameters())

@@ -1,6 +1,6 @@
 """Continued training and guidance distillation (docs/rl.md "Continued training and guidance"): two trainers that
-see real training images instead of samples and rewards, run in the RL frame at the fine-tune's settings of the EMA
-and the clip.
+see real training images instead of samples and rewards, run in the RL frame at the fine-tune's grad-norm clip, with an
+EMA of their own length (every step sees fresh images, as in the base's training).
 
 One iteration, top to bottom:
   1. pretrain.steps x pretrain.batch training images (pretrain.images) drawn with replacement, noises eps, noise
@@ -12,7 +12,7 @@ One iteration, top to bottom:
      unguided velocity, since guidance of the null label by itself is the identity);
   3. pretrain.steps optimizer steps of pretrain.batch images each (`step.minibatch_steps`), loss
      |v_theta(x_sigma, sigma, y) - v|^2 averaged over dimensions (train/flow.py's `flow_loss`), AdamW at
-     pretrain.lr, grad-norm clip rl.grad_clip, EMA rl.ema_decay after every step.
+     pretrain.lr, grad-norm clip rl.grad_clip, EMA pretrain.ema_decay (null: rl.ema_decay) after every step.
 The policy is the unguided network (model.cfg_scale is not applied to it). One process, pixel models only.
 """
 
@@ -88,7 +88,9 @@ class Pretrain(Algorithm):
                                                    int(cfg.model.num_classes))
         self.noise, self.null_label = noise_settings(), int(cfg.model.num_classes)
         self.model = velocity_model(weights.net, weights.arch)
-        self.update = step_settings(cfg.rl, inner_epochs=1, minibatches=int(cfg.pretrain.steps))
+        ema_decay = cfg.pretrain.get("ema_decay")
+        self.update = step_settings(cfg.rl, inner_epochs=1, minibatches=int(cfg.pretrain.steps),
+                                    ema_decay=None if ema_decay is None else float(ema_decay))
         for group in ctx.optimizer.param_groups:
             group["lr"] = float(cfg.pretrain.lr)
 

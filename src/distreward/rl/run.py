@@ -19,8 +19,9 @@ from ..schema import ConfigError
 from ..utils import dist as D
 from ..utils.io import RunDir, atomic_save_json
 from ..utils.progress import progress as tqdm
-from ..utils.configdiff import only_raise
+from ..utils.configdiff import only_raise, plain_config
 from ..utils.hashing import input_files
+from ..utils.provenance import first_command
 from ..utils.rundir import prepare_run
 from ..utils.runlog import RunLog
 from .context import Algorithm, RunContext, check_reward
@@ -169,10 +170,11 @@ def loop(algorithm: Algorithm, ctx: RunContext, *, resume: bool, initial_eval: d
 
 
 def finish(ctx: RunContext, evaluate: EmaEvaluation, extra: dict) -> dict:
-    """The end of a run: the EMA and raw weights as merge inputs (model_ema / model.safetensors, with `extra` in
-    their metadata), result.json ({final, evals, history}, and for a reward-driven run reward_mean_first and
+    """The end of a run: the EMA and raw weights as merge inputs (model_ema / model.safetensors, with `extra`, the
+    resolved config and the command that started the run in their metadata), result.json ({final, evals, history}, and for a reward-driven run reward_mean_first and
     reward_mean) written by rank 0; returns that result with the live objects (net, ema, [reward,] final_images)."""
     net, ema, history = ctx.weights.net, ctx.weights.ema, ctx.history
+    extra = {**extra, "config": plain_config(ctx.cfg), "command": first_command(ctx.run.root)}
     if ctx.main:
         save_merge_input(ema, ctx.run.path("model_ema.safetensors"), extra)
         save_merge_input(net, ctx.run.path("model.safetensors"), extra)

@@ -30,11 +30,11 @@ def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None
         be.copy_(b)
 
 
-def step_settings(rl, *, inner_epochs: int, minibatches: int) -> SimpleNamespace:
+def step_settings(rl, *, inner_epochs: int, minibatches: int, ema_decay: float | None = None) -> SimpleNamespace:
     """What `minibatch_steps` reads, for a trainer that sets its own passes and minibatch count: those, with rl's
-    grad-norm clip and EMA decay."""
-    return SimpleNamespace(inner_epochs=int(inner_epochs), minibatches=int(minibatches),
-                           grad_clip=float(rl.grad_clip), ema_decay=float(rl.ema_decay))
+    grad-norm clip and EMA decay (or `ema_decay` where given)."""
+    return SimpleNamespace(inner_epochs=int(inner_epochs), minibatches=int(minibatches), grad_clip=float(rl.grad_clip),
+                           ema_decay=float(rl.ema_decay if ema_decay is None else ema_decay))
 
 
 @dataclass(frozen=True)

@@ -253,11 +253,14 @@ class Distill:
 class Pretrain:
     """The continued-training control (`pretrain`) and guidance distillation (`guidance-distill`) of `distreward
     study` (distreward.rl.pretrain): noised training images as the base training noises them (train-base's
-    defaults), `steps` AdamW steps of `batch` images per iteration, the EMA at rl.ema_decay."""
+    defaults), `steps` AdamW steps of `batch` images per iteration, the EMA at pretrain.ema_decay."""
     images: str = key("fmnist-train", "training images: fmnist-train, an .npz of uint8 images and labels, or a folder")
     lr: float = key(1e-4, "AdamW learning rate", ge=0)
     batch: int = key(128, "images per optimizer step", ge=1)
     steps: int = key(10, "optimizer steps per iteration", ge=1)
+    ema_decay: Optional[float] = key(0.99, "decay of the EMA weights per optimizer step (null: rl.ema_decay); longer "
+                                           "than the RL trainers' since every step sees fresh training images",
+                                     ge=0, lt=1)
     match_wall_time: bool = key(True, "`distreward study` sets rl.iterations so that the measured seconds per iteration "
                                       "times it equal the config's trainer's training seconds (false: as given)")
 

@@ -8,6 +8,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shlex
 import shutil
 import socket
 import subprocess
@@ -74,6 +75,16 @@ def read_provenance(root: str | os.PathLike) -> list[dict]:
     except (OSError, ValueError) as e:
         raise RunDirError(f"{path} is damaged ({e}); move it away to continue this run") from None
     return data if isinstance(data, list) else []
+
+
+def first_command(root: str | os.PathLike) -> str | None:
+    """The command line that started the run in `root` (its first provenance entry; the program by its name), for
+    the metadata of the models it writes."""
+    entries = read_provenance(root)
+    argv = entries[0].get("argv") if entries else None
+    if not argv:
+        return None
+    return shlex.join([Path(argv[0]).name, *argv[1:]])
 
 
 def append_provenance(root: str | os.PathLike, entry: dict) -> list[dict]:
