@@ -334,6 +334,19 @@ def test_the_target_says_yes_no_or_not_measured(change, n, expected):
     answer = {True: "yes", False: "no", None: "not measured"}
     assert md.startswith(f"## Target: grpo at the converged solver (heun 16 steps), no guidance: {answer[t['met']]}")
     assert all(f": **{answer[c['met']]}** (" in line for c, line in zip(t["criteria"], md.splitlines()[2:]))
+    # beside the target, not in it: the guided base's held-out FD (0.17) against the arm's mean (0.158)
+    beyond = None if change == "no guided row" else True
+    assert t["beyond"]["met"] is beyond and f"Beyond the target: held-out FD at or below the guided" in md
+    assert md.rstrip().endswith(f"**{answer[beyond]}** ({t['beyond']['detail']})")
+
+
+def test_beyond_the_target_compares_the_mean_held_out_fd_with_the_guided_bases():
+    from distreward.study import target_check
+
+    rows, summary = target_inputs()
+    summary["grpo"]["fd_eval"]["mean"] = 0.171          # above the guided base's 0.17: the target still holds
+    t = target_check(rows, summary, "grpo", [0, 1, 2], 2000)
+    assert t["met"] is True and t["beyond"]["met"] is False and "0.171 vs guided 0.17" in t["beyond"]["detail"]
 
 
 def test_the_target_of_an_arm_the_study_lacks_is_not_measured():

@@ -19,6 +19,9 @@ def target_lines(target: dict, solver: dict) -> list[str]:
     lines = [f"## Target: {target['arm']} at the {target['solver']} solver ({solver['method']} {solver['steps']} "
              f"steps), no guidance: {ANSWERS[target['met']]}", ""]
     lines += [f"- {c['criterion']}: **{ANSWERS[c['met']]}** ({c['detail']})" for c in target["criteria"]]
+    if target.get("beyond"):
+        b = target["beyond"]
+        lines += ["", f"Beyond the target: {b['criterion']}: **{ANSWERS[b['met']]}** ({b['detail']})"]
     return lines + [""]
 
 
