@@ -493,6 +493,7 @@ def run_cli(line: str, run: Path, capsys) -> tuple[int, str]:
 
 
 BASE_DRY = "train-base --config fmnist_base_tiny --dry-run --run-dir {run}"
+STOPPED = "(the model file made older than the log)"
 CLI_CASES = [   # (the command lines in order, each with its exit code and a text its output holds; provenance entries)
     pytest.param([(BASE_DRY, 0, "step 2 of 2"),
                   ("train-base --run-dir {run} --resume train.total_kimg=0.128 --allow-change train.total_kimg", 0,
@@ -504,6 +505,14 @@ CLI_CASES = [   # (the command lines in order, each with its exit code and a tex
                  id="train-base-resume-a-finished-run"),
     pytest.param([("finetune --config fmnist_grpo_tiny --dry-run --run-dir {run}", 0, "final: fd_reward"),
                   ("finetune --run-dir {run} --resume", 0, "already finished")], 1, id="finetune-resume-a-finished-run"),
+    pytest.param([(BASE_DRY, 0, "step 2 of 2"),
+                  ("train-base --run-dir {run} --resume train.total_kimg=0.128 --allow-change train.total_kimg", 0,
+                   "step 4 of 4"), ("train-base --run-dir {run} --resume", 0, "already finished")], 2,
+                 id="a-lengthened-run-that-finished-is-finished"),
+    pytest.param([(BASE_DRY, 0, "step 2 of 2"),
+                  ("train-base --run-dir {run} --resume train.total_kimg=0.128 --allow-change train.total_kimg", 0,
+                   "step 4 of 4"), (STOPPED, 0, ""), ("train-base --run-dir {run} --resume", 0, "step 4 of 4")], 3,
+                 id="a-lengthened-run-stopped-before-its-new-end-resumes"),
     pytest.param([(BASE_DRY, 0, "step 2 of 2"), (BASE_DRY, 0, "replacing the earlier dry run")], 1,
                  id="a-dry-run-replaces-its-own-folder"),
     pytest.param([("train-base --config fmnist_base_tiny --run-dir {run} data.limit=64 train.total_kimg=0.064", 0,
@@ -516,6 +525,10 @@ def test_run_commands_on_the_command_line(steps, entries, tmp_path, monkeypatch,
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
     for line, rc, text in steps:
+        if line == STOPPED:       # a lengthened run stopped before its new end: it logged after its old model file
+            t = (run / "metrics.jsonl").stat().st_mtime_ns - 10**9
+            os.utime(run / "model.safetensors", ns=(t, t))
+            continue
         got, printed = run_cli(line, run, capsys)
         assert got == rc and text in printed, (line, printed)
         assert "Traceback" not in printed

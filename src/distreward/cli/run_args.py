@@ -20,7 +20,7 @@ from ..schema import validate
 from ..utils.configdiff import changed_keys
 from ..utils.errors import OptionError
 from ..utils.progress import phase
-from ..utils.rundir import CONFIG_FILE
+from ..utils.rundir import CONFIG_FILE, LOG_FILE
 from . import RUN_DIR, check_device, new_output
 
 
@@ -100,9 +100,14 @@ def run_dir(args, cfg) -> Path:
 
 def finished(args, out: Path, cfg, marker: str, length: str) -> bool:
     """With --resume, no --allow-change and the saved settings unchanged: True (and one line saying so) when the run
-    in `out` has finished, i.e. holds `marker` (the file its trainer writes last); `length` is the key that makes it
-    longer. A changed setting goes on to the resume checks (refused, or applied with --allow-change)."""
+    in `out` has finished, i.e. holds `marker` (the file its trainer writes last) and has logged nothing since (a
+    run made longer with --allow-change and stopped again logs after its old marker: it resumes); `length` is the
+    key that makes it longer. A changed setting goes on to the resume checks (refused, or applied with
+    --allow-change)."""
     if not (args.resume and not args.allow_changes and (out / marker).is_file()):
+        return False
+    log = out / LOG_FILE
+    if log.is_file() and log.stat().st_mtime_ns > (out / marker).stat().st_mtime_ns:
         return False
     try:
         saved = OmegaConf.load(out / CONFIG_FILE)

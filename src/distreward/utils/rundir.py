@@ -42,8 +42,9 @@ __all__ = ["CONFIG_FILE", "ResumeWarning", "RunDirError", "add_inputs", "check_c
            "trained_threads"]
 
 CONFIG_FILE = "config.yaml"
+LOG_FILE = "metrics.jsonl"          # utils.runlog.RunLog's default file
 # A directory holding one of these holds a run (overwrite empties only such directories).
-RUN_MARKERS = (CONFIG_FILE, PROVENANCE_FILE, "metrics.jsonl", "checkpoints", "result.json", "stage.json", LOCK_FILE)
+RUN_MARKERS = (CONFIG_FILE, PROVENANCE_FILE, LOG_FILE, "checkpoints", "result.json", "stage.json", LOCK_FILE)
 
 
 class ResumeWarning(UserWarning):
