@@ -171,8 +171,9 @@ def loop(algorithm: Algorithm, ctx: RunContext, *, resume: bool, initial_eval: d
 
 def finish(ctx: RunContext, evaluate: EmaEvaluation, extra: dict) -> dict:
     """The end of a run: the EMA and raw weights as merge inputs (model_ema / model.safetensors, with `extra`, the
-    resolved config and the command that started the run in their metadata), result.json ({final, evals, history}, and for a reward-driven run reward_mean_first and
-    reward_mean) written by rank 0; returns that result with the live objects (net, ema, [reward,] final_images)."""
+    resolved config and the command that started the run in their metadata), result.json ({final, evals, history},
+    and for a reward-driven run reward_mean_first and reward_mean) written by rank 0; returns that result with the
+    live objects (net, ema, [reward,] final_images)."""
     net, ema, history = ctx.weights.net, ctx.weights.ema, ctx.history
     extra = {**extra, "config": plain_config(ctx.cfg), "command": first_command(ctx.run.root)}
     if ctx.main:

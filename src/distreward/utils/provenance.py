@@ -24,8 +24,8 @@ from .configdiff import plain_config
 from .errors import RunDirError
 from .io import atomic_save_json
 
-__all__ = ["PROVENANCE_FILE", "append_provenance", "git_state", "now", "package_version", "provenance_entry",
-           "read_provenance"]
+__all__ = ["PROVENANCE_FILE", "append_provenance", "first_command", "git_state", "now", "package_version",
+           "provenance_entry", "read_provenance"]
 
 PROVENANCE_FILE = "provenance.json"
 SOURCE_ROOT = Path(__file__).resolve().parents[3]      # the source checkout (src/distreward/utils -> repository)

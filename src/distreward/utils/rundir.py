@@ -38,7 +38,7 @@ from .io import RunDir, atomic_save_json, atomic_write_bytes
 from .lock import LOCK_FILE, RunLock
 from .provenance import PROVENANCE_FILE, append_provenance, provenance_entry, read_provenance
 
-__all__ = ["CONFIG_FILE", "ResumeWarning", "RunDirError", "add_inputs", "check_changes", "prepare_run",
+__all__ = ["CONFIG_FILE", "LOG_FILE", "ResumeWarning", "RunDirError", "add_inputs", "check_changes", "prepare_run",
            "trained_threads"]
 
 CONFIG_FILE = "config.yaml"
