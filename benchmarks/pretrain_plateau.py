@@ -167,9 +167,9 @@ def main() -> None:
     steps_done = [k for k in results["report"] if k != "base" and "vs_previous" in results["report"][k]]
     flat = [k for k in steps_done if not still_improving(results["report"][k]["vs_previous"])]
     if flat:
-        print(f"plateau: step {flat[0]} lowers neither FD beyond two paired standard errors of step "
-              f"{results['report'][flat[0]]['vs_previous']['step']}: ship step "
-              f"{results['report'][flat[0]]['vs_previous']['step']}")
+        ship = results["report"][flat[0]]["vs_previous"]["step"]
+        print(f"plateau: step {flat[0]} lowers neither FD beyond two paired standard errors of step {ship}: "
+              f"ship step {ship}")
     elif steps_done:
         print(f"no plateau yet: step {steps_done[-1]} still lowers FD beyond two paired standard errors")
 

@@ -169,7 +169,7 @@ def trainer_setup(args, what: str) -> SimpleNamespace:
     from distreward.evaluation import Evaluator
     from distreward.rl.loopstate import PolicyWeights
     from distreward.rl.rollout import rollout_noise_levels
-    from distreward.rl.settings import nft_rollout_grid, resolve
+    from distreward.rl.settings import ode_grid, resolve
     from distreward.rl.setup import ReferenceSampler, build_reward_for_run
     from distreward.sampling import sigma_schedule
 
@@ -193,7 +193,7 @@ def trainer_setup(args, what: str) -> SimpleNamespace:
         S.T = int(rl.steps)
         S.sigmas, S.a = sigma_schedule(S.T, shift=float(rl.shift)), rollout_noise_levels(rl)
     else:
-        S.method, steps = nft_rollout_grid(cfg)
+        S.method, steps = ode_grid(cfg.nft, cfg)
         S.sigmas = sigma_schedule(steps, shift=float(rl.shift))
     return S
 

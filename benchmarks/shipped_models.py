@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from distreward.utils.threads import set_threads
@@ -75,6 +74,7 @@ def main() -> None:
     from distreward.evaluation.protocol import Protocol, evaluate_models, find_converged_steps
     from distreward.models import load_generator
     from distreward.rl.settings import resolve
+    from distreward.study import guided_solvers
     from distreward.utils.io import atomic_save_json
 
     t0 = time.perf_counter()
@@ -88,19 +88,19 @@ def main() -> None:
     solvers = proto.solvers(search["steps"])
     report = proto.report_plan(plan, evaluator)
     figures = proto.test_figures(evaluator, cfg.device)
-    models = {"base": base, **{k: load_generator(p).eval() for k, p in parse_models(args.models).items()}}
+    files = parse_models(args.models)
+    models = {"base": base, **{k: load_generator(p).eval() for k, p in files.items()}}
     print(f"{len(models)} models x {len(solvers)} solvers, report seed {proto.report_seed}, n = {proto.n}, "
           f"{args.threads} thread(s)", flush=True)
     rows = evaluate_models(models, evaluator, report, solvers, device=cfg.device, cache=cache, figures=figures,
                            on_model=lambda s, m, r: print(f"  {m} {s}: FD {r['fd_reward']:.4g} / {r['fd_eval']:.4g}",
                                                           flush=True))
     if not args.no_guided:
-        scale, null = float(cfg.guidance.scale), int(cfg.model.num_classes)
-        guided = {k: replace(solvers[k], cfg_scale=scale, null_label=null) for k in ("served", "converged")}
-        for k, r in evaluate_models({f"base, guidance {scale:g}": base}, evaluator, report, guided,
-                                    device=cfg.device, cache=cache, figures=figures).items():
+        for k, r in evaluate_models({f"base, guidance {float(cfg.guidance.scale):g}": base}, evaluator, report,
+                                    guided_solvers(cfg, solvers), device=cfg.device, cache=cache,
+                                    figures=figures).items():
             rows[k].update(r)
-    result = {"config": cfg.name, "models": parse_models(args.models), "n": proto.n, "report_seed": proto.report_seed,
+    result = {"config": cfg.name, "models": files, "n": proto.n, "report_seed": proto.report_seed,
               "converged_steps": search["steps"], "threads": args.threads,
               "rows": {s: {m: {k: v for k, v in r.items() if not k.endswith("_boot")} for m, r in rs.items()}
                        for s, rs in rows.items()},

@@ -260,6 +260,13 @@ def target_check(rows: dict, summary: dict, arm: str, seeds: Sequence[int], n: i
             "met": False if False in met else (True if all(met) else None), "beyond": beyond}
 
 
+def guided_solvers(cfg, solvers: dict) -> dict:
+    """The served and the converged solver with classifier-free guidance at guidance.scale (null label:
+    model.num_classes): the guided base's rows."""
+    return {k: replace(solvers[k], cfg_scale=float(cfg.guidance.scale), null_label=int(cfg.model.num_classes))
+            for k in ("served", "converged")}
+
+
 def default_run_dir(cfg) -> Path:
     """Where a study of `cfg` writes without --run-dir: runs/study_<config name>."""
     return Path(f"runs/study_{cfg.name}")
@@ -301,9 +308,8 @@ def run_study(config="fmnist_grpo", overrides=(), *, seeds: Sequence[int] = (0, 
         table = evaluate_models(models, evaluator, report, {k: solvers[k] for k in ("served", "converged")},
                                 device=cfg.device, progress=progress, cache=cache, figures=figures)
         if "guided" in arms:
-            guided = {k: replace(solvers[k], cfg_scale=float(cfg.guidance.scale), null_label=int(cfg.model.num_classes))
-                      for k in ("served", "converged")}
-            for k, rows in evaluate_models({"guided": base}, evaluator, report, guided, device=cfg.device,
+            for k, rows in evaluate_models({"guided": base}, evaluator, report, guided_solvers(cfg, solvers),
+                                           device=cfg.device,
                                            progress=progress, cache=cache, figures=figures).items():
                 table[k].update(rows)
         table["training_free"] = evaluate_models({"base": base}, evaluator, report,

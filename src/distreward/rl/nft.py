@@ -33,7 +33,7 @@ from ..schema import ConfigError
 from ..train.flow import flow_interpolate, flow_loss, flow_target
 from .context import Algorithm, RunContext, reward_record
 from .rollout import start_noise
-from .settings import nft_rollout_grid
+from .settings import ode_grid
 from .step import ema_update, minibatch_steps, stat_sums
 
 __all__ = ["NFT", "optimality_weights", "implicit_velocities", "nft_loss", "nft_update", "ode_rollouts",
@@ -152,7 +152,7 @@ class NFT(Algorithm):
 
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)
-        self.method, steps = nft_rollout_grid(ctx.cfg)
+        self.method, steps = ode_grid(ctx.cfg.nft, ctx.cfg)
         self.sigmas = sigma_schedule(steps, shift=float(ctx.rl.shift))
         self.old = copy.deepcopy(ctx.weights.net).requires_grad_(False)
         self.old_model = ctx.weights.velocity(self.old)

@@ -88,9 +88,8 @@ class Pretrain(Algorithm):
                                                    int(cfg.model.num_classes))
         self.noise, self.null_label = noise_settings(), int(cfg.model.num_classes)
         self.model = velocity_model(weights.net, weights.arch)
-        ema_decay = cfg.pretrain.get("ema_decay")
         self.update = step_settings(cfg.rl, inner_epochs=1, minibatches=int(cfg.pretrain.steps),
-                                    ema_decay=None if ema_decay is None else float(ema_decay))
+                                    ema_decay=cfg.pretrain.get("ema_decay"))
         for group in ctx.optimizer.param_groups:
             group["lr"] = float(cfg.pretrain.lr)
 

@@ -44,12 +44,6 @@ def guidance_scale(model_cfg) -> float:
     return float(model_cfg.get("cfg_scale") or 1.0)
 
 
-def nft_rollout_grid(cfg) -> tuple[str, int]:
-    """The forward-process trainer's rollout ODE (method, steps): nft.method with nft.steps, or with the served
-    sampler's step count (eval.steps) when nft.steps is null."""
-    return ode_grid(cfg.nft, cfg)
-
-
 def ode_grid(section, cfg) -> tuple[str, int]:
     """(section.method, section.steps) of a trainer's own ODE (its config section: nft, pathwise), the served
     sampler's step count (eval.steps) where section.steps is null."""
