@@ -6,6 +6,7 @@ PY     := $(VENV)/bin/python
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 THREADS ?= 2
 COMPARE ?= 0
+PRESET ?=
 PYTEST_ARGS ?=
 
 .PHONY: setup data test test-fast demo bench clean-venv
@@ -30,7 +31,7 @@ test-fast: setup data
 	DISTREWARD_THREADS=$(THREADS) $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 demo: setup data
-	$(VENV)/bin/distreward demo --threads $(THREADS) $(if $(filter 1,$(COMPARE)),--compare,)
+	$(VENV)/bin/distreward demo --threads $(THREADS) $(if $(filter 1,$(COMPARE)),--compare,) $(if $(PRESET),--config $(PRESET),)
 
 bench: setup data
 	$(PY) benchmarks/frechet.py

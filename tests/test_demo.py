@@ -140,6 +140,32 @@ def test_stage_list_and_register_stage(monkeypatch):
     assert demo.stages.with_extra_stages(demo.BUILTIN_STAGES)[-1] is mine
 
 
+def test_the_demo_runs_another_distribution_wise_preset_and_its_sample_wise_baseline(tiny_setup, monkeypatch):
+    """--config fmnist_pathwise: both fine-tuning stages run the pathwise trainer (the baseline with -log p), the
+    report names it; a preset without the distribution-wise reward is refused before any stage runs."""
+    from distreward import demo
+    from distreward.schema import ConfigError
+
+    keep = ("base", "distribution", "sample")
+    monkeypatch.setattr(demo, "BUILTIN_STAGES", [s for s in demo.BUILTIN_STAGES if s.name in keep])
+    monkeypatch.setattr(demo.stages, "EXTRA_STAGES", [])
+    tmp_path, ev, overrides = tiny_setup
+    run_dir = tmp_path / "pathwise"
+    m = demo.run_demo(run_dir, preset="fmnist_pathwise", compare=True, progress=False, evaluator=ev,
+                      overrides=overrides + ["pathwise.steps=3", "pathwise.k=1", "pathwise.method=euler"])
+    assert set(keep) <= set(m) and m["sample"]["reward"] == "classifier"
+    for name in ("distribution", "sample"):
+        recs = [json.loads(l) for l in (run_dir / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["iteration"] for r in recs if "loss_pathwise" in r] == [1, 2], name
+        assert all(("direction_norm" in r) == (name == "distribution") for r in recs if "loss_pathwise" in r)
+    report = (run_dir / "report.md").read_text()
+    assert "The pathwise trainer (rl.algorithm pathwise)" in report and "last 1 of them" in report
+    with pytest.raises(ConfigError, match="preset 'fmnist_grpo_sample' has reward.name=classifier"):
+        demo.run_demo(tmp_path / "refused", preset="fmnist_grpo_sample", overrides=overrides, progress=False,
+                      evaluator=ev)
+    assert not (tmp_path / "refused").exists()
+
+
 def test_merge_stages_take_the_reward_statistics_of_the_fmnist_evaluator(tiny_setup):
     """The merge stages reuse the Fashion-MNIST evaluator's train statistics of the reward network (the ones the
     merge would compute) and compute their own for any other evaluator."""

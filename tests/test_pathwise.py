@@ -169,18 +169,54 @@ def test_the_update_in_chunks_of_one_sample_equals_the_whole_minibatch(tmp_path)
         assert chunked["history"][0][key] == pytest.approx(whole["history"][0][key], rel=1e-5)
 
 
-def test_k_beyond_the_sampler_and_a_sample_wise_reward_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="pathwise.k = 5 exceeds"):
-        run(tmp_path, "k", 1, pathwise__k=5)
+class Logits(torch.nn.Module):
+    """A classifier over 3 classes: the first 3 pixels are the logits (differentiable in the image)."""
+
+    def logits(self, images):
+        return images.flatten(1)[:, :3] * 4
+
+
+def sample_wise_run(tmp_path, name, **rl):
     from distreward.reward.rewards import ClassifierLogProbReward
 
-    class Logits(torch.nn.Module):
-        def logits(self, images):
-            return images.flatten(1)[:, :3]
+    cfg = frame_cfg("pathwise", 1, minibatches=1, **rl)
+    cfg["reward"] = {"name": "classifier"}
+    return train("pathwise", cfg, tmp_path / name, net=make_net(), reward=ClassifierLogProbReward(Logits()),
+                 evaluator=StandInEvaluator(), progress=False)
 
-    with pytest.raises(ValueError, match="needs the distribution-wise reward"):
-        train("pathwise", frame_cfg("pathwise", 1), tmp_path / "c", net=make_net(),
-              reward=ClassifierLogProbReward(Logits()), evaluator=StandInEvaluator(), progress=False)
+
+def test_classifier_loss_is_minus_the_classifier_rewards_score():
+    from distreward.reward.rewards import ClassifierLogProbReward
+    from distreward.rl.pathwise import classifier_loss
+
+    images, labels = torch.randn(5, 1, 4, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 2, 1, 1, 0])
+    reward = ClassifierLogProbReward(Logits())
+    torch.testing.assert_close(classifier_loss(Logits().logits(images), labels), -reward(images, labels).float())
+
+
+def test_the_sample_wise_reward_trains_on_minus_its_log_probability(tmp_path):
+    """With the classifier reward each sample's loss is -log p(y_i | x_i): one minibatch, so the logged loss is
+    the rollout's own -r (the same samples at the same weights), and the update moves the policy."""
+    res = sample_wise_run(tmp_path, "sample")
+    first = res["history"][0]
+    assert first["loss_pathwise"] == pytest.approx(-first["r_mean"], rel=1e-5)
+    assert first["grad_norm"] > 0 and "direction_norm" not in first
+    assert any(not torch.equal(a, b) for a, b in zip(make_net().parameters(), res["net"].parameters()))
+
+
+def test_k_beyond_the_sampler_other_rewards_and_a_sample_wise_null_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="pathwise.k = 5 exceeds"):
+        run(tmp_path, "k", 1, pathwise__k=5)
+    from distreward.reward.rewards import KNNRealismReward
+
+    from _tiny import TinyFeatures
+
+    with pytest.raises(ValueError, match="reward.name=distribution or reward.name=classifier"):
+        train("pathwise", frame_cfg("pathwise", 1), tmp_path / "knn", net=make_net(),
+              reward=KNNRealismReward(TinyFeatures(1, 4), np.zeros((5, 4))), evaluator=StandInEvaluator(),
+              progress=False)
+    with pytest.raises(ValueError, match="null control permutes the FD's first variations"):
+        sample_wise_run(tmp_path, "null", null_control="permute")
 
 
 @pytest.mark.parametrize("method,steps,served", [("heun", 5, 4), ("euler", None, 4)])

@@ -136,6 +136,24 @@ def test_resume_after_kill_equals_uninterrupted(full_run, tmp_path):
     assert [(r["step"], r["loss"]) for r in ra] == [(r["step"], r["loss"]) for r in rb]
 
 
+@pytest.mark.slow
+def test_a_compiled_run_trains_the_same_network_to_float_rounding(full_run, tmp_path):
+    """train.compile: the same parameters, data and updates as the eager run, within float rounding; resuming may
+    switch it (train.compile is a changeable key)."""
+    run_full, _ = full_run
+    run = tmp_path / "compiled"
+    train_base(tiny_cfg("train.compile=true"), run, progress=False, stop_after_step=4)
+    train_base(tiny_cfg("train.compile=false"), run, progress=False, resume=True, allow_changes=["train.compile"])
+    a, b = _state(run_full)["net"], _state(run)["net"]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    ra, rb = _records(run_full), _records(run)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    for x, y in zip(ra, rb):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
+
+
 def test_run_dir_guards(tmp_path, full_run):
     run_full, _ = full_run
     with pytest.raises(FileNotFoundError, match="--resume"):

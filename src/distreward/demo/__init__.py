@@ -60,8 +60,10 @@ STAGE_KEYS = {"base": base_key, "distribution": grpo_key("cfg"), "sample": grpo_
 
 
 def run_demo(run_dir="runs/demo", *, compare: bool = False, threads: int | None = None, overrides=(),
-             fresh: bool = False, progress: bool = True, evaluator=None, eval_cache="auto") -> dict:
-    """Run (or finish) the demo; returns metrics.json's content. `overrides`: key=value for the fine-tuning config (both runs);
+             fresh: bool = False, progress: bool = True, evaluator=None, eval_cache="auto",
+             preset: str = DISTRIBUTION_PRESET) -> dict:
+    """Run (or finish) the demo; returns metrics.json's content. `preset`: the distribution-wise fine-tuning preset
+    (default DISTRIBUTION_PRESET); `overrides`: key=value for the fine-tuning config (both runs);
     `compare`: also the sample-wise baseline; `fresh`: run every stage again; `evaluator`: instead of the
     Fashion-MNIST one; `eval_cache`: where the model evaluations (base, cross-check, merge baselines) are cached
     across demos ("auto": <evaluator cache_dir>/evals, i.e. runs/.cache/evals; a folder; None: off). The cache
@@ -70,13 +72,13 @@ def run_demo(run_dir="runs/demo", *, compare: bool = False, threads: int | None 
         set_threads(threads)
     t0 = time.perf_counter()
     ctx = make_context(run_dir, compare=compare, overrides=overrides, progress=progress, evaluator=evaluator,
-                       eval_cache=eval_cache)
+                       eval_cache=eval_cache, preset=preset)
     check_merge_configs(ctx)        # every config is checked before the first stage (the fine-tuning ones by make_context)
     ctx.fresh = fresh
     with RunLock(ctx.run_dir, "demo"):      # one demo per run directory at a time
         append_provenance(ctx.run_dir, provenance_entry(
             "demo", ctx.cfg, inputs=hash_inputs([find_file(ctx.cfg.model.path)]), compare=compare, fresh=fresh,
-            overrides=list(overrides), config=plain_config(ctx.cfg), sample_config=plain_config(ctx.sample_cfg)))
+            preset=preset, overrides=list(overrides), config=plain_config(ctx.cfg), sample_config=plain_config(ctx.sample_cfg)))
         selected = [s for s in with_extra_stages(BUILTIN_STAGES) if s.enabled(ctx)]
         extra = {s.name for s in with_extra_stages([])}          # the registered stages use their own keys
         keys = {n: f for n, f in STAGE_KEYS.items() if n in {s.name for s in BUILTIN_STAGES} - extra}

@@ -55,20 +55,30 @@ def write_metrics(ctx: DemoContext, stages: list[Stage]) -> tuple[dict, dict]:
 def introduction(ctx: DemoContext, rows: dict) -> list[str]:
     """The report's title, what was evaluated and how, the trainer's settings."""
     cfg = ctx.cfg
-    rl = cfg.rl
-    if rl.algorithm == "nft":
-        trainer = (f"The forward-process trainer (rl.algorithm nft): {rl.iterations} iterations of "
-                   f"{rl.labels_per_iter} labels x {rl.group_size} samples drawn with the {cfg.nft.method} ODE "
-                   f"({cfg.nft.steps or cfg.eval.steps} steps), beta = {cfg.nft.beta}, {cfg.nft.timesteps} noise levels "
-                   f"per sample, lr = {rl.lr}")
-    else:
-        trainer = (f"GRPO: {rl.iterations} iterations of {rl.labels_per_iter} labels x {rl.group_size} samples, "
-                   f"T = {rl.steps} SDE steps, a = {rl.noise_level}, beta = {rl.beta}, lr = {rl.lr}, "
-                   f"clip eps = {rl.clip_eps}")
     return ["# distreward demo: RL fine-tuning with a distribution-wise reward on Fashion-MNIST", "",
-            f"Base model `{cfg.model.path}`. {trainer}; reward `{cfg.reward.name}`"
+            f"Base model `{cfg.model.path}`. {trainer_summary(cfg)}; reward `{cfg.reward.name}`"
             + (f" vs the sample-wise `{ctx.sample_cfg.reward.name}` baseline on the same budget." if "sample" in rows
                else "."), ""]
+
+
+def trainer_summary(cfg) -> str:
+    """One sentence on the fine-tuning trainer (rl.algorithm) and its budget."""
+    rl = cfg.rl
+    batch = f"{rl.iterations} iterations of {rl.labels_per_iter} labels x {rl.group_size} samples"
+    if rl.algorithm == "nft":
+        return (f"The forward-process trainer (rl.algorithm nft): {batch} drawn with the {cfg.nft.method} ODE "
+                f"({cfg.nft.steps or cfg.eval.steps} steps), beta = {cfg.nft.beta}, {cfg.nft.timesteps} noise levels "
+                f"per sample, lr = {rl.lr}")
+    if rl.algorithm == "pathwise":
+        return (f"The pathwise trainer (rl.algorithm pathwise): {batch} drawn with the {cfg.pathwise.method} ODE "
+                f"({cfg.pathwise.steps or cfg.eval.steps} steps), the reward's gradient back-propagated through the "
+                f"last {cfg.pathwise.k} of them, lr = {rl.lr}")
+    if rl.algorithm == "pool":
+        return (f"Pool rounds (rl.algorithm pool): {rl.iterations} rounds of {rl.pool.size} samples drawn with the "
+                f"{rl.pool.method} ODE ({rl.pool.steps} steps), {rl.pool.epochs} epochs of the forward-process loss "
+                f"each, lr = {rl.lr}")
+    return (f"GRPO: {batch}, T = {rl.steps} SDE steps, a = {rl.noise_level}, beta = {rl.beta}, lr = {rl.lr}, "
+            f"clip eps = {rl.clip_eps}")
 
 
 def evidence_tables(ev: dict) -> list[str]:

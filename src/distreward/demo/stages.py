@@ -25,11 +25,12 @@ from ..config import find_file, load_config
 from ..evaluation import EvalCache, Evaluator, eval_cache_for
 from ..evaluation.evaluator import evaluator_key
 from ..rl.settings import resolve, with_sample_reward
+from ..schema import ConfigError
 from ..utils.io import atomic_save_json
 from ..utils.configdiff import changed_keys, plain_config
 from ..utils.hashing import file_sha256
 
-DISTRIBUTION_PRESET = "fmnist_nft"     # the forward-process trainer (docs/rl.md "Choosing the demo's trainer")
+DISTRIBUTION_PRESET = "fmnist_nft"     # the default trainer: forward-process (docs/rl.md "Choosing the demo's trainer")
 METRIC_KEYS = ("fd_reward", "fd_eval", "precision", "recall", "density", "coverage", "kid", "n")
 
 
@@ -111,11 +112,16 @@ class DemoContext:
 
 
 def make_context(run_dir, *, compare: bool = False, overrides=(), sample_overrides=(), progress: bool = True,
-                 evaluator=None, eval_cache: Any = "auto") -> DemoContext:
-    """The context of a demo run: the distribution-wise preset with `overrides`, and the sample-wise baseline: the
-    same config with the classifier reward (`rl.settings.with_sample_reward`), then `sample_overrides`;
-    `eval_cache`: "auto", a folder, an `EvalCache` or None (see `DemoContext.eval_cache`)."""
-    cfg = resolve(load_config(DISTRIBUTION_PRESET, overrides))
+                 evaluator=None, eval_cache: Any = "auto", preset: str = DISTRIBUTION_PRESET) -> DemoContext:
+    """The context of a demo run: the distribution-wise fine-tuning `preset` (a finetune preset's name or file)
+    with `overrides`, and the sample-wise baseline: the same config with the classifier reward
+    (`rl.settings.with_sample_reward`), then `sample_overrides`; `eval_cache`: "auto", a folder, an `EvalCache` or
+    None (see `DemoContext.eval_cache`)."""
+    cfg = resolve(load_config(preset, overrides))
+    if cfg.reward.name != "distribution":
+        raise ConfigError(f"the demo fine-tunes with the distribution-wise reward, but preset {preset!r} has "
+                          f"reward.name={cfg.reward.name}; use a preset with reward.name: distribution (e.g. "
+                          f"{DISTRIBUTION_PRESET} or fmnist_pathwise); --compare adds the sample-wise baseline")
     sample_cfg = with_sample_reward(cfg)
     if sample_overrides:
         sample_cfg = resolve(OmegaConf.merge(sample_cfg, OmegaConf.from_dotlist(list(sample_overrides))))

@@ -1,6 +1,7 @@
 """The pathwise trainer (rl.algorithm = pathwise), in the style of DRaFT-K (Clark et al. 2023, arXiv 2309.17400):
 the distribution-wise reward's gradient back-propagated through the feature network and the sampler's last K steps
-(docs/rl.md "The pathwise trainer").
+(docs/rl.md "The pathwise trainer"). With the sample-wise baseline's reward (reward.name = classifier) the same
+trainer back-propagates -log p(label | image) instead: DRaFT-K with a sample-wise reward.
 
 One iteration, top to bottom:
   1. samples: P labels x G samples of the policy's ODE (pathwise.method, pathwise.steps), each from its own noise;
@@ -11,7 +12,8 @@ One iteration, top to bottom:
      random signs);
   3. update: per minibatch the last K steps are re-run from x_{T-K} with gradients, decoded / clamped, passed
      through the reward's feature network, and the loss sum_i <stopgrad(d_i), f_i(theta)> (the first-order change
-     of the FD; lower is better) is back-propagated; AdamW, grad-norm clip, EMA (rl.step.minibatch_steps);
+     of the FD; lower is better) is back-propagated; AdamW, grad-norm clip, EMA (rl.step.minibatch_steps); with
+     the classifier reward the loss is sum_i -log p(y_i | x_i(theta));
   4. push: the samples' features enter the reference set.
 Each record also holds the batch's FD on the reward's network and on the held-out one (`watch_fd_reward`,
 `watch_fd_eval`): a pathwise gradient can exploit the reward's network, and the held-out FD rising while the
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 from ..metrics.variation import fd_first_variation
-from ..reward.rewards import ClassDistributionReward, DistributionReward
+from ..reward.rewards import ClassDistributionReward, ClassifierLogProbReward, DistributionReward
 from ..sampling import check_sigmas, ode_sample, ode_step, sigma_schedule
 from ..schema import ConfigError
 from .context import Algorithm, RunContext, reward_record
@@ -34,8 +36,8 @@ from .rollout import start_noise
 from .settings import ode_grid
 from .step import minibatch_steps, stat_sums
 
-__all__ = ["Pathwise", "pathwise_grid", "pathwise_loss", "null_directions", "first_variations", "first_steps",
-           "last_steps", "pathwise_update"]
+__all__ = ["Pathwise", "pathwise_grid", "pathwise_loss", "classifier_loss", "null_directions", "first_variations",
+           "first_steps", "last_steps", "pathwise_update"]
 
 
 # --------------------------------------------------------------------------------------------- the equations
@@ -43,6 +45,11 @@ __all__ = ["Pathwise", "pathwise_grid", "pathwise_loss", "null_directions", "fir
 # Per-sample loss <stopgrad(d_i), f_i(theta)>: its gradient is the first-order change of FD when f_i moves.
 def pathwise_loss(features: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
     return (features * directions.detach()).sum(1)
+
+
+# Per-sample loss of the sample-wise reward: -log p(y_i | x_i), the classifier reward's score with its sign flipped.
+def classifier_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return -torch.log_softmax(logits.float(), 1).gather(1, labels[:, None].long())[:, 0]
 
 
 # The null control's directions: each sample gets another sample's d_i with a random sign, so the update keeps
@@ -94,20 +101,19 @@ def first_steps(model, noise: torch.Tensor, labels: torch.Tensor, sigmas: torch.
 
 # --------------------------------------------------------------------------------------------- the update
 
-def pathwise_update(net, model, ema, optimizer, features_net, decode, x_start: torch.Tensor, labels: torch.Tensor,
-                    directions: torch.Tensor, sigmas: torch.Tensor, method: str, rl,
-                    generator: torch.Generator) -> dict:
+def pathwise_update(net, model, ema, optimizer, decode, x_start: torch.Tensor, labels: torch.Tensor, loss_of,
+                    sigmas: torch.Tensor, method: str, rl, generator: torch.Generator) -> dict:
     """Step 3: inner epochs x minibatches; per minibatch the last steps from `x_start` with gradients, decoded,
-    the reward's features, the loss B x mean_i <d_i, f_i> (the batch's sum, estimated by the minibatch),
-    back-propagated in chunks of rl.batch_size samples (memory). Returns the logged means over the updates:
-    loss_pathwise (mean <d_i, f_i>) and grad_norm."""
+    the per-sample losses `loss_of(images, rows) -> (b,)` (`Pathwise.losses`), B x their mean (the batch's sum,
+    estimated by the minibatch) back-propagated in chunks of rl.batch_size samples (memory). Returns the logged
+    means over the updates: loss_pathwise (the mean per-sample loss) and grad_norm."""
     batch, chunk = labels.shape[0], int(rl.batch_size)
 
     def backward(mb, _):
         acc = torch.zeros(1, dtype=torch.float64, device=x_start.device)
         for rows in mb.idx.to(x_start.device).split(chunk):
             x = last_steps(model, x_start[rows], labels[rows], sigmas, method)
-            loss = pathwise_loss(features_net(decode(x)).float(), directions[rows])
+            loss = loss_of(decode(x), rows)
             (loss.sum() * batch / mb.idx.numel()).backward()
             acc += stat_sums(loss.sum())
         return acc
@@ -120,16 +126,22 @@ def pathwise_update(net, model, ema, optimizer, features_net, decode, x_start: t
 
 class Pathwise(Algorithm):
     """rl.algorithm = pathwise: the FD's first variation back-propagated through the reward's feature network and
-    the sampler's last pathwise.k steps. One process; a pixel-space model; a distribution-wise reward."""
+    the sampler's last pathwise.k steps (or, with the classifier reward, -log p(label | image)). One process; a
+    pixel-space model."""
 
     name = "pathwise"
     one_process = True
 
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)
-        if not isinstance(ctx.reward, (DistributionReward, ClassDistributionReward)):
-            raise ConfigError(f"the pathwise trainer needs the distribution-wise reward (its FD's first variation), "
-                             f"got {type(ctx.reward).__name__}; use reward.name=distribution")
+        self.sample_wise = isinstance(ctx.reward, ClassifierLogProbReward)
+        if not (self.sample_wise or isinstance(ctx.reward, (DistributionReward, ClassDistributionReward))):
+            raise ConfigError(f"the pathwise trainer differentiates the distribution-wise reward (its FD's first "
+                             f"variation) or the classifier's log p(label | image), got {type(ctx.reward).__name__}; "
+                             f"use reward.name=distribution or reward.name=classifier")
+        if self.sample_wise and ctx.rl.null_control == "permute":
+            raise ConfigError("the pathwise trainer's null control permutes the FD's first variations, which the "
+                             "classifier reward has none of; use reward.name=distribution for the null control")
         if ctx.weights.codec is not None:
             raise ConfigError("the pathwise trainer back-propagates through the decoder, but the latent model's VAE "
                              "decodes without gradients; use a pixel-space model")
@@ -155,25 +167,37 @@ class Pathwise(Algorithm):
         with torch.no_grad():
             images = weights.decode(last_steps(weights.model, x_start, labels, self.tail, self.method))
         t1 = time.perf_counter()
-        # 2. rewards (logged) and each sample's first variation of the reference set's FD
+        # 2. rewards (logged) and each sample's loss: the first variation of the reference set's FD, or -log p
         r, gathered = ctx.score(images, labels, groups)
         _, zero_std = ctx.advantages(r, groups)
-        directions = torch.from_numpy(first_variations(ctx.reward, np.asarray(gathered), labels)).float()
-        if rl.null_control == "permute":
-            directions = null_directions(directions, gen)
+        loss_of, logged = self.losses(ctx, gathered, labels)
         watch = watch_fds(ctx.evaluator, images)
         t2 = time.perf_counter()
-        # 3. the last K steps with gradients, through the decoder and the reward's feature network
-        stats = pathwise_update(weights.net, weights.model, weights.ema, ctx.optimizer, ctx.reward.net,
-                                weights.decode, x_start, labels, directions.to(device), self.tail, self.method, rl,
-                                gen)
+        # 3. the last K steps with gradients, through the decoder and the reward's network
+        stats = pathwise_update(weights.net, weights.model, weights.ema, ctx.optimizer, weights.decode, x_start,
+                                labels, loss_of, self.tail, self.method, rl, gen)
         t3 = time.perf_counter()
         # 4. the samples enter the reference set
         fd_ref = ctx.push(gathered, labels.cpu())
         t4 = time.perf_counter()
-        return {"iteration": it + 1, **reward_record(r, zero_std, fd_ref), **watch,
-                "direction_norm": float(directions.norm(dim=1).mean()), **stats, "time_rollout": t1 - t0,
+        return {"iteration": it + 1, **reward_record(r, zero_std, fd_ref), **watch, **logged, **stats,
+                "time_rollout": t1 - t0,
                 "time_reward": t2 - t1, "time_update": t3 - t2, "time_push": t4 - t3}
+
+
+    def losses(self, ctx: RunContext, gathered, labels: torch.Tensor):
+        """(loss_of(images, rows) -> (b,), logged): each sample's differentiable loss for step 3. The distribution
+        reward: <d_i, f_i> with d_i its first variation (another sample's, sign flipped at random, under the null
+        control), logging direction_norm (mean |d_i|); the classifier reward: -log p(y_i | x_i)."""
+        net = ctx.reward.net
+        if self.sample_wise:
+            return (lambda images, rows: classifier_loss(net.logits(images), labels[rows])), {}
+        directions = torch.from_numpy(first_variations(ctx.reward, np.asarray(gathered), labels.cpu())).float()
+        if ctx.rl.null_control == "permute":
+            directions = null_directions(directions, ctx.generator)
+        directions = directions.to(labels.device)
+        return ((lambda images, rows: pathwise_loss(net(images).float(), directions[rows])),
+                {"direction_norm": float(directions.norm(dim=1).mean())})
 
 
 def watch_fds(evaluator, images: torch.Tensor) -> dict:

@@ -99,8 +99,9 @@ def markdown(commands=("finetune", "merge", "train-base")) -> str:
              "the network as they are; everything else is typed.",
              "- `dry_run` (finetune, merge) and a merge preset's `demo` block hold keys of the same table; they are "
              "checked as such, and the config with the block applied is checked too.",
-             "- `distreward demo` runs the presets fmnist_grpo / fmnist_grpo_sample (finetune table; the `demo` "
-             "section) and fmnist_merge_ema / fmnist_merge_grpo (merge table, their `demo` blocks).",
+             "- `distreward demo` runs the preset fmnist_nft (or `--config PRESET`, any finetune preset with the "
+             "distribution-wise reward; finetune table, the `demo` section), with `--compare` the same config with the "
+             "classifier reward, and fmnist_merge_ema / fmnist_merge_grpo (merge table, their `demo` blocks).",
              "- `reward` (finetune): each reward takes its own keys: "
              + "; ".join(f"{n}: {', '.join(sorted(k - {'name'}))}" for n, k in REWARD_KEYS.items())
              + " (and reference_size).", ""]

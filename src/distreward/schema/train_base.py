@@ -40,6 +40,9 @@ class Train:
     logit_mean: float = key(0.0, "logit_normal: mean")
     logit_std: float = key(1.0, "logit_normal: std", gt=0)
     channels_last: bool = key(True, "memory format of the training network (faster CPU convolutions)")
+    compile: bool = key(False, "torch.compile the training network: a one-off compile (about a minute), then steps "
+                               "0-8% faster on a 2-core CPU (benchmarks/train_step.py); float rounding differs from "
+                               "eager")
 
 
 @dataclass

@@ -45,7 +45,8 @@ DEFAULTS: dict = defaults("train-base")
 
 # Settings a resumed run can take new values of (with allow_changes / --allow-change KEY); docs/runs.md.
 CHANGEABLE = {"train.total_kimg": only_raise, "checkpoint_kimg": None, "log_kimg": None, "ema.snapshot_kimg": None,
-              "ema.export_std": None, "ema.export_method": None, "tensorboard": None, "name": None}
+              "ema.export_std": None, "ema.export_method": None, "tensorboard": None, "name": None,
+              "train.compile": None}
 FMNIST_SPECS = {"fmnist-train": "train", "fmnist:train": "train", "fmnist-test": "test", "fmnist:test": "test"}
 
 
@@ -168,6 +169,7 @@ def base_run(cfg: dict, run: RunDir, device: torch.device, images, labels, sched
     net = build_network(arch, kwargs).to(device).train()
     memory_format = torch.channels_last if tc.get("channels_last") else torch.contiguous_format
     net = net.to(memory_format=memory_format)  # channels_last: about 15% faster convolutions on CPU
+    forward = torch.compile(net) if tc.get("compile") else net       # the same parameters; compiled on first call
     null_label = getattr(net, "null_label", kwargs.get("num_classes", 0))
     ema = PowerEMA(net, ec["stds"])
     opt = torch.optim.AdamW(net.parameters(), lr=float(tc["lr"]), betas=tuple(tc["betas"]), eps=float(tc["eps"]),
@@ -221,7 +223,7 @@ def base_run(cfg: dict, run: RunDir, device: torch.device, images, labels, sched
         for group in opt.param_groups:
             group["lr"] = lr
         x_sigma = flow_interpolate(x0, eps, sigma).contiguous(memory_format=memory_format)
-        loss = flow_loss(net(x_sigma, sigma, y), flow_target(x0, eps)).mean()
+        loss = flow_loss(forward(x_sigma, sigma, y), flow_target(x0, eps)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), float(tc["grad_clip"]) if tc["grad_clip"] else float("inf"))
