@@ -184,7 +184,7 @@ def test_merge_stages_take_the_reward_statistics_of_the_fmnist_evaluator(tiny_se
     assert reward_real_stats(ctx, cfg) is None
 
 
-def test_grpo_inputs_do_not_list_the_final_ema_twice(tmp_path):
+def test_finetune_inputs_do_not_list_the_final_ema_twice(tmp_path):
     """A real GRPO run's files: checkpoints/ema_00001, ema_00002 (the final EMA), model.safetensors,
     model_ema.safetensors; the merge_rl stage lists the final EMA once, last."""
     from types import SimpleNamespace
@@ -192,7 +192,7 @@ def test_grpo_inputs_do_not_list_the_final_ema_twice(tmp_path):
     from safetensors.torch import load_file
 
     from _unet32 import MeanPixelReward, grpo_cfg, tiny_unet
-    from distreward.demo.merge import grpo_inputs
+    from distreward.demo.merge import finetune_inputs
     from distreward.rl import finetune
 
     d = tmp_path / "demo" / "distribution"
@@ -200,7 +200,7 @@ def test_grpo_inputs_do_not_list_the_final_ema_twice(tmp_path):
     ck = d / "checkpoints"
     final, ema = load_file(ck / "ema_00002.safetensors"), load_file(d / "model_ema.safetensors")
     assert all(torch.equal(final[k], ema[k]) for k in ema)               # the duplicate the stage used to list
-    files = grpo_inputs(SimpleNamespace(run_dir=tmp_path / "demo"))
+    files = finetune_inputs(SimpleNamespace(run_dir=tmp_path / "demo"))
     assert files == [ck / "ema_00001.safetensors", d / "model.safetensors", d / "model_ema.safetensors"]
 
 

@@ -1,5 +1,5 @@
 """The main job (`make demo`): base model -> RL fine-tuning with the distribution-wise reward (the fmnist_nft
-preset's forward-process trainer; -> the sample-wise baseline with the same trainer) -> RL merging ->
+preset's forward-process trainer, or another preset's; -> the sample-wise baseline with the same trainer) -> RL merging ->
 evidence (every model at the served, a converged and a training-free solver, on a fresh seed) -> report.
 
 `run_demo` runs the stages of BUILTIN_STAGES, then the registered ones. Each stage writes its result to
@@ -17,7 +17,7 @@ built-in ones; `fn(ctx) -> dict` gets the `DemoContext` (run directory, configs,
 results); its result becomes a row of the table and a key of metrics.json, and an optional
 `section(result, ctx) -> markdown` adds its own part of the report.
 
-Modules: stages.py (Stage, DemoContext, running stages, register_stage), grpo.py (base, distribution, sample,
+Modules: stages.py (Stage, DemoContext, running stages, register_stage), finetune.py (base, distribution, sample,
 crosscheck), merge.py (merge_ema, merge_rl), evidence.py (the evidence protocol's rows), report.py (report.md,
 metrics.json).
 """
@@ -33,8 +33,8 @@ from ..utils.hashing import hash_inputs
 from ..utils.lock import RunLock
 from ..utils.provenance import append_provenance, provenance_entry
 from ..utils.threads import set_threads
-from .grpo import (base_key, classifier_logp, crosscheck_key, crosscheck_section, crosscheck_steps, evaluate_model,
-                   grpo_key, stage_base, stage_crosscheck, stage_distribution, stage_sample)
+from .finetune import (base_key, classifier_logp, crosscheck_key, crosscheck_section, crosscheck_steps, evaluate_model,
+                   finetune_key, stage_base, stage_crosscheck, stage_distribution, stage_sample)
 from .evidence import evidence_key, stage_evidence
 from .merge import (check_merge_configs, has_snapshots, merge_ema_key, merge_ema_section, merge_rl_key,
                     merge_rl_section, stage_merge_ema, stage_merge_rl)
@@ -54,7 +54,7 @@ BUILTIN_STAGES = [
     Stage("evidence", stage_evidence, row=False),
 ]
 # What each built-in stage's result depends on (by name, so a stage replaced in BUILTIN_STAGES keeps its key).
-STAGE_KEYS = {"base": base_key, "distribution": grpo_key("cfg"), "sample": grpo_key("sample_cfg"),
+STAGE_KEYS = {"base": base_key, "distribution": finetune_key("cfg"), "sample": finetune_key("sample_cfg"),
               "crosscheck": crosscheck_key, "merge_ema": merge_ema_key, "merge_rl": merge_rl_key,
               "evidence": evidence_key}
 

@@ -20,7 +20,7 @@ from ..evaluation.protocol import (SOLVERS, Protocol, combined_figures, evaluate
 from ..models import load_generator
 from ..utils.configdiff import plain_config
 from ..utils.hashing import hash_inputs
-from .grpo import classifier_figures, evaluation_key
+from .finetune import classifier_figures, evaluation_key
 from .stages import DemoContext
 
 # The demo's models besides the base, in report order: (name, weight file under the run directory).

@@ -121,7 +121,7 @@ def merge_rl_key(ctx: DemoContext) -> dict:
     return merge_key(cfg, [Path(p) for p in cfg.merge.checkpoints], ctx)
 
 
-def grpo_inputs(ctx: DemoContext) -> list[Path]:
+def finetune_inputs(ctx: DemoContext) -> list[Path]:
     """The distribution stage's weight files in training order: its periodic .safetensors checkpoints, then the final raw
     and EMA weights (the EMA, what the run reports, is last: the `last` baseline). The last periodic checkpoint is the
     final EMA itself (checkpoints/ema_<iterations>): files of the same weights are listed once, at their last
@@ -135,7 +135,7 @@ def grpo_inputs(ctx: DemoContext) -> list[Path]:
 def merge_rl_config(ctx: DemoContext):
     """The merge_rl stage's config: the fine-tuned-checkpoint merge preset over the base model and the distribution stage's files."""
     cfg = merge_config(GRPO_PRESET, ctx)
-    cfg.merge.checkpoints = [str(find_file(ctx.cfg.model.path))] + [str(p) for p in grpo_inputs(ctx)]
+    cfg.merge.checkpoints = [str(find_file(ctx.cfg.model.path))] + [str(p) for p in finetune_inputs(ctx)]
     return cfg
 
 

@@ -15,7 +15,7 @@ from ..evaluation.protocol import SOLVERS, relative_gain
 from ..report import change_with_error, metrics_table, plot_fd_curves, plot_fd_vs_nfe, with_error
 from ..utils.io import atomic_save_json, atomic_write_bytes
 from .evidence import paired_rows
-from .grpo import change_summary
+from .finetune import change_summary
 from .stages import METRIC_KEYS, DemoContext, Stage
 
 CURVE_KEYS = ("curve", "fd_ref_curve")   # in stage.json and the plot, not in metrics.json
@@ -172,7 +172,7 @@ def evidence_section(ctx: DemoContext, ev: dict) -> list[str]:
     return lines
 
 
-def grpo_summaries(rows: dict, base: dict) -> list[str]:
+def training_summaries(rows: dict, base: dict) -> list[str]:
     """One line per fine-tuning run (validation seed, during training): reward means, the classifier log-prob."""
     lines = []
     for name in ("distribution", "sample"):
@@ -204,7 +204,7 @@ def write_report(ctx: DemoContext, stages: list[Stage], elapsed: float) -> Path:
     else:
         lines += ["Every model with the served sampler on the validation seed:", "", metrics_table(rows), ""]
     if base:
-        lines += ["## Training", "", *grpo_summaries(rows, base)]
+        lines += ["## Training", "", *training_summaries(rows, base)]
     if curves:
         plot_fd_curves(curves, ctx.run_dir / "fd_curve.png", base=base.get("validation", base) if base else None,
                        reference=ref_curves)

@@ -1,6 +1,6 @@
-"""The fine-tuning stages of the demo: the base model, the preset's trainer (`rl.algorithm`: GRPO or the
-forward-process trainer) with the distribution-wise reward (`distribution`) and with the sample-wise baseline
-(`sample`), and the cross-check at another step count of the ODE sampler (`crosscheck`).
+"""The fine-tuning stages of the demo: the base model, the preset's trainer (`rl.algorithm`) with the
+distribution-wise reward (`distribution`) and with the sample-wise baseline (`sample`), and the cross-check at
+another step count of the ODE sampler (`crosscheck`).
 
 Every model is evaluated with the inference ODE sampler on cfg.eval.n class-balanced samples from one draw of
 eval.seed: the same starting points and labels for every model.
@@ -67,10 +67,9 @@ def stage_base(ctx: DemoContext) -> dict:
     return {**metrics, "iteration": 0}
 
 
-def grpo_stage(name: str, cfg_attr: str) -> Callable[[DemoContext], dict]:
+def finetune_stage(name: str, cfg_attr: str) -> Callable[[DemoContext], dict]:
     """A stage fine-tuning a copy of the base model (`rl.finetune`: the config's trainer) on the context's config
-    `cfg_attr` (cfg or
-    sample_cfg); its result: the final EMA model's metrics, reward means, the FD curves."""
+    `cfg_attr` (cfg or sample_cfg); its result: the final EMA model's metrics, reward means, the FD curves."""
     def run(ctx: DemoContext) -> dict:
         cfg = getattr(ctx, cfg_attr)
         base_eval = ctx.results.get("base")
@@ -92,8 +91,8 @@ def grpo_stage(name: str, cfg_attr: str) -> Callable[[DemoContext], dict]:
     return run
 
 
-stage_distribution = grpo_stage("distribution", "cfg")
-stage_sample = grpo_stage("sample", "sample_cfg")
+stage_distribution = finetune_stage("distribution", "cfg")
+stage_sample = finetune_stage("sample", "sample_cfg")
 
 
 # The stages' keys (demo.stages.run_stages): what each result depends on.
@@ -110,7 +109,7 @@ def base_key(ctx: DemoContext) -> dict:
     return evaluation_key(ctx)
 
 
-def grpo_key(cfg_attr: str) -> Callable[[DemoContext], dict]:
+def finetune_key(cfg_attr: str) -> Callable[[DemoContext], dict]:
     """A fine-tuning stage's key: its whole config, the base model, the evaluator, the base stage (its initial eval)."""
     def key(ctx: DemoContext) -> dict:
         return {**evaluation_key(ctx), "cfg": plain_config(getattr(ctx, cfg_attr)), "base_stage": ctx.digests.get("base")}
