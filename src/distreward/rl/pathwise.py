@@ -181,9 +181,7 @@ class Pathwise(Algorithm):
         fd_ref = ctx.push(gathered, labels.cpu())
         t4 = time.perf_counter()
         return {"iteration": it + 1, **reward_record(r, zero_std, fd_ref), **watch, **logged, **stats,
-                "time_rollout": t1 - t0,
-                "time_reward": t2 - t1, "time_update": t3 - t2, "time_push": t4 - t3}
-
+                "time_rollout": t1 - t0, "time_reward": t2 - t1, "time_update": t3 - t2, "time_push": t4 - t3}
 
     def losses(self, ctx: RunContext, gathered, labels: torch.Tensor):
         """(loss_of(images, rows) -> (b,), logged): each sample's differentiable loss for step 3. The distribution
