@@ -14,18 +14,16 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 from distreward.utils.threads import set_threads
 
 
-def timed_run(preset: str, steps: int, compile_net: bool, root: Path) -> dict:
+def timed_run(preset: str, steps: int, compile_net: bool, run_dir: Path) -> dict:
     """One short train-base run; its per-step times after the first 10 steps, and the first 10 steps' mean."""
     from distreward.config import load_config
     from distreward.train import train_base
 
-    run_dir = root / f"{'compiled' if compile_net else 'eager'}-{time.monotonic_ns()}"
     cfg = load_config(preset, [f"train.compile={str(compile_net).lower()}", "log_kimg=1.28", "tensorboard=false",
                                "ema.export_std=null", "checkpoint_kimg=1000", "ema.snapshot_kimg=1000"])
     batch = int(cfg.train.batch)
@@ -47,9 +45,8 @@ def main() -> None:
     set_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [("eager", timed_run(args.config, args.steps, False, Path(tmp))),
-                ("compiled", timed_run(args.config, args.steps, True, Path(tmp))),
-                ("eager again", timed_run(args.config, args.steps, False, Path(tmp)))]
+        runs = [(name, timed_run(args.config, args.steps, compile_net, Path(tmp) / name.replace(" ", "_")))
+                for name, compile_net in (("eager", False), ("compiled", True), ("eager again", False))]
     print(f"{args.config}, {args.steps} steps per run, {args.threads} thread(s); s / step after the first 10 steps")
     for name, r in runs:
         s = r["steady"]

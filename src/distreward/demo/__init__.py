@@ -33,8 +33,8 @@ from ..utils.hashing import hash_inputs
 from ..utils.lock import RunLock
 from ..utils.provenance import append_provenance, provenance_entry
 from ..utils.threads import set_threads
-from .finetune import (base_key, classifier_logp, crosscheck_key, crosscheck_section, crosscheck_steps, evaluate_model,
-                   finetune_key, stage_base, stage_crosscheck, stage_distribution, stage_sample)
+from .finetune import (base_key, classifier_logp, crosscheck_key, crosscheck_section, crosscheck_steps,
+                       evaluate_model, finetune_key, stage_base, stage_crosscheck, stage_distribution, stage_sample)
 from .evidence import evidence_key, stage_evidence
 from .merge import (check_merge_configs, has_snapshots, merge_ema_key, merge_ema_section, merge_rl_key,
                     merge_rl_section, stage_merge_ema, stage_merge_rl)
@@ -78,7 +78,8 @@ def run_demo(run_dir="runs/demo", *, compare: bool = False, threads: int | None 
     with RunLock(ctx.run_dir, "demo"):      # one demo per run directory at a time
         append_provenance(ctx.run_dir, provenance_entry(
             "demo", ctx.cfg, inputs=hash_inputs([find_file(ctx.cfg.model.path)]), compare=compare, fresh=fresh,
-            preset=preset, overrides=list(overrides), config=plain_config(ctx.cfg), sample_config=plain_config(ctx.sample_cfg)))
+            preset=preset, overrides=list(overrides), config=plain_config(ctx.cfg),
+            sample_config=plain_config(ctx.sample_cfg)))
         selected = [s for s in with_extra_stages(BUILTIN_STAGES) if s.enabled(ctx)]
         extra = {s.name for s in with_extra_stages([])}          # the registered stages use their own keys
         keys = {n: f for n, f in STAGE_KEYS.items() if n in {s.name for s in BUILTIN_STAGES} - extra}
