@@ -58,9 +58,23 @@ def test_demo_writes_report_and_metrics_and_reuses_stages(tiny_setup, monkeypatc
     monkeypatch.setattr(demo.stages, "EXTRA_STAGES", [])
     tmp_path, ev, overrides = tiny_setup
     run_dir = tmp_path / "demo"
+    # shipped fine-tuned models: one fine-tuned from this base (reported beside the demo's), one from another base
+    from distreward.models import load_generator, read_generator_metadata, save_generator
+    from distreward.utils.hashing import file_sha256
+    base_sha = file_sha256(tmp_path / "base.safetensors")
+    other = load_generator(save_tiny_unet(tmp_path / "other.safetensors", seed=1))
+    for name, sha in (("shipped", base_sha), ("stranger", "0" * 64)):
+        save_generator(tmp_path / f"{name}.safetensors", other, "unet", other.generator_meta["kwargs"],
+                       extra={"rl": "pathwise", "reward": "distribution", "command": "distreward study ...",
+                              "base_sha256": sha})
+    monkeypatch.setattr(demo.evidence, "SHIPPED_FILES", (("finetuned", str(tmp_path / "shipped.safetensors")),
+                                                         ("stranger", str(tmp_path / "stranger.safetensors"))))
     m = demo.run_demo(run_dir, compare=True, overrides=overrides, progress=False, evaluator=ev)
     assert set(m) == {"base", "distribution", "sample", "crosscheck", "served", "converged", "training_free",
                       "evidence"}
+    # a fine-tuned model records the sha256 of the base it started from
+    assert read_generator_metadata(run_dir / "distribution" / "model_ema.safetensors")["extra"]["base_sha256"] == base_sha
+    assert m["evidence"]["shipped"]["finetuned"]["trainer"] == "pathwise" and "stranger" not in m["evidence"]["shipped"]
     for name in ("base", "distribution", "sample"):
         # a row's metrics: the served sampler on the fresh report seed (n = evidence.n), with standard errors
         assert {"fd_reward", "fd_reward_err", "fd_eval", "fd_eval_err", "precision", "recall",
@@ -75,13 +89,13 @@ def test_demo_writes_report_and_metrics_and_reuses_stages(tiny_setup, monkeypatc
     assert conv["nfe"] == 2 * conv["steps"] - 1 and m["evidence"]["converged_search"]["searched"]
     assert set(m["training_free"]["models"]) == {"base"}          # the base's control only
     for sname in ("served", "converged", "training_free"):
-        assert set(m[sname]["models"]) <= {"base", "distribution", "sample"}
-        assert sname == "training_free" or set(m[sname]["models"]) == {"base", "distribution", "sample"}
+        assert set(m[sname]["models"]) <= {"base", "distribution", "sample", "finetuned"}
+        assert sname == "training_free" or set(m[sname]["models"]) == {"base", "distribution", "sample", "finetuned"}
         for row in m[sname]["models"].values():
             assert row["fd_reward_err"] > 0 and row["fd_eval_err"] > 0 and "fd_eval_class_worst" in row
     assert m["served"]["models"]["distribution"]["fd_eval"] == m["distribution"]["fd_eval"]
     assert {(r["model"], r["method"]) for r in m["evidence"]["curve"]} == {
-        (a, b) for a in ("base", "distribution", "sample") for b in ("euler", "heun")}
+        (a, b) for a in ("base", "distribution", "sample", "finetuned") for b in ("euler", "heun")}
     # the plot's points: each model's FD minus the base's at the same solver, with a paired standard error
     curve_base = {(r["method"], r["nfe"]): r for r in m["evidence"]["curve"] if r["model"] == "base"}
     for r in m["evidence"]["curve"]:
@@ -97,7 +111,8 @@ def test_demo_writes_report_and_metrics_and_reuses_stages(tiny_setup, monkeypatc
     report = (run_dir / "report.md").read_text()
     for s in ("| base |", "| distribution |", "| sample |", "fd_curve.png", "samples_base.png", "samples_distribution.png",
               "Cross-check: the same models with the 2-step Euler sampler", "converged solver", "fd_vs_nfe.png",
-              "training-free control", "report seed 99"):
+              "training-free control", "report seed 99", "| finetuned |",
+              "**finetuned** is the shipped fine-tuned model of this base (`shipped.safetensors`"):
         assert s in report, s
     for png in ("fd_curve.png", "fd_vs_nfe.png", "samples_base.png", "samples_distribution.png", "samples_sample.png"):
         assert (run_dir / png).stat().st_size > 100

@@ -14,6 +14,7 @@ statistics, the evaluator and its plan (configs/*.yaml; the paper presets sit_xl
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -76,6 +77,15 @@ def is_preset_model(model_cfg) -> bool:
 
 # ----------------------------------------------------------------------------------------------------------
 # Generator
+
+def generator_file(model_cfg) -> Path | None:
+    """The file the generator's weights come from (model.checkpoint, else model.path); None for random weights."""
+    if get(model_cfg, "checkpoint") is not None:
+        return find_file(get(model_cfg, "checkpoint"))
+    if get(model_cfg, "kwargs") is not None or get(model_cfg, "path") is None:
+        return None
+    return find_file(get(model_cfg, "path"))
+
 
 def build_generator(model_cfg, device="cpu", seed: int = 0) -> nn.Module:
     """The generator network of `model_cfg`, in eval mode, with `generator_meta` = {arch, kwargs} (for saving)."""

@@ -5,7 +5,9 @@ sampler, a converged Heun solver (its step count searched on the base model with
 preset's), and the base with a training-free Heun solver at the served NFE; FD with bootstrap standard errors on both feature
 networks, against Fashion-MNIST train and test, per-class FD; and, for Euler and Heun at several NFE, each model's
 FD minus the base's on the same noise and labels with its paired standard error (the plot: `paired_curve`).
-Its result gives metrics.json its `served`, `converged` and `training_free` entries.
+Beside the demo's own models it reports the shipped fine-tuned model (SHIPPED_FILES) when that was fine-tuned from
+the demo's base (the base's sha256 in its metadata), so the report shows the trainer the studies chose next to the
+one the demo runs. Its result gives metrics.json its `served`, `converged` and `training_free` entries.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..build import eval_plan
+from ..config import find_file
 from ..evaluation.generator import heun_for_nfe
 from ..evaluation.protocol import (SOLVERS, Protocol, combined_figures, evaluate_models, find_converged_steps,
                                    paired_difference, relative_gain)
-from ..models import load_generator
+from ..models import load_generator, read_generator_metadata
 from ..utils.configdiff import plain_config
 from ..utils.hashing import hash_inputs
 from .finetune import classifier_figures, evaluation_key
@@ -26,7 +29,9 @@ from .stages import DemoContext
 # The demo's models besides the base, in report order: (name, weight file under the run directory).
 MODEL_FILES = (("distribution", "distribution/model_ema.safetensors"), ("sample", "sample/model_ema.safetensors"),
                ("merge_ema", "merge_ema/merged.safetensors"), ("merge_rl", "merge_rl/merged.safetensors"))
-CURVE_MODELS = ("base", "distribution", "sample", "merge_ema")     # the FD-vs-NFE plot's models (if present)
+# Fine-tuned models shipped in weights/, reported when their metadata's base_sha256 is the demo's base: (name, file).
+SHIPPED_FILES = (("finetuned", "weights/fmnist-finetuned.safetensors"),)
+CURVE_MODELS = ("base", "distribution", "sample", "merge_ema", "finetuned")   # the FD-vs-NFE plot's models (if present)
 FD_KEYS = ("fd_reward", "fd_eval")
 
 
@@ -41,10 +46,18 @@ def model_files(ctx: DemoContext) -> dict[str, Path]:
             if name in ctx.results and (ctx.run_dir / rel).is_file()}
 
 
+def shipped_files(ctx: DemoContext) -> dict[str, Path]:
+    """The shipped fine-tuned models of the demo's base, by name (SHIPPED_FILES whose metadata names the base's
+    sha256; a model fine-tuned from another base says nothing about this one)."""
+    base = ctx.base_sha256()
+    return {name: p for name, rel in SHIPPED_FILES
+            if (p := find_file(rel)).is_file() and read_generator_metadata(p)["extra"].get("base_sha256") == base}
+
+
 def evidence_key(ctx: DemoContext) -> dict:
     """What the evidence stage depends on: the evaluation settings, the evidence section, the models' content."""
     return {**evaluation_key(ctx), "evidence": plain_config(ctx.cfg.get("evidence") or {}),
-            "models": hash_inputs(model_files(ctx).values())}
+            "models": hash_inputs([*model_files(ctx).values(), *shipped_files(ctx).values()])}
 
 
 def stage_evidence(ctx: DemoContext) -> dict:
@@ -56,7 +69,9 @@ def stage_evidence(ctx: DemoContext) -> dict:
     search = find_converged_steps(ctx.base_net, ctx.evaluator, base_plan, proto, device=ctx.cfg.device,
                                   progress=ctx.progress, cache=ctx.eval_cache)
     solvers = proto.solvers(search["steps"])
-    models = {"base": ctx.base_net, **{name: load_generator(p).eval() for name, p in model_files(ctx).items()}}
+    shipped = shipped_files(ctx)
+    models = {"base": ctx.base_net, **{name: load_generator(p).eval()
+                                       for name, p in {**model_files(ctx), **shipped}.items()}}
     plan = proto.report_plan(base_plan, ctx.evaluator)
     figures = combined_figures(classifier_figures(ctx), proto.test_figures(ctx.evaluator, ctx.cfg.device))
     print(f"[demo] evidence: {len(models)} models x {len(solvers)} solvers ({', '.join(f'{k}: {s.method} {s.steps}' for k, s in solvers.items())}), "
@@ -76,11 +91,19 @@ def stage_evidence(ctx: DemoContext) -> dict:
                                              device=ctx.cfg.device, progress=ctx.progress, cache=ctx.eval_cache))
     out = {"converged_search": search, "n": proto.n, "report_seed": proto.report_seed,
            "validation_seed": proto.validation_seed, "uncertainty": proto.uncertainty, "curve": curve,
-           "curve_n": proto.curve_n, "err": "one bootstrap standard error"}
+           "curve_n": proto.curve_n, "err": "one bootstrap standard error",
+           "shipped": {name: shipped_summary(p) for name, p in shipped.items()}}
     for sname, spec in solvers.items():
         out[sname] = {"method": spec.method, "steps": int(spec.steps), "nfe": next(iter(table[sname].values()))["nfe"],
                       "models": table[sname]}
     return out
+
+
+def shipped_summary(path: Path) -> dict:
+    """What the report says of a shipped model: its file, trainer and the command that made it (its metadata)."""
+    extra = read_generator_metadata(path)["extra"]
+    return {"path": str(path), "trainer": extra.get("rl"), "reward": extra.get("reward"),
+            "command": extra.get("command")}
 
 
 def curve_solvers(proto: Protocol) -> dict:

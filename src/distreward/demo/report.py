@@ -148,6 +148,20 @@ def evidence_findings(ev: dict) -> list[str]:
     return lines + [""]
 
 
+def shipped_notes(ev: dict) -> list[str]:
+    """Where the shipped fine-tuned models in the tables come from, and where their studies are."""
+    lines = []
+    for name, s in (ev.get("shipped") or {}).items():
+        made = f", made by `{s['command']}`" if s.get("command") else ""
+        lines += [f"**{name}** is the shipped fine-tuned model of this base (`{Path(s['path']).name}` in weights/: "
+                  f"the {s.get('trainer')} trainer with the {s.get('reward')} reward{made}). Its study over three "
+                  "training seeds against the permuted-reward null, the distillation control and continued "
+                  "pretraining is in docs/rl.md (\"The deciding study on the shipped plateau base\"); its rows at "
+                  "every solver beside the guided base are in the README (\"A better model at the converged solver, "
+                  "without guidance\").", ""]
+    return lines
+
+
 def evidence_section(ctx: DemoContext, ev: dict) -> list[str]:
     search = ev.get("converged_search") or {}
     how = (f"searched on the base model with the validation seed ({len(search.get('trace', []))} step counts: "
@@ -159,7 +173,7 @@ def evidence_section(ctx: DemoContext, ev: dict) -> list[str]:
              f"n = {ev['n']} class-balanced samples, the same noise and labels for every model and solver. "
              f"± is one bootstrap standard error ({ev['uncertainty']} resamples of the generated samples). "
              f"Converged solver: Heun {search.get('steps')} steps, {how}.", "",
-             *evidence_tables(ev), "", *evidence_findings(ev)]
+             *evidence_tables(ev), "", *evidence_findings(ev), *shipped_notes(ev)]
     if ev.get("curve") and any(r.get("fd_eval_diff") is not None for r in ev["curve"]):
         conv = paired_rows(ev.get("converged", {}).get("models", {}))
         plot_fd_vs_nfe(ev["curve"], ctx.run_dir / "fd_vs_nfe.png", converged=conv, diff=True)
