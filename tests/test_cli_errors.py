@@ -389,14 +389,25 @@ def test_ctrl_c_in_a_real_process(tmp_path):
 
     run = tmp_path / "run"
     env = {**os.environ, "DISTREWARD_THREADS": "1"}
-    argv = [sys.executable, "-m", "distreward.cli", "train-base", "--config", "fmnist_base_tiny", "--run-dir", str(run),
-            "train.total_kimg=20", "checkpoint_kimg=0.032", "--no-progress"]
+    # -X faulthandler: a child that does not answer gets SIGABRT and writes every thread's stack to stderr
+    argv = [sys.executable, "-X", "faulthandler", "-m", "distreward.cli", "train-base", "--config", "fmnist_base_tiny",
+            "--run-dir", str(run), "train.total_kimg=20", "checkpoint_kimg=0.032", "--no-progress"]
     proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not list(run.glob("checkpoints/*.pt")) and proc.poll() is None and time.monotonic() < deadline:
+
+    def stacks(what: str) -> str:
+        proc.send_signal(signal.SIGABRT)
+        return f"{what}; the child's stacks:\n" + proc.communicate(timeout=60)[1]
+
+    t0 = time.monotonic()
+    while not list(run.glob("checkpoints/*.pt")) and proc.poll() is None and time.monotonic() < t0 + 240:
         time.sleep(0.2)
+    assert proc.poll() is None, f"the run ended before its first checkpoint: {proc.communicate()[1]}"
+    assert list(run.glob("checkpoints/*.pt")), stacks(f"no checkpoint after {time.monotonic() - t0:.0f} s")
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(stacks("no exit within 120 s of SIGINT"))
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert "interrupted at step" in err.strip().splitlines()[-1] and "--resume" in err
     assert list(run.glob("checkpoints/*.pt"))                   # the run directory and its checkpoint stay
