@@ -392,7 +392,10 @@ def test_ctrl_c_in_a_real_process(tmp_path):
     # -X faulthandler: a child that does not answer gets SIGABRT and writes every thread's stack to stderr
     argv = [sys.executable, "-X", "faulthandler", "-m", "distreward.cli", "train-base", "--config", "fmnist_base_tiny",
             "--run-dir", str(run), "train.total_kimg=20", "checkpoint_kimg=0.032", "--no-progress"]
-    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a shell's background job (`cmd &`) ignores SIGINT, its children inherit
+    # that, and Python then keeps it ignored instead of raising KeyboardInterrupt
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def stacks(what: str) -> str:
         proc.send_signal(signal.SIGABRT)
