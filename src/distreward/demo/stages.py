@@ -20,8 +20,8 @@ from typing import Any, Callable, Mapping
 
 from omegaconf import OmegaConf
 
-from ..build import load_base
-from ..config import find_file, load_config
+from ..build import generator_file, load_base
+from ..config import load_config
 from ..evaluation import EvalCache, Evaluator, eval_cache_for
 from ..evaluation.evaluator import evaluator_key
 from ..rl.settings import resolve, with_sample_reward
@@ -85,7 +85,8 @@ class DemoContext:
         return self._evaluator_key
 
     def base_sha256(self) -> str:
-        return file_sha256(find_file(self.cfg.model.path))
+        """sha256 of the base's file, named as a fine-tuned model's metadata names it (`base_sha256`)."""
+        return file_sha256(generator_file(self.cfg.model))
 
     def trainer_args(self) -> dict:
         """resume / overwrite for the running stage's trainer: a clean start or a resume of the same settings."""
